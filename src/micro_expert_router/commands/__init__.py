@@ -1,0 +1,1 @@
+"""Subcommands of ``mer``; see ``cli.py`` for the contract each module follows."""
