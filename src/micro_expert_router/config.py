@@ -1,0 +1,240 @@
+"""Model and engine configuration.
+
+``ModelArgs`` is read from a HuggingFace ``config.json``: it keeps only the keys it knows, for the
+architectures in ``ARCHITECTURES``, and computes derived values once. ``EngineConfig`` holds the
+engine's own settings (precision, threads, budgets). Nothing here guesses from file or folder names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What differs between the supported architectures, as data."""
+
+    n_experts_keys: tuple[str, ...]  # config keys that may hold the number of routed experts
+    expert_inter_key: str  # config key holding one routed expert's intermediate size
+    norm_topk_default: bool | None  # None: always renormalize (Mixtral has no such key)
+    qk_norm: str  # "none" | "head" (per head, Qwen3) | "proj" (whole projection, OLMoE)
+    shared_expert: bool
+    moe_prefix: str  # checkpoint name of the MoE block inside a layer
+    expert_names: tuple[str, str, str]  # gate, up, down tensor names inside one expert
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "MixtralForCausalLM": ArchSpec(
+        ("num_local_experts",), "intermediate_size", None, "none", False,
+        "block_sparse_moe", ("w1", "w3", "w2"),
+    ),
+    "Qwen2MoeForCausalLM": ArchSpec(
+        ("num_experts", "num_local_experts"), "moe_intermediate_size", False, "none", True,
+        "mlp", ("gate_proj", "up_proj", "down_proj"),
+    ),
+    "Qwen3MoeForCausalLM": ArchSpec(
+        ("num_experts", "num_local_experts"), "moe_intermediate_size", False, "head", False,
+        "mlp", ("gate_proj", "up_proj", "down_proj"),
+    ),
+    "OlmoeForCausalLM": ArchSpec(
+        ("num_experts", "num_local_experts"), "intermediate_size", False, "proj", False,
+        "mlp", ("gate_proj", "up_proj", "down_proj"),
+    ),
+}  # fmt: skip
+
+
+def _req(cfg: dict[str, Any], key: str, where: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise ConfigError(f"{where}: required key {key!r} is missing")
+    return cfg[key]
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: float  # linear position scaling factor; 1.0 = none
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    n_experts: int
+    top_k: int
+    expert_inter: int  # intermediate size of one routed expert
+    norm_topk_prob: bool
+    qkv_bias: bool  # biases on q, k, v projections
+    o_bias: bool  # bias on the output projection
+    qk_norm: str  # "none" | "head" | "proj"
+    clip_qkv: float | None
+    shared_expert_inter: int  # 0 = no shared expert
+    dense_inter: int  # intermediate size of dense-MLP layers (Qwen mlp_only_layers), 0 if none
+    moe_layers: tuple[bool, ...]  # per layer: MoE block (True) or dense MLP (False)
+    sliding_window: int | None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCHITECTURES[self.arch]
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], where: str = "config.json") -> ModelArgs:
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in ARCHITECTURES), None)
+        if arch is None:
+            named = ", ".join(archs) if archs else f"model_type={cfg.get('model_type')!r}"
+            raise ConfigError(
+                f"{where}: unsupported architecture {named}; supported: "
+                f"{', '.join(ARCHITECTURES)}"
+            )
+        spec = ARCHITECTURES[arch]
+        hidden = int(_req(cfg, "hidden_size", where))
+        n_heads = int(_req(cfg, "num_attention_heads", where))
+        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+        head_dim = int(cfg.get("head_dim") or hidden // n_heads)
+        n_layers = int(_req(cfg, "num_hidden_layers", where))
+        if n_heads % n_kv:
+            raise ConfigError(f"{where}: num_attention_heads {n_heads} is not a multiple of "
+                              f"num_key_value_heads {n_kv}")
+
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "default":
+            scaling = 1.0
+        elif rope_type == "linear":
+            scaling = float(rope["factor"])
+        else:
+            raise ConfigError(f"{where}: RoPE type {rope_type!r} is not supported yet "
+                              "(supported: default, linear)")
+
+        if spec.norm_topk_default is None:
+            norm_topk = True
+        else:
+            norm_topk = bool(cfg.get("norm_topk_prob", spec.norm_topk_default))
+
+        if arch == "Qwen2MoeForCausalLM":
+            qkv_bias, o_bias = bool(cfg.get("qkv_bias", True)), False
+        elif arch == "MixtralForCausalLM":
+            qkv_bias = o_bias = False
+        else:
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+
+        key = next((k for k in spec.n_experts_keys if cfg.get(k) is not None), None)
+        if key is None:
+            raise ConfigError(f"{where}: required key {spec.n_experts_keys[0]!r} is missing")
+        n_experts = int(cfg[key])
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only silu/SwiGLU)")
+        mlp_only = set(cfg.get("mlp_only_layers") or [])
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        moe_layers = tuple(
+            (i not in mlp_only) and n_experts > 0 and (i + 1) % step == 0 for i in range(n_layers)
+        )
+        dense_inter = int(cfg.get("intermediate_size") or 0) if not all(moe_layers) else 0
+
+        window = cfg.get("sliding_window")
+        if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+            if cfg.get("use_sliding_window"):
+                raise ConfigError(f"{where}: use_sliding_window=true is not supported yet")
+            window = None
+        window = int(window) if window else None
+
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        args = cls(
+            arch=arch,
+            vocab_size=int(_req(cfg, "vocab_size", where)),
+            hidden_size=hidden,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            n_experts=n_experts,
+            top_k=int(_req(cfg, "num_experts_per_tok", where)),
+            expert_inter=int(_req(cfg, spec.expert_inter_key, where)),
+            norm_topk_prob=norm_topk,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=spec.qk_norm,
+            clip_qkv=float(cfg["clip_qkv"]) if cfg.get("clip_qkv") is not None else None,
+            shared_expert_inter=int(cfg.get("shared_expert_intermediate_size") or 0)
+            if spec.shared_expert
+            else 0,
+            dense_inter=dense_inter,
+            moe_layers=moe_layers,
+            sliding_window=window,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+        if not 0 < args.top_k <= max(n_experts, 1):
+            raise ConfigError(f"{where}: num_experts_per_tok {args.top_k} must be between 1 "
+                              f"and the {n_experts} experts per layer")
+        return args
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelArgs:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config.json not found; a model folder must contain the "
+                              "HuggingFace config.json next to its weights")
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_hf(cfg, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["moe_layers"] = list(self.moe_layers)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
+        d = dict(d)
+        d["moe_layers"] = tuple(d["moe_layers"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's own settings (not the model's)."""
+
+    dtype: str = "float32"  # activations and dense weights: "float32" (exact) or "bfloat16"
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    max_context: int = 4096  # KV cache capacity in tokens
+    cache_bytes: int | None = None  # expert cache budget (stores); None = all experts resident
+    io_threads: int | None = None
+    policy: str = "lru"
+    verify: bool = False  # check expert checksums on first load
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {DTYPES}")
+        if self.max_context <= 0:
+            raise ConfigError("max_context must be positive")
+        if self.cache_bytes is not None and self.cache_bytes < 0:
+            raise ConfigError("cache_bytes must be >= 0")

@@ -1,0 +1,266 @@
+"""The public engine: ``load(path, **options) -> Engine``, ``Engine.logits`` and
+``Engine.generate``.
+
+``load`` accepts a HuggingFace checkpoint folder (every expert packed in RAM) or an expert store
+(experts streamed from disk under a cache budget). Generation is a generator of ``Step`` records:
+the CLI, the server, the benchmarks and the tests all drive the same one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, load_dense
+from .config import EngineConfig, ModelArgs
+from .errors import ConfigError, MERError
+from .kernels import choose_group, get_format
+from .model import KVCache, Transformer
+from .provider import ExpertProvider, ProviderStats, ResidentProvider
+from .sampling import sample
+from .tokenizer import Tokenizer
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token and what it cost."""
+
+    index: int  # 0 for the first generated token
+    token: int
+    text: str  # the new piece of text (may be empty while a multi-byte character completes)
+    prefill: bool  # True for the first token, whose cost includes the prompt's forward pass
+    n_tokens: int  # tokens run through the model for this step (prompt length, or 1)
+    step_s: float
+    experts_needed: int
+    hits: int
+    misses: int
+    bytes_read: int
+    io_wait_s: float
+    compute_s: float
+    finish_reason: str | None = None  # "length" | "stop" on the last step
+
+
+@dataclass
+class Summary:
+    """Accumulates a generation's steps into the figures the CLI prints."""
+
+    prompt_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    experts_needed: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    io_wait_s: float = 0.0
+    compute_s: float = 0.0
+    finish_reason: str | None = None
+
+    def add(self, s: Step) -> None:
+        self.tokens.append(s.token)
+        self.text += s.text
+        if s.prefill:
+            self.prompt_tokens = s.n_tokens
+            self.prefill_s += s.step_s
+        else:
+            self.decode_s += s.step_s
+        for k in ("experts_needed", "hits", "misses", "bytes_read", "io_wait_s", "compute_s"):
+            setattr(self, k, getattr(self, k) + getattr(s, k))
+        self.finish_reason = s.finish_reason or self.finish_reason
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        n_dec = max(len(self.tokens) - 1, 0)
+        d["prefill_tok_s"] = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        d["decode_tok_s"] = n_dec / self.decode_s if self.decode_s else 0.0
+        d["hit_rate"] = self.hits / self.experts_needed if self.experts_needed else 0.0
+        total_s = self.prefill_s + self.decode_s
+        d["read_gb_s"] = self.bytes_read / self.io_wait_s / 1e9 if self.io_wait_s else 0.0
+        d["mb_read_per_token"] = self.bytes_read / 1e6 / max(len(self.tokens), 1)
+        d["total_s"] = total_s
+        return d
+
+    def line(self) -> str:
+        d = self.as_dict()
+        return (
+            f"prefill {self.prompt_tokens} tok at {d['prefill_tok_s']:.1f} tok/s | decode "
+            f"{max(len(self.tokens) - 1, 0)} tok at {d['decode_tok_s']:.2f} tok/s | hit rate "
+            f"{d['hit_rate']:.1%} | {d['mb_read_per_token']:.2f} MB read/token | "
+            f"I/O wait {self.io_wait_s:.2f} s"
+        )
+
+
+class Engine:
+    """A loaded model: dense weights in RAM, experts from a provider."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        model: Transformer,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig,
+        path: Path,
+    ) -> None:
+        self.args = args
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.path = path
+
+    @property
+    def provider(self) -> ExpertProvider:
+        return self.model.provider
+
+    def close(self) -> None:
+        self.model.provider.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- prompts ---------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError(f"{self.path}: no tokenizer.json, so prompts must be token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary "
+                              f"[0, {self.args.vocab_size})")
+        return ids
+
+    # -- API -------------------------------------------------------------------------------
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits ``[T, vocab]`` (float32) of a full forward pass over a fresh context."""
+        ids = self.encode(token_ids)
+        kv = KVCache.empty(self.args, len(ids), self.model.dtype)
+        out = self.model.forward(torch.tensor(ids), kv)
+        return out.float().numpy()
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 128,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        top_k: int = 0,
+        seed: int | None = 0,
+        stop_at_eos: bool = True,
+    ) -> Iterator[Step]:
+        """Stream generated tokens as ``Step`` records.
+
+        ``temperature=0`` is greedy decoding. Abandoning the generator part-way is safe: every
+        expert buffer is released by the provider as each layer finishes.
+        """
+        ids = self.encode(prompt)
+        if max_tokens <= 0:
+            return
+        if len(ids) + max_tokens > self.config.max_context:
+            raise ConfigError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                              f"max_context {self.config.max_context}")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        eos = set(self.args.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        stream = self.tokenizer.stream() if self.tokenizer is not None else None
+        kv = KVCache.empty(self.args, len(ids) + max_tokens, self.model.dtype)
+        stats = self.model.provider.stats
+        feed = ids
+        for index in range(max_tokens):
+            before = stats.snapshot()
+            t0 = time.perf_counter()
+            logits = self.model.forward(torch.tensor(feed), kv, last_only=True)[-1]
+            token = sample(logits, temperature, top_p, top_k, gen)
+            step_s = time.perf_counter() - t0
+            d: ProviderStats = stats.minus(before)
+            text = ""
+            if stream is not None:
+                try:
+                    text = stream.step(self.tokenizer.tok, token) or ""
+                except Exception:  # a token the decoder cannot place (e.g. a bare special id)
+                    text = ""
+            finish = None
+            if stop_at_eos and token in eos:
+                finish = "stop"
+            elif index == max_tokens - 1:
+                finish = "length"
+            yield Step(
+                index=index, token=token, text=text, prefill=index == 0, n_tokens=len(feed),
+                step_s=step_s, experts_needed=d.experts_needed, hits=d.hits, misses=d.misses,
+                bytes_read=d.bytes_read, io_wait_s=d.io_wait_s,
+                compute_s=max(step_s - d.io_wait_s, 0.0), finish_reason=finish,
+            )  # fmt: skip
+            if finish is not None:
+                return
+            feed = [token]
+
+
+def _torch_threads(config: EngineConfig) -> None:
+    if config.threads is not None:
+        if config.threads <= 0:
+            raise ConfigError("threads must be positive")
+        torch.set_num_threads(config.threads)
+
+
+def load(path: str | Path, **engine_options: Any) -> Engine:
+    """Load a model folder (HuggingFace checkpoint, or an expert store) into an ``Engine``.
+
+    Options are ``EngineConfig`` fields: ``dtype`` ("float32" | "bfloat16"), ``threads``,
+    ``max_context``, ``cache_bytes``, ``io_threads``, ``policy``, ``verify``.
+    """
+    path = Path(path)
+    unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown engine options {sorted(unknown)}; known: "
+                          f"{sorted(EngineConfig.__dataclass_fields__)}")
+    config = EngineConfig(**engine_options)
+    _torch_threads(config)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such model folder")
+    if (path / "manifest.json").is_file():
+        from .streaming import load_store
+
+        return load_store(path, config)
+    return load_checkpoint(path, config)
+
+
+def load_checkpoint(path: Path, config: EngineConfig) -> Engine:
+    dtype = TORCH_DTYPES[config.dtype]
+    ckpt = Checkpoint(path)
+    try:
+        args = ckpt.args
+        dense = load_dense(ckpt, dtype)
+        fmt = get_format("f32" if dtype == torch.float32 else "bf16")
+        group = choose_group(fmt, args.expert_inter)
+        packed = {}
+        for layer in range(args.n_layers):
+            if not args.moe_layers[layer]:
+                continue
+            for e in range(args.n_experts):
+                gate, up, down = ckpt.expert(layer, e)
+                packed[(layer, e)] = fmt.pack(gate, up, down, group)
+    finally:
+        ckpt.close()
+    provider = ResidentProvider(fmt, args.hidden_size, group, packed)
+    model = Transformer(args, dense, provider, dtype, config.max_context)
+    tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    return Engine(args, model, tokenizer, config, path)
+
+
+__all__ = ["Engine", "Step", "Summary", "load", "MERError"]

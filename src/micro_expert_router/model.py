@@ -1,0 +1,198 @@
+"""The transformer forward pass for the supported MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE), written to read like the math.
+
+Dense weights (embeddings, attention, norms, routers, shared experts, dense MLPs) are a dict of
+tensors keyed by their HuggingFace checkpoint names; routed experts come from an ``ExpertProvider``
+and are computed by ``kernels.expert_forward``. The MoE block groups the tokens of a step by
+expert, so each expert is fetched once per step, and visits experts in id order so the float
+result does not depend on where the bytes came from. Follows the HuggingFace implementations
+(transformers 5.x) operation for operation, so float32 results agree to rounding.
+
+Legend: T tokens in the step, S positions in the KV cache, D hidden, H heads, Hk kv heads,
+Dh head dim, E experts, K top-k, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelArgs
+from .errors import BudgetError
+from .kernels import expert_forward
+from .provider import ExpertProvider
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rope_tables(a: ModelArgs, n_pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    dh = a.head_dim
+    inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.int64).float() / dh))
+    inv_freq = inv_freq / a.rope_scaling
+    freqs = torch.arange(n_pos).float()[:, None] * inv_freq[None, :]  # [S, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [S, Dh]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value tensors ``[Hk, S_max, Dh]``, filled up to ``length``."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, a: ModelArgs, capacity: int, dtype: torch.dtype) -> KVCache:
+        shape = (a.n_kv_heads, capacity, a.head_dim)
+        return cls([torch.zeros(shape, dtype=dtype) for _ in range(a.n_layers)],
+                   [torch.zeros(shape, dtype=dtype) for _ in range(a.n_layers)])  # fmt: skip
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+
+@dataclass
+class Routing:
+    """What the router chose for one layer of one step (for traces and predictors)."""
+
+    layer: int
+    experts: torch.Tensor  # [T, K] expert ids in rank order
+    weights: torch.Tensor  # [T, K] gate weights after normalization
+    hidden: torch.Tensor  # [T, D] router input
+
+
+class Transformer:
+    def __init__(
+        self,
+        args: ModelArgs,
+        dense: dict[str, torch.Tensor],
+        provider: ExpertProvider,
+        dtype: torch.dtype,
+        max_context: int,
+    ) -> None:
+        self.args = args
+        self.w = dense
+        self.provider = provider
+        self.dtype = dtype
+        self.max_context = max_context
+        self.cos, self.sin = rope_tables(args, max_context, dtype)
+        self.lm_head = dense["model.embed_tokens.weight" if args.tie_word_embeddings
+                             else "lm_head.weight"]  # fmt: skip
+        self.on_route: list = []  # callbacks(Routing), e.g. trace recorders
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(self.args, self.max_context, self.dtype)
+
+    # -- attention -------------------------------------------------------------------------
+    def attention(self, i: int, x: torch.Tensor, kv: KVCache, pos: int) -> torch.Tensor:
+        a, w, p = self.args, self.w, f"model.layers.{i}.self_attn"
+        t = x.shape[0]
+        q = F.linear(x, w[f"{p}.q_proj.weight"], w.get(f"{p}.q_proj.bias"))  # [T, H*Dh]
+        k = F.linear(x, w[f"{p}.k_proj.weight"], w.get(f"{p}.k_proj.bias"))  # [T, Hk*Dh]
+        v = F.linear(x, w[f"{p}.v_proj.weight"], w.get(f"{p}.v_proj.bias"))  # [T, Hk*Dh]
+        if a.qk_norm == "proj":
+            q = rms_norm(q, w[f"{p}.q_norm.weight"], a.rms_norm_eps)
+            k = rms_norm(k, w[f"{p}.k_norm.weight"], a.rms_norm_eps)
+        if a.clip_qkv is not None:
+            q, k, v = (z.clamp(-a.clip_qkv, a.clip_qkv) for z in (q, k, v))
+        q = q.view(t, a.n_heads, a.head_dim)
+        k = k.view(t, a.n_kv_heads, a.head_dim)
+        v = v.view(t, a.n_kv_heads, a.head_dim)
+        if a.qk_norm == "head":
+            q = rms_norm(q, w[f"{p}.q_norm.weight"], a.rms_norm_eps)
+            k = rms_norm(k, w[f"{p}.k_norm.weight"], a.rms_norm_eps)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H|Hk, T, Dh]
+        cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]  # [T, Dh]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        kv.k[i][:, pos : pos + t] = k
+        kv.v[i][:, pos : pos + t] = v
+        s = pos + t
+        keys, vals = kv.k[i][:, :s], kv.v[i][:, :s]  # [Hk, S, Dh]
+        qi = torch.arange(pos, s)[:, None]
+        ki = torch.arange(s)[None, :]
+        mask = ki <= qi  # [T, S]
+        if a.sliding_window is not None:
+            mask &= ki > qi - a.sliding_window
+        out = F.scaled_dot_product_attention(
+            q, keys, vals, attn_mask=mask, scale=a.head_dim**-0.5,
+            enable_gqa=a.n_heads != a.n_kv_heads,
+        )  # [H, T, Dh]
+        out = out.transpose(0, 1).reshape(t, a.n_heads * a.head_dim)
+        return F.linear(out, w[f"{p}.o_proj.weight"], w.get(f"{p}.o_proj.bias"))
+
+    # -- mixture of experts ----------------------------------------------------------------
+    def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.args
+        logits = F.linear(x, self.w[f"model.layers.{i}.{a.spec.moe_prefix}.gate.weight"])  # [T, E]
+        probs = F.softmax(logits.float(), dim=-1)
+        weights, experts = torch.topk(probs, a.top_k, dim=-1)  # [T, K]
+        if a.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return experts, weights.to(x.dtype)
+
+    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        experts, weights = self.route(i, x)  # [T, K]
+        for cb in self.on_route:
+            cb(Routing(i, experts, weights, x))
+        needed = torch.unique(experts).tolist()  # sorted: a fixed accumulation order
+        out = torch.zeros_like(x)
+        fmt = self.provider.format
+        with self.provider.acquire(i, needed) as handles:
+            for e, h in zip(needed, handles, strict=True):
+                tok, slot = torch.where(experts == e)
+                y = expert_forward(fmt, x[tok], list(h.segments()))  # [T_e, D]
+                out.index_add_(0, tok, y * weights[tok, slot, None])
+        if self.args.shared_expert_inter:
+            p = f"model.layers.{i}.mlp"
+            shared = swiglu(x, self.w[f"{p}.shared_expert.gate_proj.weight"],
+                            self.w[f"{p}.shared_expert.up_proj.weight"],
+                            self.w[f"{p}.shared_expert.down_proj.weight"])  # fmt: skip
+            out = out + torch.sigmoid(F.linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+        return out
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.args.moe_layers[i]:
+            return self.moe(i, x)
+        p = f"model.layers.{i}.mlp"
+        return swiglu(x, self.w[f"{p}.gate_proj.weight"], self.w[f"{p}.up_proj.weight"],
+                      self.w[f"{p}.down_proj.weight"])  # fmt: skip
+
+    # -- whole model -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, kv: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Logits ``[T, V]`` (or ``[1, V]`` with ``last_only``) for ``tokens`` appended to ``kv``."""
+        a, w = self.args, self.w
+        t, pos = tokens.shape[0], kv.length
+        if pos + t > kv.capacity:
+            raise BudgetError(f"context of {pos + t} tokens exceeds the KV cache capacity of "
+                              f"{kv.capacity}; raise max_context")
+        x = F.embedding(tokens, w["model.embed_tokens.weight"])  # [T, D]
+        for i in range(a.n_layers):
+            p = f"model.layers.{i}"
+            h = rms_norm(x, w[f"{p}.input_layernorm.weight"], a.rms_norm_eps)
+            x = x + self.attention(i, h, kv, pos)
+            h = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], a.rms_norm_eps)
+            x = x + self.mlp(i, h)
+        kv.length = pos + t
+        if last_only:
+            x = x[-1:]
+        x = rms_norm(x, w["model.norm.weight"], a.rms_norm_eps)
+        return F.linear(x, self.lm_head)  # [T, V]
