@@ -66,8 +66,10 @@ class Checkpoint:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise CheckpointError(f"{self.folder}: not a directory (expected a model folder "
-                                  "with config.json and *.safetensors)")
+            raise CheckpointError(
+                f"{self.folder}: not a directory (expected a model folder "
+                "with config.json and *.safetensors)"
+            )
         self.args = ModelArgs.from_file(self.folder / "config.json")
         self._handles: dict[str, Any] = {}
         self._headers: dict[str, dict[str, Any]] = {}
@@ -82,8 +84,9 @@ class Checkpoint:
                 raise CheckpointError(f"{index}: malformed index ({e})") from None
             for shard in sorted(set(wm.values())):
                 if not (self.folder / shard).is_file():
-                    raise CheckpointError(f"{self.folder / shard}: shard named by {index.name} "
-                                          "is missing")
+                    raise CheckpointError(
+                        f"{self.folder / shard}: shard named by {index.name} is missing"
+                    )
             return dict(wm)
         single = self.folder / "model.safetensors"
         files = [single] if single.is_file() else sorted(self.folder.glob("*.safetensors"))
@@ -122,10 +125,14 @@ class Checkpoint:
         try:
             t = self._handle(shard).get_tensor(name)
         except Exception as e:
-            raise CheckpointError(f"{self.folder / shard}: cannot read tensor {name} ({e})") from None
+            raise CheckpointError(
+                f"{self.folder / shard}: cannot read tensor {name} ({e})"
+            ) from None
         if shape is not None and tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{self.folder / shard}: tensor {name} has shape "
-                                  f"{list(t.shape)}, expected {list(shape)} from config.json")
+            raise CheckpointError(
+                f"{self.folder / shard}: tensor {name} has shape "
+                f"{list(t.shape)}, expected {list(shape)} from config.json"
+            )
         return t
 
     def shape(self, name: str) -> tuple[int, ...]:

@@ -94,8 +94,7 @@ class ModelArgs:
         if arch is None:
             named = ", ".join(archs) if archs else f"model_type={cfg.get('model_type')!r}"
             raise ConfigError(
-                f"{where}: unsupported architecture {named}; supported: "
-                f"{', '.join(ARCHITECTURES)}"
+                f"{where}: unsupported architecture {named}; supported: {', '.join(ARCHITECTURES)}"
             )
         spec = ARCHITECTURES[arch]
         hidden = int(_req(cfg, "hidden_size", where))
@@ -104,8 +103,10 @@ class ModelArgs:
         head_dim = int(cfg.get("head_dim") or hidden // n_heads)
         n_layers = int(_req(cfg, "num_hidden_layers", where))
         if n_heads % n_kv:
-            raise ConfigError(f"{where}: num_attention_heads {n_heads} is not a multiple of "
-                              f"num_key_value_heads {n_kv}")
+            raise ConfigError(
+                f"{where}: num_attention_heads {n_heads} is not a multiple of "
+                f"num_key_value_heads {n_kv}"
+            )
 
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -115,8 +116,10 @@ class ModelArgs:
         elif rope_type == "linear":
             scaling = float(rope["factor"])
         else:
-            raise ConfigError(f"{where}: RoPE type {rope_type!r} is not supported yet "
-                              "(supported: default, linear)")
+            raise ConfigError(
+                f"{where}: RoPE type {rope_type!r} is not supported yet "
+                "(supported: default, linear)"
+            )
 
         if spec.norm_topk_default is None:
             norm_topk = True
@@ -184,16 +187,20 @@ class ModelArgs:
             eos_token_ids=eos_ids,
         )
         if not 0 < args.top_k <= max(n_experts, 1):
-            raise ConfigError(f"{where}: num_experts_per_tok {args.top_k} must be between 1 "
-                              f"and the {n_experts} experts per layer")
+            raise ConfigError(
+                f"{where}: num_experts_per_tok {args.top_k} must be between 1 "
+                f"and the {n_experts} experts per layer"
+            )
         return args
 
     @classmethod
     def from_file(cls, path: Path) -> ModelArgs:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config.json not found; a model folder must contain the "
-                              "HuggingFace config.json next to its weights")
+            raise ConfigError(
+                f"{path}: config.json not found; a model folder must contain the "
+                "HuggingFace config.json next to its weights"
+            )
         try:
             cfg = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

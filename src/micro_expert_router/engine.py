@@ -141,8 +141,9 @@ class Engine:
             raise ConfigError("the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
         if bad:
-            raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary "
-                              f"[0, {self.args.vocab_size})")
+            raise ConfigError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.args.vocab_size})"
+            )
         return ids
 
     # -- API -------------------------------------------------------------------------------
@@ -172,8 +173,10 @@ class Engine:
         if max_tokens <= 0:
             return
         if len(ids) + max_tokens > self.config.max_context:
-            raise ConfigError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                              f"max_context {self.config.max_context}")
+            raise ConfigError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"max_context {self.config.max_context}"
+            )
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = set(self.args.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -227,8 +230,10 @@ def load(path: str | Path, **engine_options: Any) -> Engine:
     path = Path(path)
     unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
     if unknown:
-        raise ConfigError(f"unknown engine options {sorted(unknown)}; known: "
-                          f"{sorted(EngineConfig.__dataclass_fields__)}")
+        raise ConfigError(
+            f"unknown engine options {sorted(unknown)}; known: "
+            f"{sorted(EngineConfig.__dataclass_fields__)}"
+        )
     config = EngineConfig(**engine_options)
     _torch_threads(config)
     if not path.exists():

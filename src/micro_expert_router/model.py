@@ -45,7 +45,9 @@ def rope_tables(a: ModelArgs, n_pos: int, dtype: torch.dtype) -> tuple[torch.Ten
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def swiglu(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
@@ -132,7 +134,11 @@ class Transformer:
         if a.sliding_window is not None:
             mask &= ki > qi - a.sliding_window
         out = F.scaled_dot_product_attention(
-            q, keys, vals, attn_mask=mask, scale=a.head_dim**-0.5,
+            q,
+            keys,
+            vals,
+            attn_mask=mask,
+            scale=a.head_dim**-0.5,
             enable_gqa=a.n_heads != a.n_kv_heads,
         )  # [H, T, Dh]
         out = out.transpose(0, 1).reshape(t, a.n_heads * a.head_dim)
@@ -165,7 +171,9 @@ class Transformer:
             shared = swiglu(x, self.w[f"{p}.shared_expert.gate_proj.weight"],
                             self.w[f"{p}.shared_expert.up_proj.weight"],
                             self.w[f"{p}.shared_expert.down_proj.weight"])  # fmt: skip
-            out = out + torch.sigmoid(F.linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+            out = (
+                out + torch.sigmoid(F.linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+            )
         return out
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -178,12 +186,14 @@ class Transformer:
     # -- whole model -----------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVCache, last_only: bool = False) -> torch.Tensor:
-        """Logits ``[T, V]`` (or ``[1, V]`` with ``last_only``) for ``tokens`` appended to ``kv``."""
+        """Logits ``[T, V]`` (``[1, V]`` with ``last_only``) for ``tokens`` appended to ``kv``."""
         a, w = self.args, self.w
         t, pos = tokens.shape[0], kv.length
         if pos + t > kv.capacity:
-            raise BudgetError(f"context of {pos + t} tokens exceeds the KV cache capacity of "
-                              f"{kv.capacity}; raise max_context")
+            raise BudgetError(
+                f"context of {pos + t} tokens exceeds the KV cache capacity of "
+                f"{kv.capacity}; raise max_context"
+            )
         x = F.embedding(tokens, w["model.embed_tokens.weight"])  # [T, D]
         for i in range(a.n_layers):
             p = f"model.layers.{i}"

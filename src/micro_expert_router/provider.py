@@ -73,7 +73,11 @@ class ResidentProvider:
     """Every expert packed in RAM in the bundled layout (the reference provider)."""
 
     def __init__(
-        self, fmt: ExpertFormat, hidden: int, group: int, packed: dict[tuple[int, int], torch.Tensor]
+        self,
+        fmt: ExpertFormat,
+        hidden: int,
+        group: int,
+        packed: dict[tuple[int, int], torch.Tensor],
     ) -> None:
         self.format = fmt
         self.group = group

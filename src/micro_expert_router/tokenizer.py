@@ -19,8 +19,10 @@ class Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise CheckpointError(f"{path}: tokenizer.json not found; text prompts need it "
-                                  "(token-id prompts work without)")
+            raise CheckpointError(
+                f"{path}: tokenizer.json not found; text prompts need it "
+                "(token-id prompts work without)"
+            )
         try:
             self.tok = HFTokenizer.from_file(str(path))
         except Exception as e:
@@ -69,8 +71,10 @@ class Tokenizer:
         env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent)
         try:
             return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True,
-                bos_token=self._special("bos_token") or "", eos_token=self._special("eos_token") or "",
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self._special("bos_token") or "",
+                eos_token=self._special("eos_token") or "",
             )
         except TemplateError as e:
             raise CheckpointError(f"chat template failed: {e}") from None

@@ -8,9 +8,10 @@ lets a split expert (MoEpic) read its top and bottom segments as two plain reads
 
 A format is a small class in ``FORMATS``: it says how many bytes one group takes (arithmetic, not
 a guess), how to pack dense weights into groups, a slow obviously-correct ``unpack`` used as the
-reference in tests, a zero-copy ``view`` over a buffer, and ``partials``: the SwiGLU output of each
-group, one ``[T, D]`` tensor per group. ``expert_forward`` adds the group partials in group order, one at a time, so that computing
-an expert in one piece or as top + bottom segments gives bit-identical float results.
+reference in tests, a zero-copy ``view`` over a buffer, and ``partials``: the SwiGLU output of
+each group, one ``[T, D]`` tensor per group. ``expert_forward`` adds the group partials in group
+order, one at a time, so that computing an expert in one piece or as top + bottom segments gives
+bit-identical float results.
 
 Legend: T tokens, D hidden, I intermediate, n groups, g neurons per group.
 """

@@ -1,0 +1,89 @@
+"""``mer generate``: stream text from a model and print a one-line summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "generate text from a model folder or expert store, streaming tokens to stdout"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF checkpoint folder or expert store (default: the bundled "
+                   "demo model)")  # fmt: skip
+    p.add_argument("--prompt", default=None, help="prompt text (default: a demo prompt)")
+    p.add_argument("--prompt-ids", default=None,
+                   help="prompt as comma-separated token ids instead of text")  # fmt: skip
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt as a user message with the model's chat template",
+    )
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: torch's)")
+    p.add_argument("--cache-mb", type=float, default=None,
+                   help="expert cache budget in MB for a store (0 = stream every expert every "
+                   "time; default: all experts)")  # fmt: skip
+    p.add_argument("--io-threads", type=int, default=None)
+    p.add_argument("--policy", default="lru", help="expert cache policy (see `mer sim`)")
+    p.add_argument("--verify", action="store_true", help="check expert checksums on first load")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="end with one JSON line: text, tokens, speeds, cache and I/O figures",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine import Summary, load
+    from ..errors import ConfigError
+
+    model = args.model
+    if model is None:
+        from ..demo import demo_model_path
+
+        model = demo_model_path()
+    options = dict(dtype=args.dtype, threads=args.threads, policy=args.policy, verify=args.verify,
+                   io_threads=args.io_threads)  # fmt: skip
+    if args.cache_mb is not None:
+        if args.cache_mb < 0:
+            raise ConfigError("--cache-mb must be >= 0")
+        options["cache_bytes"] = int(args.cache_mb * 1e6)
+    if args.max_tokens <= 0:
+        raise ConfigError("--max-tokens must be positive")
+    with load(model, **options) as engine:
+        if args.prompt_ids is not None:
+            try:
+                prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+            except ValueError:
+                raise ConfigError("--prompt-ids must be comma-separated integers") from None
+        else:
+            prompt = args.prompt if args.prompt is not None else "Once upon a time"
+            if args.chat:
+                if engine.tokenizer is None:
+                    raise ConfigError("--chat needs a tokenizer")
+                prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            if not args.json and not args.chat:
+                sys.stdout.write(prompt)
+        summary = Summary()
+        steps = engine.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                stop_at_eos=not args.ignore_eos)  # fmt: skip
+        for step in steps:
+            summary.add(step)
+            if not args.json:
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
+        if args.json:
+            print(json.dumps(summary.as_dict()))
+        else:
+            sys.stdout.write("\n")
+            print(summary.line(), file=sys.stderr)
+    return 0
