@@ -1,0 +1,136 @@
+"""Expert kernel throughput: decode GB/s per format against DRAM read bandwidth, prefill tokens/s.
+
+Decode (one token) runs through the real path, ``expert_forward(fmt, x, [fmt.view(buf)])`` with
+float32 activations, rotating over enough distinct copies of each expert (>= --rotate-mb) that
+weights stream from DRAM rather than L3. GB/s = expert bytes (scales included) / time. The DRAM
+read reference is a ``torch.sum`` over a 1 GiB float32 tensor, measured in the same rounds.
+Every round runs every measurement once, in the same order (ABAB...); the summary gives the
+median and the min-max spread over rounds, and ratios are paired per round.
+
+Variants: ``q4/1grp`` and ``q8/1grp`` are the same formats with a single group per expert (to
+show per-group overhead); ``q4:fused`` / ``q4:deq`` force the fused int4 kernel or the
+dequantize-to-bf16 + F.linear path, for the prefill threshold.
+
+    python bench/kernels.py [--shapes 2048x1408,2048x5632] [--rounds 7] [--threads 2]
+
+The last line is the q4 ratio (q4 decode GB/s / DRAM read GB/s), the lowest over the shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from micro_expert_router.kernels import quant  # noqa: F401  (registers q4, q8)
+from micro_expert_router.kernels.formats import FORMATS, choose_group, expert_forward
+
+
+def dram_read_gbs(a: torch.Tensor) -> float:
+    t = time.perf_counter()
+    a.sum()
+    return a.numel() * a.element_size() / (time.perf_counter() - t) / 1e9
+
+
+def variant(name: str):
+    """(format object, single_group, prefill override) for a variant name."""
+    base, _, mod = name.partition("/") if "/" in name else name.partition(":")
+    fmt = type(FORMATS[base])()
+    if mod in ("fused", "deq"):
+        fmt.prefill_min_tokens = None if mod == "fused" else 1  # instance override
+    return fmt, mod == "1grp"
+
+
+def build(name: str, d: int, i: int, rotate_bytes: int, min_copies: int):
+    """Distinct copies of one packed random expert, and the group size used."""
+    fmt, single = variant(name)
+    group = i if single else choose_group(fmt, i)
+    g = torch.Generator().manual_seed(0)
+    std = d**-0.5
+    gate, up = (torch.randn(i, d, generator=g) * std for _ in range(2))
+    down = torch.randn(d, i, generator=g) * i**-0.5
+    buf = fmt.pack(gate, up, down, group)
+    copies = max(min_copies, -(-rotate_bytes // buf.numel()))
+    views = [fmt.view(buf.clone(), d, group) for _ in range(copies)]
+    return fmt, views, buf.numel(), group
+
+
+def time_per_expert(fmt, views, x: torch.Tensor) -> float:
+    t = time.perf_counter()
+    for w in views:
+        expert_forward(fmt, x, [w])
+    return (time.perf_counter() - t) / len(views)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="2048x1408,2048x5632", help="DxI list")
+    p.add_argument("--decode", default="f32,bf16,q8,q4,q8/1grp,q4/1grp")
+    p.add_argument("--prefill", default="bf16,q8:fused,q8:deq,q4:fused,q4:deq")
+    p.add_argument("--tokens", default="8,64")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rotate-mb", type=int, default=160, help=">= 4x L3 (32 MiB here)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--jsonl", default=None, help="append one JSON line per measurement")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    big = torch.rand(256 * 2**20)  # 1 GiB of float32: the DRAM read reference
+    out = open(args.jsonl, "a") if args.jsonl else None
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    print(f"torch {torch.__version__}, {args.threads} threads, {quant.FORMATS['q4'].layout_tag()}")
+    q4_ratios: dict[str, list[float]] = {}
+    for d, i in shapes:
+        shape = f"{d}x{i}"
+        dec = {n: build(n, d, i, args.rotate_mb << 20, 2) for n in args.decode.split(",")}
+        pre = {n: build(n, d, i, 0, 2) for n in args.prefill.split(",")}
+        for n, (_, views, nbytes, group) in dec.items():
+            print(f"{shape} {n}: {nbytes / 1e6:.1f} MB/expert, g={group}, {len(views)} copies")
+        res: dict[str, list[float]] = {}
+        x1 = torch.randn(1, d)
+        for fmt, views, _, _ in dec.values():  # warm-up (allocator, first-touch)
+            expert_forward(fmt, x1, [views[0]])
+        for r in range(args.rounds):
+            res.setdefault("dram", []).append(dram_read_gbs(big))
+            line = [f"round {r} {shape} dram {res['dram'][-1]:.1f} GB/s"]
+            for n, (fmt, views, nbytes, _) in dec.items():
+                gbs = nbytes / time_per_expert(fmt, views, x1) / 1e9
+                res.setdefault(n, []).append(gbs)
+                line.append(f"{n} {gbs:.1f}")
+            for t in tokens:
+                xt = torch.randn(t, d)
+                for n, (fmt, views, _, _) in pre.items():
+                    tps = t / time_per_expert(fmt, views, xt)
+                    res.setdefault(f"{n}@{t}", []).append(tps)
+                    line.append(f"{n}@{t} {tps:.0f}tok/s")
+            res.setdefault("dram2", []).append(dram_read_gbs(big))
+            print(" | ".join(line), flush=True)
+            if out:
+                rec = {"shape": shape, "round": r, **{k: v[-1] for k, v in res.items()}}
+                out.write(json.dumps(rec) + "\n")
+        print(f"--- {shape}: median [min-max] over {args.rounds} rounds")
+        dram = [(a + b) / 2 for a, b in zip(res.pop("dram"), res.pop("dram2"), strict=True)]
+        print(f"{shape} DRAM read (torch.sum 1 GiB): {fmt_stats(dram)} GB/s")
+        for k, v in res.items():
+            unit = "tok/s per expert" if "@" in k else "GB/s decode"
+            extra = ""
+            if "@" not in k:
+                ratio = [a / b for a, b in zip(v, dram, strict=True)]
+                extra = f"  ratio to DRAM {fmt_stats(ratio, 2)}"
+                if k == "q4":
+                    q4_ratios[shape] = ratio
+            print(f"{shape} {k}: {fmt_stats(v)} {unit}{extra}")
+    worst = min(q4_ratios, key=lambda s: statistics.median(q4_ratios[s]))
+    print(f"q4 ratio (q4 decode GB/s / DRAM read GB/s, {worst}): {fmt_stats(q4_ratios[worst], 2)}")
+
+
+def fmt_stats(v: list[float], nd: int = 1) -> str:
+    return f"{statistics.median(v):.{nd}f} [{min(v):.{nd}f}-{max(v):.{nd}f}]"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Quantized expert formats ``q8`` and ``q4``: packing, zero-copy views and fused CPU kernels.
+
+Both keep the bundled layout of ``formats.py`` (group j = gate, up and down of neurons
+``[j*g, (j+1)*g)``, so a prefix of groups is a prefix of the bytes). Inside a group the bytes are
+laid out the way torch's CPU kernels want them; ``reference.py`` is the byte-level specification
+and the slow NumPy reference, and ``docs/quantization.md`` has the tables and measurements.
+
+- ``q8``: int8 weights, one bf16 scale per output row (rows of gate/up over D, rows of the
+  group's down slice over g). Kernel: ``aten._weight_int8pack_mm`` (plain layout, stable).
+- ``q4``: 4-bit asymmetric blocks of 64 along the reduction dimension, bf16 (scale, zero) per
+  block. Kernel: ``aten._weight_int4pack_mm_for_cpu`` over torch's private packed layout, which
+  depends on the CPU capability torch dispatches to (AVX512, AVX2, scalar) and may change between
+  torch versions: ``Q4.layout_tag()`` names the layout (found by probing torch against the
+  NumPy encoders), the store records it, and ``Q4.repack`` converts a buffer written in another
+  known layout. Packing costs ~50 ms per expert, so it happens in the converter only.
+
+Both kernels are fast only with bfloat16 activations (float32 activations take a scalar path
+about 30x slower), so ``partials`` casts x to bf16 once and returns x's dtype. For batches of
+``prefill_min_tokens`` tokens or more, a group is instead dequantized once to bf16 and multiplied
+with oneDNN's bf16 GEMM (``F.linear``); thresholds come from ``bench/kernels.py``.
+
+Importing this module registers ``FORMATS["q8"]`` and ``FORMATS["q4"]``.
+
+Legend: T tokens, D hidden, I intermediate, n groups, g neurons per group, b q4 block,
+N output rows, K reduction length.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, StoreError
+from . import reference as ref
+from .formats import FORMATS
+
+_int8_mm = torch.ops.aten._weight_int8pack_mm
+_int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+_int4_pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+
+
+# ---- shared checks and helpers ---------------------------------------------------------------
+
+
+def _check_dense(
+    fmt_name: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int
+) -> tuple[int, int]:
+    if gate.dim() != 2:
+        raise ConfigError(f"{fmt_name}: gate must be 2-D [I, D], got shape {tuple(gate.shape)}")
+    inter, hidden = gate.shape
+    if up.shape != (inter, hidden) or down.shape != (hidden, inter):
+        raise ConfigError(
+            f"{fmt_name}: expert weight shapes disagree: gate {tuple(gate.shape)}, "
+            f"up {tuple(up.shape)}, down {tuple(down.shape)} (expected [I, D], [I, D], [D, I])"
+        )
+    if group <= 0 or inter % group:
+        raise ConfigError(f"{fmt_name}: group size {group} does not divide I = {inter}")
+    for name, t in (("gate", gate), ("up", up), ("down", down)):
+        if not t.is_floating_point():
+            raise ConfigError(f"{fmt_name}: {name} weights must be float, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ConfigError(
+                f"{fmt_name}: {name} weights contain NaN or Inf; fix the checkpoint before "
+                "quantizing"
+            )
+    return hidden, inter
+
+
+def _group_rows(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int):
+    """Per group: gate+up rows ``[2g, D]`` and the down slice ``[D, g]``, as float32."""
+    inter = gate.shape[0]
+    for j in range(inter // group):
+        rows = slice(j * group, (j + 1) * group)
+        yield torch.cat([gate[rows], up[rows]]).float(), down[:, rows].float().contiguous()
+
+
+def _bf16_rows(x: torch.Tensor, hidden: int) -> torch.Tensor:
+    """x ``[T, D]`` as contiguous, 64-byte aligned bf16 (the int8 kernel uses aligned loads)."""
+    if x.dim() != 2 or x.shape[1] != hidden:
+        raise ConfigError(f"activations must be [T, {hidden}], got shape {tuple(x.shape)}")
+    xb = x.to(torch.bfloat16).contiguous()
+    if xb.data_ptr() % 64:
+        xb = xb.clone()
+    return xb
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def _assemble(
+    sections: list[ref.Section], per: int, parts: list[list[torch.Tensor]]
+) -> torch.Tensor:
+    """Lay each group's tensors into its sections: ``n`` groups of ``per`` bytes, 1-D uint8."""
+    buf = torch.zeros((len(parts), per), dtype=torch.uint8)
+    for j, tensors in enumerate(parts):
+        for s, t in zip(sections, tensors, strict=True):
+            buf[j, s.offset : s.offset + s.nbytes] = _bytes_of(t)
+    return buf.view(-1)
+
+
+def _split(
+    buf: torch.Tensor, fmt_name: str, sections: list[ref.Section], per: int
+) -> list[torch.Tensor]:
+    """Zero-copy ``[n, nbytes]`` uint8 views, one per section, over an expert buffer."""
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() % per or buf.numel() == 0:
+        raise ConfigError(
+            f"{fmt_name} expert buffer of {buf.numel()} bytes ({buf.dtype}, {buf.dim()}-D) is not "
+            f"a whole number of {per}-byte groups; was it written with another format or group?"
+        )
+    if buf.data_ptr() % 16:
+        raise ConfigError(
+            f"{fmt_name} expert buffer at address {buf.data_ptr():#x} is not 16-byte aligned; "
+            "pool slots and group boundaries are 64-byte aligned, slice on group boundaries"
+        )
+    rows = buf.view(-1, per)  # [n, per]
+    return [rows[:, s.offset : s.offset + s.nbytes] for s in sections]
+
+
+def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    h, u = gu.chunk(2, dim=1)  # [T, g] each
+    return F.silu(h).mul_(u)  # [T, g], contiguous
+
+
+# ---- q8 --------------------------------------------------------------------------------------
+
+
+class Q8View(NamedTuple):
+    """Zero-copy tensors over a q8 expert buffer, one per group (split once, here, so that the
+    decode loop does no indexing)."""
+
+    gu: tuple[torch.Tensor, ...]  # n x [2g, D] int8
+    dn: tuple[torch.Tensor, ...]  # n x [D, g] int8
+    gu_scale: tuple[torch.Tensor, ...]  # n x [2g] bf16
+    dn_scale: tuple[torch.Tensor, ...]  # n x [D] bf16
+
+
+class Q8:
+    """int8 weights with one bf16 scale per output row; ``aten._weight_int8pack_mm``."""
+
+    name: ClassVar[str] = "q8"
+    group_multiple: ClassVar[int] = 16  # the kernel reads rows in 16-byte vectors
+    prefill_min_tokens: ClassVar[int | None] = 16  # see docs/quantization.md
+
+    def layout_tag(self) -> str:
+        return "q8:rowwise-int8-bf16scale:v1"
+
+    def group_nbytes(self, hidden: int, group: int) -> int:
+        return ref.q8_sections(hidden, group)[1]
+
+    def _check_dims(self, hidden: int, group: int) -> None:
+        if hidden % 16 or group % 16:
+            raise ConfigError(
+                f"q8 needs D and the group size to be multiples of 16, got D={hidden}, g={group}"
+            )
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N, K]`` float -> (int8 ``[N, K]``, bf16 scales ``[N]``); see reference.quantize_q8."""
+        w = w.float()
+        s = (w.abs().amax(dim=1) / 127).to(torch.bfloat16).float()  # [N]
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.round(w / safe[:, None]).clamp_(-127, 127)
+        q = torch.where(s[:, None] > 0, q, torch.zeros_like(q))
+        return q.to(torch.int8), s.to(torch.bfloat16)
+
+    def pack(
+        self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int
+    ) -> torch.Tensor:
+        hidden, _ = _check_dense(self.name, gate, up, down, group)
+        self._check_dims(hidden, group)
+        sections, per = ref.q8_sections(hidden, group)
+        parts = []
+        for gu, dn in _group_rows(gate, up, down, group):
+            (qg, sg), (qd, sd) = self.quantize(gu), self.quantize(dn)
+            parts.append([qg, qd, sg, sd])
+        return _assemble(sections, per, parts)
+
+    def unpack(
+        self, buf: torch.Tensor, hidden: int, inter: int, group: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.view(buf, hidden, group)  # validates size and alignment
+        if buf.numel() != inter // group * self.group_nbytes(hidden, group):
+            raise ConfigError(f"q8 buffer of {buf.numel()} bytes does not hold I={inter}")
+        out = ref.unpack_q8_ref(buf.numpy(), hidden, inter, group)
+        return tuple(torch.from_numpy(np.ascontiguousarray(t)) for t in out)  # type: ignore[return-value]
+
+    def view(self, buf: torch.Tensor, hidden: int, group: int) -> Q8View:
+        self._check_dims(hidden, group)
+        sections, per = ref.q8_sections(hidden, group)
+        gu, dn, gs, ds = _split(buf, self.name, sections, per)
+        n, g, d = gu.shape[0], group, hidden
+        return Q8View(
+            gu.view(torch.int8).view(n, 2 * g, d).unbind(0),
+            dn.view(torch.int8).view(n, d, g).unbind(0),
+            gs.view(torch.bfloat16).unbind(0),
+            ds.view(torch.bfloat16).unbind(0),
+        )
+
+    def dequantize_group(self, w: Q8View, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group j as bf16 ``([2g, D], [D, g])`` (one rounding of ``q * s``)."""
+        gu = (w.gu[j].float() * w.gu_scale[j].float()[:, None]).to(torch.bfloat16)
+        dn = (w.dn[j].float() * w.dn_scale[j].float()[:, None]).to(torch.bfloat16)
+        return gu, dn
+
+    def partials(self, x: torch.Tensor, w: Q8View) -> Iterator[torch.Tensor]:
+        xb = _bf16_rows(x, w.dn[0].shape[0])  # [T, D]
+        if self.prefill_min_tokens is not None and x.shape[0] >= self.prefill_min_tokens:
+            for j in range(len(w.gu)):
+                gw, dw = self.dequantize_group(w, j)  # [2g, D], [D, g] bf16
+                yield F.linear(_silu_mul(F.linear(xb, gw)), dw).to(x.dtype)  # [T, D]
+            return
+        for gu, gs, dn, ds in zip(*w, strict=True):
+            a = _silu_mul(_int8_mm(xb, gu, gs))  # [T, g]
+            yield _int8_mm(a, dn, ds).to(x.dtype)  # [T, D]
+
+
+# ---- q4 --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def int4_layout() -> str:
+    """Name of the int4 packing this torch build produces on this CPU (one of
+    ``reference.INT4_LAYOUTS``), found by packing a probe and comparing with the NumPy encoders;
+    ``opaque-...`` when none matches (then only this exact torch + CPU can read the bytes)."""
+    n, k = 112, 64  # one full block of 64 rows and a partial one (48 = 32 + 16 for n32)
+    q = (np.arange(n * k, dtype=np.int64).reshape(n, k) * 7 + np.arange(n)[:, None] // 5) % 16
+    packed = _int4_pack(torch.from_numpy(q.astype(np.int32)), 2).numpy().reshape(n, k // 2)
+    for name in ref.INT4_LAYOUTS:
+        if np.array_equal(packed, ref.encode_int4(q.astype(np.uint8), name)):
+            return name
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"opaque-torch{torch.__version__}-{cap}"
+
+
+class Q4View(NamedTuple):
+    """Zero-copy tensors over a q4 expert buffer, one per group."""
+
+    gu: tuple[torch.Tensor, ...]  # n x [2g, D/2] uint8, packed
+    gu_sz: tuple[torch.Tensor, ...]  # n x [D/b, 2g, 2] bf16 (scale, zero)
+    dn: tuple[torch.Tensor, ...]  # n x [D, g/2] uint8, packed
+    dn_sz: tuple[torch.Tensor, ...]  # n x [g/b, D, 2] bf16 (scale, zero)
+
+
+class Q4:
+    """4-bit asymmetric blocks of 64 with bf16 scale and zero; ``_weight_int4pack_mm_for_cpu``."""
+
+    name: ClassVar[str] = "q4"
+    block: ClassVar[int] = 64
+    group_multiple: ClassVar[int] = 64  # = block: down's reduction runs over a group's neurons
+    prefill_min_tokens: ClassVar[int | None] = 16  # see docs/quantization.md
+
+    def layout_tag(self) -> str:
+        """What the bytes depend on; the store writes it to its manifest and compares on open."""
+        return f"q4:b{self.block}:int4pack-cpu:{int4_layout()}"
+
+    def group_nbytes(self, hidden: int, group: int) -> int:
+        return ref.q4_sections(hidden, group, self.block)[1]
+
+    def _check_dims(self, hidden: int, group: int) -> None:
+        if hidden % self.block or group % self.block:
+            raise ConfigError(
+                f"q4 needs D and the group size to be multiples of {self.block}, "
+                f"got D={hidden}, g={group}"
+            )
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N, K]`` float -> (codes int32 ``[N, K]`` in 0..15, bf16 ``[K/b, N, 2]`` scale and
+        zero); the same arithmetic as reference.quantize_q4."""
+        n, k = w.shape
+        wb = w.float().reshape(n, k // self.block, self.block)  # [N, K/b, b]
+        lo, hi = wb.amin(dim=2), wb.amax(dim=2)
+        s = ((hi - lo) / 15).to(torch.bfloat16).float()  # [N, K/b]
+        z = (lo + s * 8).to(torch.bfloat16).float()
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q = (torch.round((wb - z[..., None]) / safe[..., None]) + 8).clamp_(0, 15)
+        q = torch.where(s[..., None] > 0, q, torch.full_like(q, 8))
+        sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16)  # [K/b, N, 2]
+        return q.reshape(n, k).to(torch.int32), sz.contiguous()
+
+    def pack(
+        self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int
+    ) -> torch.Tensor:
+        hidden, _ = _check_dense(self.name, gate, up, down, group)
+        self._check_dims(hidden, group)
+        sections, per = ref.q4_sections(hidden, group, self.block)
+        parts = []
+        for gu, dn in _group_rows(gate, up, down, group):
+            (qg, szg), (qd, szd) = self.quantize(gu), self.quantize(dn)
+            parts.append([_int4_pack(qg, 2), szg, _int4_pack(qd, 2), szd])
+        return _assemble(sections, per, parts)
+
+    def _known_layout(self, layout: str, what: str) -> str:
+        if layout not in ref.INT4_LAYOUTS:
+            raise StoreError(
+                f"q4 {what}: int4 layout {layout!r} is not one this version can decode "
+                f"(known: {', '.join(ref.INT4_LAYOUTS)}); re-run `mer convert --dtype q4` "
+                "with this torch on this machine"
+            )
+        return layout
+
+    def unpack(
+        self, buf: torch.Tensor, hidden: int, inter: int, group: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.view(buf, hidden, group)  # validates size and alignment
+        if buf.numel() != inter // group * self.group_nbytes(hidden, group):
+            raise ConfigError(f"q4 buffer of {buf.numel()} bytes does not hold I={inter}")
+        layout = self._known_layout(int4_layout(), "unpack")
+        out = ref.unpack_q4_ref(buf.numpy(), hidden, inter, group, self.block, layout)
+        return tuple(torch.from_numpy(np.ascontiguousarray(t)) for t in out)  # type: ignore[return-value]
+
+    def view(self, buf: torch.Tensor, hidden: int, group: int) -> Q4View:
+        self._check_dims(hidden, group)
+        sections, per = ref.q4_sections(hidden, group, self.block)
+        gu, gsz, dn, dsz = _split(buf, self.name, sections, per)
+        n, g, d, b = gu.shape[0], group, hidden, self.block
+        return Q4View(
+            gu.view(n, 2 * g, d // 2).unbind(0),
+            gsz.view(torch.bfloat16).view(n, d // b, 2 * g, 2).unbind(0),
+            dn.view(n, d, g // 2).unbind(0),
+            dsz.view(torch.bfloat16).view(n, g // b, d, 2).unbind(0),
+        )
+
+    def repack(self, buf: torch.Tensor, hidden: int, group: int, from_tag: str) -> torch.Tensor:
+        """A copy of ``buf`` (written under ``from_tag``) in this machine's int4 layout.
+
+        Scales and codes are unchanged, so the dequantized weights are bit-identical. Costs about
+        as much as packing (tens of ms per expert): do it once per store, not per read.
+        """
+        prefix = f"q4:b{self.block}:int4pack-cpu:"
+        if not from_tag.startswith(prefix):
+            raise StoreError(
+                f"q4 store tag {from_tag!r} is not a q4 block-{self.block} int4pack tag; "
+                "re-run `mer convert --dtype q4`"
+            )
+        src = self._known_layout(from_tag[len(prefix) :], "repack")
+        w = self.view(buf, hidden, group)
+        out = buf.clone()
+        ov = self.view(out, hidden, group)
+        for j in range(len(w.gu)):
+            for packed, dst in ((w.gu[j], ov.gu[j]), (w.dn[j], ov.dn[j])):
+                q = ref.decode_int4(packed.numpy(), src).astype(np.int32)
+                dst.copy_(_int4_pack(torch.from_numpy(q), 2).view(dst.shape))
+        return out
+
+    def check_tag(self, tag: str) -> bool:
+        """Whether a store written under ``tag`` can be read here: ``True`` if as-is, ``False``
+        if it needs ``repack`` first; raises StoreError if it cannot be used at all."""
+        if tag == self.layout_tag():
+            return True
+        prefix = f"q4:b{self.block}:int4pack-cpu:"
+        self._known_layout(tag[len(prefix) :] if tag.startswith(prefix) else tag, "open")
+        self._known_layout(int4_layout(), "open")
+        return False
+
+    def dequantize_group(self, w: Q4View, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group j as bf16 ``([2g, D], [D, g])``, decoding torch's packing with torch ops."""
+        layout = self._known_layout(int4_layout(), "dequantize")
+        return _dequant4(w.gu[j], w.gu_sz[j], self.block, layout), _dequant4(
+            w.dn[j], w.dn_sz[j], self.block, layout
+        )
+
+    def partials(self, x: torch.Tensor, w: Q4View) -> Iterator[torch.Tensor]:
+        xb = _bf16_rows(x, w.dn[0].shape[0])  # [T, D]
+        dense = self.prefill_min_tokens is not None and x.shape[0] >= self.prefill_min_tokens
+        if dense and int4_layout() in ref.INT4_LAYOUTS:
+            for j in range(len(w.gu)):
+                gw, dw = self.dequantize_group(w, j)  # [2g, D], [D, g] bf16
+                yield F.linear(_silu_mul(F.linear(xb, gw)), dw).to(x.dtype)  # [T, D]
+            return
+        b = self.block
+        for gu, gsz, dn, dsz in zip(*w, strict=True):
+            a = _silu_mul(_int4_mm(xb, gu, b, gsz))  # [T, g]
+            yield _int4_mm(a, dn, b, dsz).to(x.dtype)  # [T, D]
+
+
+def _dequant4(packed: torch.Tensor, sz: torch.Tensor, block: int, layout: str) -> torch.Tensor:
+    """Packed ``[N, K/2]`` + (scale, zero) ``[K/b, N, 2]`` -> bf16 ``[N, K]``."""
+    block_n, split = ref.INT4_LAYOUTS[layout]
+    n, k = packed.shape[0], packed.shape[1] * 2
+    full = n // block_n * block_n
+    q = torch.empty((n, k), dtype=torch.uint8)
+    if full:
+        t = packed[:full].reshape(full // block_n, k, block_n // 2)  # [NB, K, block_n/2]
+        lo, hi = t & 15, t >> 4
+        pair = torch.cat([lo, hi], -1) if split else torch.stack([lo, hi], -1).flatten(-2)
+        q[:full] = pair.transpose(1, 2).reshape(full, k)  # [full, K]
+    if full < n:
+        t = packed[full:].reshape(k, (n - full) // 2)  # partial block: [K, r/2] row pairs
+        q[full:] = torch.stack([t & 15, t >> 4], -1).flatten(-2).t()
+    s, z = sz[..., 0].t().float(), sz[..., 1].t().float()  # [N, K/b]
+    w = (q.view(n, k // block, block).float() - 8) * s[..., None] + z[..., None]
+    return w.view(n, k).to(torch.bfloat16)
+
+
+FORMATS["q8"] = Q8()
+FORMATS["q4"] = Q4()
