@@ -135,8 +135,8 @@ class Q8View(NamedTuple):
     decode loop does no indexing)."""
 
     gu: tuple[torch.Tensor, ...]  # n x [2g, D] int8
-    dn: tuple[torch.Tensor, ...]  # n x [D, g] int8
     gu_scale: tuple[torch.Tensor, ...]  # n x [2g] bf16
+    dn: tuple[torch.Tensor, ...]  # n x [D, g] int8
     dn_scale: tuple[torch.Tensor, ...]  # n x [D] bf16
 
 
@@ -196,8 +196,8 @@ class Q8:
         n, g, d = gu.shape[0], group, hidden
         return Q8View(
             gu.view(torch.int8).view(n, 2 * g, d).unbind(0),
-            dn.view(torch.int8).view(n, d, g).unbind(0),
             gs.view(torch.bfloat16).unbind(0),
+            dn.view(torch.int8).view(n, d, g).unbind(0),
             ds.view(torch.bfloat16).unbind(0),
         )
 

@@ -279,3 +279,18 @@ def swiglu_ref(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray
     u = x @ up.T.astype(np.float64)  # [T, I]
     a = h / (1 + np.exp(-h)) * u  # [T, I]
     return a @ down.T.astype(np.float64)  # [T, D]
+
+
+def swiglu_bf16_ref(
+    x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray
+) -> np.ndarray:
+    """The SwiGLU rounded to bf16 at the points where the bf16 kernels round: the input, each
+    matmul output, silu and the product. Each matmul is exact (float64) before its rounding, so
+    only the kernels' f32 summation order separates them from this. ``[T, D]`` float64."""
+    xb = bf16_round(x).astype(np.float64)
+    h = bf16_round((xb @ gate.T.astype(np.float64)).astype(np.float32)).astype(np.float64)
+    u = bf16_round((xb @ up.T.astype(np.float64)).astype(np.float32)).astype(np.float64)
+    with np.errstate(over="ignore"):
+        s = bf16_round((h / (1 + np.exp(-h))).astype(np.float32)).astype(np.float64)
+    a = bf16_round((s * u).astype(np.float32)).astype(np.float64)
+    return bf16_round((a @ down.T.astype(np.float64)).astype(np.float32)).astype(np.float64)
