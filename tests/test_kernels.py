@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from micro_expert_router.errors import ConfigError, StoreError
-from micro_expert_router.kernels import quality
+from micro_expert_router.kernels import quality, quant
 from micro_expert_router.kernels import reference as ref
 from micro_expert_router.kernels.formats import FORMATS, choose_group, expert_forward, get_format
 from micro_expert_router.kernels.quant import Q4, Q8, int4_layout
@@ -273,6 +273,20 @@ def test_partials_match_bf16_reference(name, t, path):
         exact = ref.swiglu_ref(ref.bf16_round(x.numpy()), g_, u_, d_)
         assert normwise(p.double().numpy(), emulated) <= U_BF16
         assert normwise(p.double().numpy(), exact) <= 4 * U_BF16
+
+
+@pytest.mark.parametrize("layout", sorted(ref.INT4_LAYOUTS))
+def test_torch_dequantize_matches_reference_in_every_layout(layout):
+    n, k = 112, 128  # a full and a partial block of rows in every layout
+    rng = np.random.default_rng(2)
+    q = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    s = ref.bf16_round(rng.random((n, k // 64)).astype(np.float32))
+    z = ref.bf16_round(rng.standard_normal((n, k // 64)).astype(np.float32))
+    sz = torch.from_numpy(np.stack([s.T, z.T], -1)).to(torch.bfloat16)
+    w = quant._dequant4(torch.from_numpy(ref.encode_int4(q, layout)), sz, 64, layout)
+    want = ref.dequantize_q4(q, s, z, 64)
+    # f32 (q - 8) s + z, rounded once to bf16: at most half a bf16 ulp, plus f32 rounding
+    assert np.all(np.abs(w.float().numpy() - want) <= U_BF16 * np.abs(want) + 1e-6)
 
 
 @pytest.mark.parametrize("name", QFORMATS)

@@ -108,10 +108,15 @@ def _split(
     buf: torch.Tensor, fmt_name: str, sections: list[ref.Section], per: int
 ) -> list[torch.Tensor]:
     """Zero-copy ``[n, nbytes]`` uint8 views, one per section, over an expert buffer."""
-    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() % per or buf.numel() == 0:
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
         raise ConfigError(
-            f"{fmt_name} expert buffer of {buf.numel()} bytes ({buf.dtype}, {buf.dim()}-D) is not "
-            f"a whole number of {per}-byte groups; was it written with another format or group?"
+            f"{fmt_name} expert buffer must be a contiguous 1-D uint8 tensor, got {buf.dtype} "
+            f"with shape {tuple(buf.shape)} and strides {buf.stride()}"
+        )
+    if buf.numel() % per or buf.numel() == 0:
+        raise ConfigError(
+            f"{fmt_name} expert buffer of {buf.numel()} bytes is not a whole number of "
+            f"{per}-byte groups; was it written with another format or group size?"
         )
     if buf.data_ptr() % 16:
         raise ConfigError(
@@ -203,8 +208,9 @@ class Q8:
 
     def dequantize_group(self, w: Q8View, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Group j as bf16 ``([2g, D], [D, g])`` (one rounding of ``q * s``)."""
-        gu = (w.gu[j].float() * w.gu_scale[j].float()[:, None]).to(torch.bfloat16)
-        dn = (w.dn[j].float() * w.dn_scale[j].float()[:, None]).to(torch.bfloat16)
+        # int8 -> bf16 is exact and the bf16 product is computed in f32, rounded once
+        gu = w.gu[j].to(torch.bfloat16).mul_(w.gu_scale[j][:, None])
+        dn = w.dn[j].to(torch.bfloat16).mul_(w.dn_scale[j][:, None])
         return gu, dn
 
     def partials(self, x: torch.Tensor, w: Q8View) -> Iterator[torch.Tensor]:
@@ -382,18 +388,25 @@ def _dequant4(packed: torch.Tensor, sz: torch.Tensor, block: int, layout: str) -
     """Packed ``[N, K/2]`` + (scale, zero) ``[K/b, N, 2]`` -> bf16 ``[N, K]``."""
     block_n, split = ref.INT4_LAYOUTS[layout]
     n, k = packed.shape[0], packed.shape[1] * 2
-    full = n // block_n * block_n
+    full, h = n // block_n * block_n, block_n // 2
     q = torch.empty((n, k), dtype=torch.uint8)
     if full:
-        t = packed[:full].reshape(full // block_n, k, block_n // 2)  # [NB, K, block_n/2]
-        lo, hi = t & 15, t >> 4
-        pair = torch.cat([lo, hi], -1) if split else torch.stack([lo, hi], -1).flatten(-2)
-        q[:full] = pair.transpose(1, 2).reshape(full, k)  # [full, K]
-    if full < n:
-        t = packed[full:].reshape(k, (n - full) // 2)  # partial block: [K, r/2] row pairs
-        q[full:] = torch.stack([t & 15, t >> 4], -1).flatten(-2).t()
-    s, z = sz[..., 0].t().float(), sz[..., 1].t().float()  # [N, K/b]
-    w = (q.view(n, k // block, block).float() - 8) * s[..., None] + z[..., None]
+        t = packed[:full].view(full // block_n, k, h).transpose(1, 2)  # [NB, h, K] bytes
+        if split:  # byte j holds rows j (low nibble) and j + h (high)
+            dst = q[:full].view(full // block_n, 2, h, k)  # [NB, lo/hi, h, K]
+        else:  # byte j holds rows 2j (low) and 2j + 1 (high)
+            dst = q[:full].view(full // block_n, h, 2, k).transpose(1, 2)
+        torch.bitwise_and(t, 15, out=dst[:, 0])
+        torch.bitwise_right_shift(t, 4, out=dst[:, 1])
+    if full < n:  # a partial last block always holds row pairs
+        t = packed[full:].view(k, (n - full) // 2).t()  # [r/2, K]
+        dst = q[full:].view((n - full) // 2, 2, k).transpose(0, 1)  # [lo/hi, r/2, K]
+        torch.bitwise_and(t, 15, out=dst[0])
+        torch.bitwise_right_shift(t, 4, out=dst[1])
+    s = sz[..., 0].t().float()[..., None]  # [N, K/b, 1]
+    z = sz[..., 1].t().float()[..., None]
+    w = torch.empty((n, k // block, block))  # [N, K/b, b] float32
+    torch.addcmul(z - 8 * s, q.view(n, k // block, block).float(), s, out=w)  # (q - 8) s + z
     return w.view(n, k).to(torch.bfloat16)
 
 
