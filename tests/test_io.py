@@ -499,3 +499,16 @@ def test_close_cancels_queued_reads_and_closes_files(datafile, monkeypatch):
     assert len(os.listdir("/proc/self/fd")) == fds_before
     with pool.lease() as c, pytest.raises(RuntimeError, match="after close"):
         reader.submit(path, 0, 100, c)
+
+
+def test_dropped_reader_closes_its_files(datafile):
+    path, _ = datafile
+    fds_before = len(os.listdir("/proc/self/fd"))
+    pool = BufferPool(1, 8192)
+    reader = DirectReader(threads=1)
+    with pool.lease() as lease:
+        reader.read(path, 0, 100, lease)
+    assert len(os.listdir("/proc/self/fd")) == fds_before + 1
+    del reader
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds_before

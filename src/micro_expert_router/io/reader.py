@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -44,7 +45,7 @@ from .pool import ALIGN, Lease, align_down, align_up
 log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 4
-DEFAULT_CHUNK_BYTES = 2 * 2**20
+DEFAULT_CHUNK_BYTES = 4 * 2**20
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF_S = 0.002
 _RETRYABLE = (errno.EIO, errno.EINTR, errno.EAGAIN)
@@ -138,6 +139,8 @@ class DirectReader:
         self._closed = False
         self._counts = [0, 0, 0, 0.0, 0]  # as ReaderStats
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="mer-io")
+        # Closes the files if the reader is dropped without close() (close() is still the rule).
+        self._close_files = weakref.finalize(self, _close_files, self._files)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -210,10 +213,7 @@ class DirectReader:
             req.future.cancel()
         self._executor.shutdown(wait=True)
         with self._lock:
-            for f in self._files.values():
-                for fd in [f.fd, *f.extra_fds]:
-                    os.close(fd)
-            self._files.clear()
+            self._close_files()
 
     def __enter__(self) -> DirectReader:
         return self
@@ -360,3 +360,10 @@ class DirectReader:
             c[2] += nbytes
             c[3] += read_s
             c[4] += retries
+
+
+def _close_files(files: dict[str, _File]) -> None:
+    for f in files.values():
+        for fd in [f.fd, *f.extra_fds]:
+            os.close(fd)
+    files.clear()
