@@ -149,6 +149,13 @@ def test_dropped_lease_is_reclaimed_with_a_warning_and_reported():
     assert not [line for line in leak_report() if "'dropme'" in line]  # reported once
 
 
+def test_leak_report_catches_a_lease_dropped_with_its_pool():
+    with pytest.warns(ResourceWarning):
+        BufferPool(1, 4096, name="gone").lease()  # lease and pool both die here
+        gc.collect()
+    assert any("'gone'" in line and "reclaimed" in line for line in leak_report())
+
+
 def test_leak_report_names_a_leased_slot():
     pool = BufferPool(2, 4096, name="held")
     lease = pool.lease()

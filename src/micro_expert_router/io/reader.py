@@ -37,10 +37,14 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import BudgetError, ReadError
 from .pool import ALIGN, Lease, align_down, align_up
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +76,10 @@ class ReadResult(NamedTuple):
     def memoryview(self) -> memoryview:
         return self.lease.memoryview(self.length, self.start)
 
-    def numpy(self):
+    def numpy(self) -> np.ndarray:
         return self.lease.numpy(self.length, self.start)
 
-    def torch(self):
+    def torch(self) -> torch.Tensor:
         return self.lease.torch(self.length, self.start)
 
 
