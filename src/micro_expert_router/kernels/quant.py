@@ -209,8 +209,8 @@ class Q8:
     def dequantize_group(self, w: Q8View, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Group j as bf16 ``([2g, D], [D, g])`` (one rounding of ``q * s``)."""
         # int8 -> bf16 is exact and the bf16 product is computed in f32, rounded once
-        gu = w.gu[j].to(torch.bfloat16).mul_(w.gu_scale[j][:, None])
-        dn = w.dn[j].to(torch.bfloat16).mul_(w.dn_scale[j][:, None])
+        gu = torch.mul(w.gu[j], w.gu_scale[j][:, None])  # int8 * bf16 -> bf16
+        dn = torch.mul(w.dn[j], w.dn_scale[j][:, None])
         return gu, dn
 
     def partials(self, x: torch.Tensor, w: Q8View) -> Iterator[torch.Tensor]:
@@ -366,48 +366,55 @@ class Q4:
     def dequantize_group(self, w: Q4View, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Group j as bf16 ``([2g, D], [D, g])``, decoding torch's packing with torch ops."""
         layout = self._known_layout(int4_layout(), "dequantize")
-        return _dequant4(w.gu[j], w.gu_sz[j], self.block, layout), _dequant4(
-            w.dn[j], w.dn_sz[j], self.block, layout
-        )
+        out = []
+        for packed, sz in ((w.gu[j], w.gu_sz[j]), (w.dn[j], w.dn_sz[j])):
+            wt = _dequant4_t(packed, sz, self.block, layout)  # [N/bn, K, bn]
+            out.append(wt.transpose(1, 2).reshape(packed.shape[0], -1))  # [N, K]
+        return out[0], out[1]
 
     def partials(self, x: torch.Tensor, w: Q4View) -> Iterator[torch.Tensor]:
         xb = _bf16_rows(x, w.dn[0].shape[0])  # [T, D]
+        b, layout = self.block, int4_layout()
         dense = self.prefill_min_tokens is not None and x.shape[0] >= self.prefill_min_tokens
-        if dense and int4_layout() in ref.INT4_LAYOUTS:
-            for j in range(len(w.gu)):
-                gw, dw = self.dequantize_group(w, j)  # [2g, D], [D, g] bf16
-                yield F.linear(_silu_mul(F.linear(xb, gw)), dw).to(x.dtype)  # [T, D]
+        if dense and layout in ref.INT4_LAYOUTS:
+            # dequantize in torch's row-block order and multiply block by block: no transpose
+            for gu, gsz, dn, dsz in zip(*w, strict=True):
+                a = _silu_mul(_blocked_linear(xb, _dequant4_t(gu, gsz, b, layout)))  # [T, g]
+                yield _blocked_linear(a, _dequant4_t(dn, dsz, b, layout)).to(x.dtype)  # [T, D]
             return
-        b = self.block
         for gu, gsz, dn, dsz in zip(*w, strict=True):
             a = _silu_mul(_int4_mm(xb, gu, b, gsz))  # [T, g]
             yield _int4_mm(a, dn, b, dsz).to(x.dtype)  # [T, D]
 
 
-def _dequant4(packed: torch.Tensor, sz: torch.Tensor, block: int, layout: str) -> torch.Tensor:
-    """Packed ``[N, K/2]`` + (scale, zero) ``[K/b, N, 2]`` -> bf16 ``[N, K]``."""
-    block_n, split = ref.INT4_LAYOUTS[layout]
-    n, k = packed.shape[0], packed.shape[1] * 2
-    full, h = n // block_n * block_n, block_n // 2
-    q = torch.empty((n, k), dtype=torch.uint8)
-    if full:
-        t = packed[:full].view(full // block_n, k, h).transpose(1, 2)  # [NB, h, K] bytes
-        if split:  # byte j holds rows j (low nibble) and j + h (high)
-            dst = q[:full].view(full // block_n, 2, h, k)  # [NB, lo/hi, h, K]
-        else:  # byte j holds rows 2j (low) and 2j + 1 (high)
-            dst = q[:full].view(full // block_n, h, 2, k).transpose(1, 2)
-        torch.bitwise_and(t, 15, out=dst[:, 0])
-        torch.bitwise_right_shift(t, 4, out=dst[:, 1])
-    if full < n:  # a partial last block always holds row pairs
-        t = packed[full:].view(k, (n - full) // 2).t()  # [r/2, K]
-        dst = q[full:].view((n - full) // 2, 2, k).transpose(0, 1)  # [lo/hi, r/2, K]
-        torch.bitwise_and(t, 15, out=dst[0])
-        torch.bitwise_right_shift(t, 4, out=dst[1])
-    s = sz[..., 0].t().float()[..., None]  # [N, K/b, 1]
-    z = sz[..., 1].t().float()[..., None]
-    w = torch.empty((n, k // block, block))  # [N, K/b, b] float32
-    torch.addcmul(z - 8 * s, q.view(n, k // block, block).float(), s, out=w)  # (q - 8) s + z
-    return w.view(n, k).to(torch.bfloat16)
+def _dequant4_t(packed: torch.Tensor, sz: torch.Tensor, block: int, layout: str) -> torch.Tensor:
+    """Packed ``[N, K/2]`` + (scale, zero) ``[K/b, N, 2]`` -> the transposed weight in torch's
+    row blocks, bf16 ``[N/bn, K, bn]`` (``bn`` = the layout's block of rows; element
+    ``[i, k, r]`` is ``W[i * bn + r, k]``). N must be a whole number of row blocks, which the q4
+    dimension checks guarantee (N = 2g or D, multiples of 64)."""
+    bn, split = ref.INT4_LAYOUTS[layout]
+    n, k, h = packed.shape[0], packed.shape[1] * 2, bn // 2
+    nb = n // bn
+    t = packed.view(nb, k, h)  # [NB, K, h] bytes
+    q = torch.empty((nb, k, bn), dtype=torch.uint8)
+    if split:  # byte r holds rows r (low nibble) and r + h (high)
+        torch.bitwise_and(t, 15, out=q[..., :h])
+        torch.bitwise_right_shift(t, 4, out=q[..., h:])
+    else:  # byte r holds rows 2r (low) and 2r + 1 (high)
+        pairs = q.view(nb, k, h, 2)
+        torch.bitwise_and(t, 15, out=pairs[..., 0])
+        torch.bitwise_right_shift(t, 4, out=pairs[..., 1])
+    s = sz[..., 0].reshape(k // block, nb, 1, bn).transpose(0, 1).float()  # [NB, K/b, 1, bn]
+    z = sz[..., 1].reshape(k // block, nb, 1, bn).transpose(0, 1).float()
+    w = q.view(nb, k // block, block, bn).float()  # [NB, K/b, b, bn]
+    w.mul_(s).add_(z - 8 * s)  # (q - 8) s + z
+    return w.view(nb, k, bn).to(torch.bfloat16)
+
+
+def _blocked_linear(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` for W given as row blocks ``[N/bn, K, bn]``: ``[T, K]`` -> ``[T, N]``."""
+    y = torch.matmul(x, wt)  # [NB, T, bn]
+    return y.transpose(0, 1).reshape(x.shape[0], -1)  # [T, N]
 
 
 FORMATS["q8"] = Q8()
