@@ -194,6 +194,7 @@ class Transformer:
                 f"context of {pos + t} tokens exceeds the KV cache capacity of "
                 f"{kv.capacity}; raise max_context"
             )
+        self.provider.begin_step()
         x = F.embedding(tokens, w["model.embed_tokens.weight"])  # [T, D]
         for i in range(a.n_layers):
             p = f"model.layers.{i}"

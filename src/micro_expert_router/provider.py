@@ -58,6 +58,10 @@ class ExpertProvider(Protocol):
         """Context manager: handles for ``experts`` of ``layer``, released on exit."""
         ...
 
+    def begin_step(self) -> None:
+        """A new forward step (one token, or one prefill batch) starts: the cache's clock."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -94,6 +98,9 @@ class ResidentProvider:
         self.stats.experts_needed += len(experts)
         self.stats.hits += len(experts)
         yield [ResidentHandle(self._views[(layer, e)]) for e in experts]
+
+    def begin_step(self) -> None:
+        pass
 
     def close(self) -> None:
         self._views.clear()

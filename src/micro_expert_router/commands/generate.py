@@ -11,7 +11,7 @@ HELP = "generate text from a model folder or expert store, streaming tokens to s
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF checkpoint folder or expert store (default: the bundled "
-                   "demo model)")  # fmt: skip
+                   "demo model, streamed with a cache of 1/4 of its experts)")  # fmt: skip
     p.add_argument("--prompt", default=None, help="prompt text (default: a demo prompt)")
     p.add_argument("--prompt-ids", default=None,
                    help="prompt as comma-separated token ids instead of text")  # fmt: skip
@@ -46,12 +46,14 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
 
     model = args.model
-    if model is None:
-        from ..demo import demo_model_path
-
-        model = demo_model_path()
     options = dict(dtype=args.dtype, threads=args.threads, policy=args.policy, verify=args.verify,
                    io_threads=args.io_threads)  # fmt: skip
+    if model is None:
+        from ..demo.store import default_cache_bytes, demo_store_path
+
+        model = demo_store_path()
+        if args.cache_mb is None:
+            options["cache_bytes"] = default_cache_bytes(model)
     if args.cache_mb is not None:
         if args.cache_mb < 0:
             raise ConfigError("--cache-mb must be >= 0")

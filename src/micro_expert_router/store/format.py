@@ -1,0 +1,236 @@
+"""The expert store format and its reader.
+
+A store is a directory::
+
+    manifest.json        format name + version, model args, expert format and layout, group size,
+                         dense tensor index, one extent (file, offset, length, xxh3) per expert
+    dense.safetensors    everything RAM-resident: embeddings, attention, norms, routers, shared
+                         experts, dense MLPs (float32 for f32 stores, bfloat16 otherwise)
+    experts-00000.bin    expert extents, each starting on a 4096-byte boundary, in the bundled
+                         layout of ``kernels.formats`` (any prefix of groups is a prefix of bytes)
+    tokenizer.json ...   the checkpoint's tokenizer and config files, copied
+
+``Store.open`` validates the manifest (name, version, keys), the files (present, long enough for
+every extent) and alignment, raising ``StoreError`` naming the file and the problem. ``verify``
+re-hashes every extent. The manifest is written last, by rename, so a folder without one is never
+a store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from ..config import ModelArgs
+from ..errors import ConfigError, MERError, StoreError
+from ..kernels import ExpertFormat, get_format
+
+FORMAT_NAME = "mer-expert-store"
+FORMAT_VERSION = 1
+ALIGN = 4096
+DENSE_FILE = "dense.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "config.json", "chat_template.jinja")  # fmt: skip
+REQUIRED_KEYS = ("format", "version", "model", "expert_format", "layout", "group", "dense",
+                 "expert_files", "experts")  # fmt: skip
+
+
+def checksum(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    layer: int
+    expert: int
+    file: str  # absolute path
+    offset: int
+    length: int
+    xxh3: str
+
+
+class Store:
+    """A validated, opened store (read-only)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        try:
+            self.args = ModelArgs.from_dict(manifest["model"])
+        except (TypeError, KeyError) as e:
+            raise StoreError(f"{path / 'manifest.json'}: model args are malformed ({e})") from None
+        try:
+            self.format: ExpertFormat = get_format(manifest["expert_format"])
+        except ConfigError as e:
+            raise StoreError(f"{path / 'manifest.json'}: {e}") from None
+        self.group = int(manifest["group"])
+        self.dense_file = path / manifest["dense"]["file"]
+        self.dense_dtype: str = manifest["dense"]["dtype"]
+        self.experts: dict[tuple[int, int], ExpertEntry] = {}
+        for i, e in enumerate(manifest["experts"]):
+            try:
+                entry = ExpertEntry(int(e["layer"]), int(e["expert"]),
+                                    str(path / manifest["expert_files"][int(e["file"])]),
+                                    int(e["offset"]), int(e["length"]), str(e["xxh3"]))  # fmt: skip
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise StoreError(f"{path / 'manifest.json'}: expert entry {i} is malformed "
+                                 f"({err!r})") from None  # fmt: skip
+            self.experts[(entry.layer, entry.expert)] = entry
+
+    @classmethod
+    def open(cls, path: str | Path) -> Store:
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if not path.is_dir():
+            raise StoreError(f"{path}: not a directory")
+        if not mpath.is_file():
+            raise StoreError(f"{path}: not an expert store (no manifest.json); create one with "
+                             "`mer convert CHECKPOINT STORE`")  # fmt: skip
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"{mpath}: not valid JSON ({e}); reconvert the store") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            raise StoreError(
+                f"{mpath}: not an MER expert store manifest (format is "
+                f"{manifest.get('format') if isinstance(manifest, dict) else None!r})"
+            )
+        missing = [k for k in REQUIRED_KEYS if k not in manifest]
+        if missing:
+            raise StoreError(f"{mpath}: manifest is missing key(s) {', '.join(missing)}; the "
+                             "store is damaged: reconvert it")  # fmt: skip
+        version = manifest["version"]
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(
+                f"{mpath}: store format version {version} is newer than this MER "
+                f"understands ({FORMAT_VERSION}); upgrade micro-expert-router"
+            )
+        if version < 1:
+            raise StoreError(f"{mpath}: bad store format version {version!r}")
+        store = cls(path, manifest)
+        store._check_files()
+        return store
+
+    def _check_files(self) -> None:
+        if not self.dense_file.is_file():
+            raise StoreError(f"{self.dense_file}: dense weights file is missing; reconvert")
+        sizes: dict[str, int] = {}
+        for f in self.manifest["expert_files"]:
+            p = self.path / f
+            if not p.is_file():
+                raise StoreError(f"{p}: expert file is missing; reconvert the store")
+            sizes[str(p)] = p.stat().st_size
+        a = self.args
+        want = {(layer, e) for layer in range(a.n_layers) if a.moe_layers[layer]
+                for e in range(a.n_experts)}  # fmt: skip
+        if set(self.experts) != want:
+            raise StoreError(
+                f"{self.path / 'manifest.json'}: expert table does not cover every "
+                f"expert of the model ({len(self.experts)} of {len(want)})"
+            )
+        expect_len = (a.expert_inter // self.group) * self.format.group_nbytes(
+            a.hidden_size, self.group
+        )
+        for e in self.experts.values():
+            if e.offset % ALIGN:
+                raise StoreError(
+                    f"{e.file}: expert ({e.layer}, {e.expert}) starts at offset "
+                    f"{e.offset}, not on a {ALIGN}-byte boundary"
+                )
+            if e.length != expect_len:
+                raise StoreError(
+                    f"{e.file}: expert ({e.layer}, {e.expert}) has {e.length} "
+                    f"bytes, expected {expect_len}"
+                )
+            if e.offset + e.length > sizes[e.file]:
+                raise StoreError(f"{e.file}: truncated: expert ({e.layer}, {e.expert}) ends at "
+                                 f"byte {e.offset + e.length} but the file has {sizes[e.file]} "
+                                 "bytes; reconvert the store")  # fmt: skip
+
+    # -- facts ------------------------------------------------------------------------------
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's extent (all experts are the same size)."""
+        return next(iter(self.experts.values())).length
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return sum(e.length for e in self.experts.values())
+
+    @property
+    def dense_bytes(self) -> int:
+        return self.dense_file.stat().st_size
+
+    def summary(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "path": str(self.path), "format_version": self.manifest["version"],
+            "architecture": a.arch, "layers": a.n_layers, "moe_layers": sum(a.moe_layers),
+            "experts_per_layer": a.n_experts, "top_k": a.top_k, "hidden": a.hidden_size,
+            "expert_intermediate": a.expert_inter, "expert_format": self.format.name,
+            "layout": self.manifest["layout"], "group": self.group,
+            "groups_per_expert": a.expert_inter // self.group,
+            "expert_bytes": self.expert_bytes, "total_expert_bytes": self.total_expert_bytes,
+            "dense_bytes": self.dense_bytes, "dense_dtype": self.dense_dtype,
+            "expert_files": self.manifest["expert_files"],
+            "converted_from": self.manifest.get("source"),
+        }  # fmt: skip
+
+    # -- integrity --------------------------------------------------------------------------
+    def iter_extents(self) -> Iterator[tuple[ExpertEntry, bytes]]:
+        """Every expert's bytes, in file order (buffered reads; for verification)."""
+        for e in sorted(self.experts.values(), key=lambda x: (x.file, x.offset)):
+            with open(e.file, "rb") as f:
+                f.seek(e.offset)
+                yield e, f.read(e.length)
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> list[ExpertEntry]:
+        """Experts whose bytes do not match their recorded checksum."""
+        bad = []
+        for e, data in self.iter_extents():
+            if len(data) != e.length or checksum(data) != e.xxh3:
+                bad.append(e)
+            if progress is not None:
+                progress(e.length)
+        return bad
+
+    def load_dense(self, dtype: Any) -> dict[str, Any]:
+        """Dense tensors, converted to ``dtype`` (a torch dtype)."""
+        from safetensors import safe_open
+
+        from ..checkpoint import dense_tensor_shapes, read_safetensors_header
+
+        read_safetensors_header(self.dense_file)  # bounds check with a clear message
+        out = {}
+        try:
+            with safe_open(str(self.dense_file), framework="pt") as f:
+                names = set(f.keys())
+                for name, shape in dense_tensor_shapes(self.args):
+                    if name not in names:
+                        raise StoreError(f"{self.dense_file}: tensor {name} is missing; reconvert")
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != tuple(shape):
+                        raise StoreError(
+                            f"{self.dense_file}: tensor {name} has shape "
+                            f"{list(t.shape)}, expected {list(shape)}"
+                        )
+                    out[name] = t.to(dtype).contiguous()
+        except MERError:
+            raise
+        except Exception as e:
+            raise StoreError(f"{self.dense_file}: cannot read dense weights ({e})") from None
+        return out
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
