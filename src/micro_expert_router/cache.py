@@ -58,7 +58,9 @@ def make_policy(name: str, **params: Any) -> Policy:
     try:
         cls = POLICIES[name]
     except KeyError:
-        raise ConfigError(f"unknown cache policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+        raise ConfigError(
+            f"unknown cache policy {name!r}; known: {', '.join(sorted(POLICIES))}"
+        ) from None
     try:
         return cls(**params)
     except TypeError as e:
