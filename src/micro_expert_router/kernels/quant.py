@@ -150,7 +150,7 @@ class Q8:
 
     name: ClassVar[str] = "q8"
     group_multiple: ClassVar[int] = 16  # the kernel reads rows in 16-byte vectors
-    prefill_min_tokens: ClassVar[int | None] = 16  # see docs/quantization.md
+    prefill_min_tokens: ClassVar[int | None] = 48  # see docs/quantization.md
 
     def layout_tag(self) -> str:
         return "q8:rowwise-int8-bf16scale:v1"
@@ -258,7 +258,7 @@ class Q4:
     name: ClassVar[str] = "q4"
     block: ClassVar[int] = 64
     group_multiple: ClassVar[int] = 64  # = block: down's reduction runs over a group's neurons
-    prefill_min_tokens: ClassVar[int | None] = 16  # see docs/quantization.md
+    prefill_min_tokens: ClassVar[int | None] = 96  # see docs/quantization.md
 
     def layout_tag(self) -> str:
         """What the bytes depend on; the store writes it to its manifest and compares on open."""
