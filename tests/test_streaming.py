@@ -93,3 +93,28 @@ def test_budget_zero_streams_every_expert_every_time(case):
         for s in steps:
             assert s.misses == s.experts_needed and s.bytes_read == s.misses * entry.length
         assert len(engine.provider.cache) == 0
+
+
+@pytest.mark.parametrize("dtype", ["q8", "q4"])
+def test_quantized_store_streams_bit_identically_to_resident(tmp_path, dtype):
+    import transformers
+
+    cfg = transformers.MixtralConfig(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.model.embed_tokens.weight.data.normal_()
+    model.save_pretrained(tmp_path / "ckpt")
+    convert(tmp_path / "ckpt", tmp_path / "store", dtype=dtype, progress=False, log=None)
+    ids = list(range(3, 40, 2))
+    with (
+        mer.load(tmp_path / "store", cache_bytes=0) as streamed,
+        mer.load(tmp_path / "store") as resident,
+    ):
+        assert np.array_equal(streamed.logits(ids), resident.logits(ids))
+        a = [s.token for s in streamed.generate(ids, 12, temperature=0, stop_at_eos=False)]
+        b = [s.token for s in resident.generate(ids, 12, temperature=0, stop_at_eos=False)]
+        assert a == b
+        assert streamed.provider.stats.hits == 0 and streamed.provider.stats.bytes_read > 0

@@ -41,6 +41,12 @@ REQUIRED_KEYS = ("format", "version", "model", "expert_format", "layout", "group
                  "expert_files", "experts")  # fmt: skip
 
 
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def checksum(data: bytes | memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
@@ -70,6 +76,13 @@ class Store:
         except ConfigError as e:
             raise StoreError(f"{path / 'manifest.json'}: {e}") from None
         self.group = int(manifest["group"])
+        if hasattr(self.format, "layout_tag") and manifest["layout"] != self.format.layout_tag():
+            raise StoreError(
+                f"{path / 'manifest.json'}: the {self.format.name} experts were packed in layout "
+                f"{manifest['layout']!r}, but this machine's torch ({torch_version()}) uses "
+                f"{self.format.layout_tag()!r}; reconvert the store here with `mer convert "
+                f"SRC {path} --dtype {self.format.name} --force`"
+            )
         self.dense_file = path / manifest["dense"]["file"]
         self.dense_dtype: str = manifest["dense"]["dtype"]
         self.experts: dict[tuple[int, int], ExpertEntry] = {}
