@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -82,7 +83,12 @@ def main() -> None:
     out = open(args.jsonl, "a") if args.jsonl else None
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
-    print(f"torch {torch.__version__}, {args.threads} threads, {quant.FORMATS['q4'].layout_tag()}")
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"torch {torch.__version__}, {args.threads} threads of {os.cpu_count()} cores, load {load}"
+    )
+    omp = os.environ.get("OMP_WAIT_POLICY")
+    print(f"q4 layout {quant.FORMATS['q4'].layout_tag()}; OMP_WAIT_POLICY={omp}")
     q4_ratios: dict[str, list[float]] = {}
     for d, i in shapes:
         shape = f"{d}x{i}"
@@ -124,6 +130,7 @@ def main() -> None:
                 if k == "q4":
                     q4_ratios[shape] = ratio
             print(f"{shape} {k}: {fmt_stats(v)} {unit}{extra}")
+    print(f"load average at the end: {'/'.join(f'{v:.1f}' for v in os.getloadavg())}")
     worst = min(q4_ratios, key=lambda s: statistics.median(q4_ratios[s]))
     print(f"q4 ratio (q4 decode GB/s / DRAM read GB/s, {worst}): {fmt_stats(q4_ratios[worst], 2)}")
 
