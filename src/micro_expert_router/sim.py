@@ -163,8 +163,10 @@ class Replay:
             begin()
             for keys in step.groups:
                 missed = [k for k in keys if lookup(k) is None]
-                for k in missed:
-                    admit(k, True, size, keys)
+                if missed:
+                    protected = frozenset(keys)
+                    for k in missed:
+                        admit(k, True, size, protected)
         seconds = time.perf_counter() - t0
         st = cache.stats()
         if isinstance(budget_bytes, Mapping):
