@@ -7,17 +7,18 @@ and the slow NumPy reference, and ``docs/quantization.md`` has the tables and me
 
 - ``q8``: int8 weights, one bf16 scale per output row (rows of gate/up over D, rows of the
   group's down slice over g). Kernel: ``aten._weight_int8pack_mm`` (plain layout, stable).
-- ``q4``: 4-bit asymmetric blocks of 64 along the reduction dimension, bf16 (scale, zero) per
-  block. Kernel: ``aten._weight_int4pack_mm_for_cpu`` over torch's private packed layout, which
-  depends on the CPU capability torch dispatches to (AVX512, AVX2, scalar) and may change between
-  torch versions: ``Q4.layout_tag()`` names the layout (found by probing torch against the
-  NumPy encoders), the store records it, and ``Q4.repack`` converts a buffer written in another
-  known layout. Packing costs ~50 ms per expert, so it happens in the converter only.
+- ``q4``: 4-bit asymmetric blocks of 64 (or 32, when D or g is not a multiple of 64) along the
+  reduction dimension, bf16 (scale, zero) per block. Kernel: ``aten._weight_int4pack_mm_for_cpu``
+  over torch's private packed layout, which depends on the CPU capability torch dispatches to
+  (AVX512, AVX2, scalar) and may change between torch versions. ``Q4.layout_tag()`` names the
+  layout (found by probing torch against the NumPy encoders), the store records it, and
+  ``Q4.repack`` converts a buffer written in another known layout. Packing costs ~50 ms per
+  expert, so it happens in the converter only.
 
 Both kernels are fast only with bfloat16 activations (float32 activations take a scalar path
 about 30x slower), so ``partials`` casts x to bf16 once and returns x's dtype. For batches of
 ``prefill_min_tokens`` tokens or more, a group is instead dequantized once to bf16 and multiplied
-with oneDNN's bf16 GEMM (``F.linear``); thresholds come from ``bench/kernels.py``.
+with oneDNN's bf16 GEMM; thresholds come from ``bench/kernels.py``.
 
 Importing this module registers ``FORMATS["q8"]`` and ``FORMATS["q4"]``.
 
@@ -250,35 +251,44 @@ class Q4View(NamedTuple):
     gu_sz: tuple[torch.Tensor, ...]  # n x [D/b, 2g, 2] bf16 (scale, zero)
     dn: tuple[torch.Tensor, ...]  # n x [D, g/2] uint8, packed
     dn_sz: tuple[torch.Tensor, ...]  # n x [g/b, D, 2] bf16 (scale, zero)
+    block: int  # b
 
 
 class Q4:
-    """4-bit asymmetric blocks of 64 with bf16 scale and zero; ``_weight_int4pack_mm_for_cpu``."""
+    """4-bit asymmetric blocks with bf16 scale and zero; ``_weight_int4pack_mm_for_cpu``.
+
+    The block is 64 weights when D and g are both multiples of 64, else 32 (the kernel takes
+    either at the same speed; 64 costs 4.5 bits per weight, 32 costs 5). It follows from the
+    shapes, so the store need not record it.
+    """
 
     name: ClassVar[str] = "q4"
-    block: ClassVar[int] = 64
-    group_multiple: ClassVar[int] = 64  # = block: down's reduction runs over a group's neurons
+    group_multiple: ClassVar[int] = 32  # down's blocks run over a group's neurons
     prefill_min_tokens: ClassVar[int | None] = 96  # see docs/quantization.md
+    TAG_PREFIX: ClassVar[str] = "q4:v1:int4pack-cpu:"
+
+    @staticmethod
+    def block_size(hidden: int, group: int) -> int:
+        return 64 if hidden % 64 == 0 and group % 64 == 0 else 32
 
     def layout_tag(self) -> str:
         """What the bytes depend on; the store writes it to its manifest and compares on open."""
-        return f"q4:b{self.block}:int4pack-cpu:{int4_layout()}"
+        return self.TAG_PREFIX + int4_layout()
 
     def group_nbytes(self, hidden: int, group: int) -> int:
-        return ref.q4_sections(hidden, group, self.block)[1]
+        return ref.q4_sections(hidden, group, self.block_size(hidden, group))[1]
 
     def _check_dims(self, hidden: int, group: int) -> None:
-        if hidden % self.block or group % self.block:
+        if hidden % 32 or group % 32:
             raise ConfigError(
-                f"q4 needs D and the group size to be multiples of {self.block}, "
-                f"got D={hidden}, g={group}"
+                f"q4 needs D and the group size to be multiples of 32, got D={hidden}, g={group}"
             )
 
-    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(self, w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[N, K]`` float -> (codes int32 ``[N, K]`` in 0..15, bf16 ``[K/b, N, 2]`` scale and
         zero); the same arithmetic as reference.quantize_q4."""
         n, k = w.shape
-        wb = w.float().reshape(n, k // self.block, self.block)  # [N, K/b, b]
+        wb = w.float().reshape(n, k // block, block)  # [N, K/b, b]
         lo, hi = wb.amin(dim=2), wb.amax(dim=2)
         s = ((hi - lo) / 15).to(torch.bfloat16).float()  # [N, K/b]
         z = (lo + s * 8).to(torch.bfloat16).float()
@@ -293,10 +303,11 @@ class Q4:
     ) -> torch.Tensor:
         hidden, _ = _check_dense(self.name, gate, up, down, group)
         self._check_dims(hidden, group)
-        sections, per = ref.q4_sections(hidden, group, self.block)
+        b = self.block_size(hidden, group)
+        sections, per = ref.q4_sections(hidden, group, b)
         parts = []
         for gu, dn in _group_rows(gate, up, down, group):
-            (qg, szg), (qd, szd) = self.quantize(gu), self.quantize(dn)
+            (qg, szg), (qd, szd) = self.quantize(gu, b), self.quantize(dn, b)
             parts.append([_int4_pack(qg, 2), szg, _int4_pack(qd, 2), szd])
         return _assemble(sections, per, parts)
 
@@ -309,26 +320,36 @@ class Q4:
             )
         return layout
 
+    def _tag_layout(self, tag: str, what: str) -> str:
+        if not tag.startswith(self.TAG_PREFIX):
+            raise StoreError(
+                f"q4 {what}: store tag {tag!r} is not a {self.TAG_PREFIX}* tag; "
+                "re-run `mer convert --dtype q4`"
+            )
+        return self._known_layout(tag[len(self.TAG_PREFIX) :], what)
+
     def unpack(
         self, buf: torch.Tensor, hidden: int, inter: int, group: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self.view(buf, hidden, group)  # validates size and alignment
+        w = self.view(buf, hidden, group)  # validates size and alignment
         if buf.numel() != inter // group * self.group_nbytes(hidden, group):
             raise ConfigError(f"q4 buffer of {buf.numel()} bytes does not hold I={inter}")
         layout = self._known_layout(int4_layout(), "unpack")
-        out = ref.unpack_q4_ref(buf.numpy(), hidden, inter, group, self.block, layout)
+        out = ref.unpack_q4_ref(buf.numpy(), hidden, inter, group, w.block, layout)
         return tuple(torch.from_numpy(np.ascontiguousarray(t)) for t in out)  # type: ignore[return-value]
 
     def view(self, buf: torch.Tensor, hidden: int, group: int) -> Q4View:
         self._check_dims(hidden, group)
-        sections, per = ref.q4_sections(hidden, group, self.block)
+        b = self.block_size(hidden, group)
+        sections, per = ref.q4_sections(hidden, group, b)
         gu, gsz, dn, dsz = _split(buf, self.name, sections, per)
-        n, g, d, b = gu.shape[0], group, hidden, self.block
+        n, g, d = gu.shape[0], group, hidden
         return Q4View(
             gu.view(n, 2 * g, d // 2).unbind(0),
             gsz.view(torch.bfloat16).view(n, d // b, 2 * g, 2).unbind(0),
             dn.view(n, d, g // 2).unbind(0),
             dsz.view(torch.bfloat16).view(n, g // b, d, 2).unbind(0),
+            b,
         )
 
     def repack(self, buf: torch.Tensor, hidden: int, group: int, from_tag: str) -> torch.Tensor:
@@ -337,13 +358,7 @@ class Q4:
         Scales and codes are unchanged, so the dequantized weights are bit-identical. Costs about
         as much as packing (tens of ms per expert): do it once per store, not per read.
         """
-        prefix = f"q4:b{self.block}:int4pack-cpu:"
-        if not from_tag.startswith(prefix):
-            raise StoreError(
-                f"q4 store tag {from_tag!r} is not a q4 block-{self.block} int4pack tag; "
-                "re-run `mer convert --dtype q4`"
-            )
-        src = self._known_layout(from_tag[len(prefix) :], "repack")
+        src = self._tag_layout(from_tag, "repack")
         w = self.view(buf, hidden, group)
         out = buf.clone()
         ov = self.view(out, hidden, group)
@@ -358,8 +373,7 @@ class Q4:
         if it needs ``repack`` first; raises StoreError if it cannot be used at all."""
         if tag == self.layout_tag():
             return True
-        prefix = f"q4:b{self.block}:int4pack-cpu:"
-        self._known_layout(tag[len(prefix) :] if tag.startswith(prefix) else tag, "open")
+        self._tag_layout(tag, "open")
         self._known_layout(int4_layout(), "open")
         return False
 
@@ -368,21 +382,23 @@ class Q4:
         layout = self._known_layout(int4_layout(), "dequantize")
         out = []
         for packed, sz in ((w.gu[j], w.gu_sz[j]), (w.dn[j], w.dn_sz[j])):
-            wt = _dequant4_t(packed, sz, self.block, layout)  # [N/bn, K, bn]
+            wt = _dequant4_t(packed, sz, w.block, layout)  # [N/bn, K, bn]
             out.append(wt.transpose(1, 2).reshape(packed.shape[0], -1))  # [N, K]
         return out[0], out[1]
 
     def partials(self, x: torch.Tensor, w: Q4View) -> Iterator[torch.Tensor]:
-        xb = _bf16_rows(x, w.dn[0].shape[0])  # [T, D]
-        b, layout = self.block, int4_layout()
+        d, b, layout = w.dn[0].shape[0], w.block, int4_layout()
+        xb = _bf16_rows(x, d)  # [T, D]
+        groups = zip(w.gu, w.gu_sz, w.dn, w.dn_sz, strict=True)
         dense = self.prefill_min_tokens is not None and x.shape[0] >= self.prefill_min_tokens
-        if dense and layout in ref.INT4_LAYOUTS:
+        # the dense path decodes whole row blocks: 2g always is, D must be too
+        if dense and layout in ref.INT4_LAYOUTS and d % ref.INT4_LAYOUTS[layout][0] == 0:
             # dequantize in torch's row-block order and multiply block by block: no transpose
-            for gu, gsz, dn, dsz in zip(*w, strict=True):
+            for gu, gsz, dn, dsz in groups:
                 a = _silu_mul(_blocked_linear(xb, _dequant4_t(gu, gsz, b, layout)))  # [T, g]
                 yield _blocked_linear(a, _dequant4_t(dn, dsz, b, layout)).to(x.dtype)  # [T, D]
             return
-        for gu, gsz, dn, dsz in zip(*w, strict=True):
+        for gu, gsz, dn, dsz in groups:
             a = _silu_mul(_int4_mm(xb, gu, b, gsz))  # [T, g]
             yield _int4_mm(a, dn, b, dsz).to(x.dtype)  # [T, D]
 
