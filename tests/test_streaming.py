@@ -11,6 +11,7 @@ import torch
 from hf_models import save_hf_model
 
 import micro_expert_router as mer
+from micro_expert_router.errors import ConfigError
 from micro_expert_router.store import convert
 
 ARCHS = ["mixtral", "qwen2moe", "qwen3moe", "olmoe"]
@@ -118,3 +119,38 @@ def test_quantized_store_streams_bit_identically_to_resident(tmp_path, dtype):
         b = [s.token for s in resident.generate(ids, 12, temperature=0, stop_at_eos=False)]
         assert a == b
         assert streamed.provider.stats.hits == 0 and streamed.provider.stats.bytes_read > 0
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_split_experts_are_bit_identical(case, theta):
+    store, expert_bytes, ids, logits, tokens, sampled = case
+    for budget in (expert_bytes // 3, None):
+        with mer.load(store, cache_bytes=budget, split=theta) as engine:
+            assert np.array_equal(engine.logits(ids), logits)
+            steps = list(engine.generate(ids, 16, temperature=0, stop_at_eos=False))
+            assert [s.token for s in steps] == tokens
+            p = engine.provider
+            assert p.cache.used_bytes <= p.cache.budget_bytes
+            if budget is None and theta > 0:
+                assert sum(s.hits for s in steps) > 0
+
+
+def test_split_hit_reads_only_the_bottom(case):
+    store, expert_bytes, ids, *_ = case
+    with mer.load(store, split=0.25) as engine:
+        engine.logits(ids)  # every needed expert is now cached (its top quarter)
+        p = engine.provider
+        entry = next(iter(p.store.experts.values()))
+        before = p.stats.snapshot()
+        engine.logits(ids)
+        d = p.stats.minus(before)
+        assert d.misses == 0 and d.hits == d.experts_needed > 0
+        top = entry.length // 4
+        assert d.bytes_read == d.hits * (entry.length - top)
+        assert p.top_pools and p.pool_bytes < p.pool.nbytes + len(p.store.experts) * entry.length
+
+
+def test_split_ratio_off_the_grid_is_refused(case):
+    store, *_ = case
+    with pytest.raises(ConfigError, match="not a multiple of 1/8"):
+        mer.load(store, split=0.3)

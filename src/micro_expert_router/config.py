@@ -237,6 +237,7 @@ class EngineConfig:
     io_threads: int | None = None
     policy: str = "lru"
     verify: bool = False  # check expert checksums on first load
+    split: float = 1.0  # MoEpic split ratio: cached fraction of each expert (1 = whole experts)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

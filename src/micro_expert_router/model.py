@@ -164,7 +164,9 @@ class Transformer:
         with self.provider.acquire(i, needed) as handles:
             for e, h in zip(needed, handles, strict=True):
                 tok, slot = torch.where(experts == e)
-                y = expert_forward(fmt, x[tok], list(h.segments()))  # [T_e, D]
+                y = expert_forward(
+                    fmt, x[tok], h.segments()
+                )  # [T_e, D], computes as segments arrive
                 out.index_add_(0, tok, y * weights[tok, slot, None])
         if self.args.shared_expert_inter:
             p = f"model.layers.{i}.mlp"

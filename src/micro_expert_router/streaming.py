@@ -17,14 +17,14 @@ rounded up to 4096 plus 4096 for reads that start mid-page. See ``docs/streaming
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
 from .cache import ExpertCache
 from .config import EngineConfig
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 from .io import ALIGN, DEMAND, BufferPool, DirectReader, Lease, align_up
 from .io.reader import DEFAULT_THREADS
 from .provider import ProviderStats
@@ -40,58 +40,99 @@ class _Handle:
         self.index = index
 
     def segments(self) -> Iterator[object]:
-        yield self.owner.view(self.index)
+        return self.owner.segments(self.index)
 
 
 class _LayerFetch:
-    """The experts of one ``acquire`` call: leases, reads in flight, views."""
+    """The experts of one ``acquire`` call: cached leases, reads in flight, views."""
 
     def __init__(self, provider: StreamingProvider, layer: int, experts: Sequence[int]) -> None:
         self.p = provider
         self.layer = layer
+        self.k = provider.top_groups.get(layer, 0)  # cached top groups of this layer
+        self.top_bytes = provider.top_bytes.get(layer, 0)
+        self.split = 0 < self.k < provider.n_groups
+        n = len(experts)
         self.keys = [(layer, e) for e in experts]
-        self.leases: list[Lease | None] = [None] * len(experts)
-        self.futures: list[Future | None] = [None] * len(experts)
-        self.hit = [False] * len(experts)
+        self.protected = set(self.keys)  # never evicted while this layer runs
+        self.cached: list[Lease | None] = [None] * n  # our reference to a cached entry
+        self.staging: list[Lease | None] = [None] * n  # our reference to a read slot
+        self.futures: list[Future | None] = [None] * n
         self.submitted = 0
         self.done_upto = 0  # experts [0, done_upto) are finished and their leases settled
-        self.protected = set(self.keys)  # never evicted while this layer runs
-        cache = provider.cache
         for i, key in enumerate(self.keys):
-            lease = cache.lookup(key)
+            lease = provider.cache.lookup(key)
             if lease is not None:
-                self.hit[i] = True
-                self.leases[i] = lease.retain()
-        provider.stats.hits += sum(self.hit)
-        provider.stats.misses += len(experts) - sum(self.hit)
+                self.cached[i] = lease.retain()
+        hits = sum(c is not None for c in self.cached)
+        provider.stats.hits += hits
+        provider.stats.misses += n - hits
+
+    def _read(self, i: int, offset: int, length: int) -> None:
+        p = self.p
+        entry = p.store.experts[self.keys[i]]
+        lease = p.pool.lease()
+        self.staging[i] = lease
+        self.futures[i] = p.reader.submit(entry.file, offset, length, lease, priority=DEMAND)
+        p.stats.bytes_read += length
 
     def _submit_upto(self, upto: int) -> None:
-        p = self.p
         while self.submitted < min(upto, len(self.keys)):
             i = self.submitted
             self.submitted += 1
-            if self.hit[i]:
-                continue
-            entry = p.store.experts[self.keys[i]]
-            lease = p.pool.lease()
-            self.leases[i] = lease
-            self.futures[i] = p.reader.submit(entry.file, entry.offset, entry.length, lease,
-                                              priority=DEMAND)  # fmt: skip
-            p.stats.bytes_read += entry.length
+            entry = self.p.store.experts[self.keys[i]]
+            if self.cached[i] is None:
+                self._read(i, entry.offset, entry.length)  # miss: the whole extent
+            elif self.split:
+                self._read(i, entry.offset + self.top_bytes, entry.length - self.top_bytes)
+
+    def _wait(self, i: int):
+        t0 = time.perf_counter()
+        result = self.futures[i].result()
+        self.p.stats.io_wait_s += time.perf_counter() - t0
+        return result
+
+    def segments(self, i: int) -> Iterator[object]:
+        """Views of expert ``i`` in group order; on a split hit the cached top comes first, so
+        its compute runs while the bottom segment is still being read."""
+        p = self.p
+        self._settle_before(i)
+        self._submit_upto(i + 1 + p.window)
+        key, entry = self.keys[i], p.store.experts[self.keys[i]]
+        view = p.store.format.view
+        d, g = p.store.args.hidden_size, p.store.group
+        if self.cached[i] is not None:
+            if not self.split:  # whole expert cached
+                yield view(self.cached[i].torch(entry.length, p.cached_start[key]), d, g)
+                return
+            yield view(self.cached[i].torch(self.top_bytes), d, g)
+            yield view(self._wait(i).torch(), d, g)
+            return
+        result = self._wait(i)
+        if p.verify and key not in p.verified:
+            if checksum(result.memoryview()) != entry.xxh3:
+                raise StoreError(
+                    f"{entry.file}: expert {key} at offset {entry.offset} fails its "
+                    "checksum: the store is corrupt; run `mer verify` and reconvert"
+                )
+            p.verified.add(key)
+        p.cached_start[key] = result.start
+        yield view(result.torch(), d, g)
 
     def _settle(self, i: int) -> None:
-        """Expert ``i`` is finished: offer a completed read's slot to the cache, else release."""
-        lease, self.leases[i] = self.leases[i], None
+        """Expert ``i`` is finished: offer a completed miss to the cache, release the rest."""
+        cached, self.cached[i] = self.cached[i], None
+        if cached is not None:
+            cached.release()
+        lease, self.staging[i] = self.staging[i], None
         if lease is None:
             return
         fut = self.futures[i]
-        if fut is not None and not fut.done():
+        if not fut.done():
             fut.cancel()  # not started: never runs; started: the reader holds its own reference
-        complete = (
-            fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
-        )
-        if complete and self.p.cache.admit(self.keys[i], lease, self.p.slot_bytes, self.protected):
-            return  # the cache now owns our reference
+        complete = fut.done() and not fut.cancelled() and fut.exception() is None
+        if complete and cached is None and self.k:
+            self.p.offer(self.keys[i], lease, fut.result(), self.top_bytes, self.protected)
         lease.release()
 
     def _settle_before(self, index: int) -> None:
@@ -99,33 +140,24 @@ class _LayerFetch:
             self._settle(self.done_upto)
             self.done_upto += 1
 
-    def view(self, index: int) -> object:
-        p = self.p
-        self._settle_before(index)
-        self._submit_upto(index + 1 + p.window)
-        lease = self.leases[index]
-        entry = p.store.experts[self.keys[index]]
-        if self.hit[index]:
-            buf = lease.torch(entry.length, p.cached_start[self.keys[index]])
-        else:
-            t0 = time.perf_counter()
-            result = self.futures[index].result()
-            p.stats.io_wait_s += time.perf_counter() - t0
-            buf = result.torch()
-            p.cached_start[self.keys[index]] = result.start
-            if p.verify and self.keys[index] not in p.verified:
-                if checksum(result.memoryview()) != entry.xxh3:
-                    raise StoreError(f"{entry.file}: expert {self.keys[index]} at offset "
-                                     f"{entry.offset} fails its checksum: the store is corrupt; "
-                                     "run `mer verify` and reconvert")  # fmt: skip
-                p.verified.add(self.keys[index])
-        return p.store.format.view(buf, p.store.args.hidden_size, p.store.group)
-
     def close(self) -> None:
         self._settle_before(len(self.keys))
 
 
+def _per_layer(value, layers: list[int], name: str) -> dict[int, float]:
+    if isinstance(value, Mapping):
+        missing = [layer for layer in layers if layer not in value]
+        if missing:
+            raise ConfigError(f"{name} gives no value for MoE layer(s) {missing}")
+        return {layer: float(value[layer]) for layer in layers}
+    return {layer: float(value) for layer in layers}
+
+
 class StreamingProvider:
+    """Experts of ``store`` streamed under ``cache_bytes`` (one budget) or ``layer_budgets``
+    (bytes per layer, e.g. from a plan), caching the top ``split`` fraction of each expert
+    (a float, or per layer; 1.0 = whole experts, 0 = pure streaming)."""
+
     def __init__(
         self,
         store: Store,
@@ -134,7 +166,10 @@ class StreamingProvider:
         policy: str = "lru",
         window: int = DEFAULT_WINDOW,
         verify: bool = False,
+        split: float | Mapping[int, float] = 1.0,
+        layer_budgets: Mapping[int, int] | None = None,
     ) -> None:
+        a = store.args
         self.store = store
         self.format = store.format
         self.group = store.group
@@ -142,15 +177,75 @@ class StreamingProvider:
         self.window = window
         self.verify = verify
         self.verified: set[tuple[int, int]] = set()
-        self.slot_bytes = align_up(store.expert_bytes) + ALIGN
-        n_experts = len(store.experts)
-        budget = n_experts * self.slot_bytes if cache_bytes is None else cache_bytes
-        cache_slots = min(budget // self.slot_bytes, n_experts)
-        self.cache_bytes = cache_slots * self.slot_bytes
-        self.cache = ExpertCache(self.cache_bytes, policy=policy, on_evict=self._evicted)
-        self.pool = BufferPool(cache_slots + window + 1, self.slot_bytes, name="experts")
-        self.reader = DirectReader(threads=io_threads or DEFAULT_THREADS)
         self.cached_start: dict[tuple[int, int], int] = {}
+        self.n_groups = a.expert_inter // store.group
+        per_group = store.format.group_nbytes(a.hidden_size, store.group)
+        layers = [layer for layer in range(a.n_layers) if a.moe_layers[layer]]
+        thetas = _per_layer(split, layers, "split")
+        self.top_groups, self.top_bytes, self.thetas = {}, {}, thetas
+        for layer, theta in thetas.items():
+            k = round(theta * self.n_groups)
+            if not 0.0 <= theta <= 1.0 or abs(k / self.n_groups - theta) > 1e-9:
+                raise ConfigError(f"split ratio {theta} of layer {layer} is not a multiple of "
+                                  f"1/{self.n_groups} in [0, 1] (this store cuts experts into "
+                                  f"{self.n_groups} groups)")  # fmt: skip
+            self.top_groups[layer], self.top_bytes[layer] = k, k * per_group
+        self.slot_bytes = align_up(store.expert_bytes) + ALIGN  # read slots: reads start mid-page
+        # Cached entries of a layer live in slots of its top size: whole experts keep their read
+        # slot (zero copy); split layers copy the top into a slot of a smaller pool.
+        entry_bytes = {layer: (self.slot_bytes if k == self.n_groups else align_up(self.top_bytes[layer]))
+                       for layer, k in self.top_groups.items() if k}  # fmt: skip
+        slots: dict[int, int] = {}  # entry size -> number of cache slots of that size
+        if layer_budgets is not None:  # a plan: each layer its own budget (and policy instance)
+            per_layer = {}
+            for layer in layers:
+                size = entry_bytes.get(layer, 0)
+                n = min(int(layer_budgets.get(layer, 0)) // size, a.n_experts) if size else 0
+                per_layer[layer] = n * size
+                if n:
+                    slots[size] = slots.get(size, 0) + n
+            self.cache = ExpertCache(per_layer, policy=policy, on_evict=self._evicted)
+            self.cache_bytes = sum(per_layer.values())
+        else:  # one global budget
+            if cache_bytes is None:  # room for every expert (or top) of every layer
+                for size in entry_bytes.values():
+                    slots[size] = slots.get(size, 0) + a.n_experts
+            elif entry_bytes:
+                sizes = set(entry_bytes.values())
+                if len(sizes) > 1:
+                    raise ConfigError("per-layer split ratios need per-layer budgets (a plan)")
+                size = sizes.pop()
+                slots[size] = min(cache_bytes // size, a.n_experts * len(entry_bytes))
+            self.cache_bytes = sum(size * n for size, n in slots.items())
+            self.cache = ExpertCache(self.cache_bytes, policy=policy, on_evict=self._evicted)
+        slots = {size: n for size, n in slots.items() if n}
+        staging = window + 1
+        self.pool = BufferPool(slots.pop(self.slot_bytes, 0) + staging, self.slot_bytes,
+                               name="experts")  # fmt: skip
+        # split pools: one more slot than the cache can hold, for the copy made before admission
+        self.top_pools = {size: BufferPool(n + 1, size, name=f"expert-tops-{size}")
+                          for size, n in slots.items()}  # fmt: skip
+        self.reader = DirectReader(threads=io_threads or DEFAULT_THREADS)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.pool.nbytes + sum(p.nbytes for p in self.top_pools.values())
+
+    def offer(self, key: tuple[int, int], lease: Lease, result, top_bytes: int,
+              protected: set) -> None:  # fmt: skip
+        """A finished miss: admit the expert (or its top segment) to the cache if it wants it."""
+        if top_bytes == self.store.expert_bytes:
+            if self.cache.admit(key, lease.retain(), self.slot_bytes, protected):
+                return
+            lease.release()
+            return
+        pool = self.top_pools[align_up(top_bytes)]
+        top = pool.try_lease()
+        if top is None:
+            return
+        top.numpy(top_bytes)[:] = result.numpy()[:top_bytes]
+        if not self.cache.admit(key, top, pool.slot_bytes, protected):
+            top.release()
 
     def _evicted(self, key: tuple[int, int], lease: Lease) -> None:
         lease.release()
@@ -183,7 +278,7 @@ def load_store(path: Path, config: EngineConfig):
     dtype = TORCH_DTYPES[config.dtype]
     dense = store.load_dense(dtype)
     provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.policy,
-                                 verify=config.verify)  # fmt: skip
+                                 verify=config.verify, split=config.split)  # fmt: skip
     model = Transformer(store.args, dense, provider, dtype, config.max_context)
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return Engine(store.args, model, tokenizer, config, path)

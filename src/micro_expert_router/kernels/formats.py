@@ -18,7 +18,7 @@ Legend: T tokens, D hidden, I intermediate, n groups, g neurons per group.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import ClassVar, Protocol
 
 import torch
@@ -149,7 +149,7 @@ def choose_group(fmt: ExpertFormat, inter: int, preferred_groups: int = 8) -> in
     )
 
 
-def expert_forward(fmt: ExpertFormat, x: torch.Tensor, segments: Sequence[object]) -> torch.Tensor:
+def expert_forward(fmt: ExpertFormat, x: torch.Tensor, segments: Iterable[object]) -> torch.Tensor:
     """SwiGLU output of one expert ``[T, D]`` from its segments' views, in group order.
 
     Partials are added one group at a time in a fixed order, so the result does not depend on
