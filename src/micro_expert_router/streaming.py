@@ -193,8 +193,11 @@ class StreamingProvider:
         self.slot_bytes = align_up(store.expert_bytes) + ALIGN  # read slots: reads start mid-page
         # Cached entries of a layer live in slots of its top size: whole experts keep their read
         # slot (zero copy); split layers copy the top into a slot of a smaller pool.
-        entry_bytes = {layer: (self.slot_bytes if k == self.n_groups else align_up(self.top_bytes[layer]))
-                       for layer, k in self.top_groups.items() if k}  # fmt: skip
+        entry_bytes = {
+            layer: self.slot_bytes if k == self.n_groups else align_up(self.top_bytes[layer])
+            for layer, k in self.top_groups.items()
+            if k
+        }
         slots: dict[int, int] = {}  # entry size -> number of cache slots of that size
         if layer_budgets is not None:  # a plan: each layer its own budget (and policy instance)
             per_layer = {}
