@@ -153,3 +153,10 @@ def test_cli_json_output(good):
     engine = mer.load(good)
     ref = [s.token for s in engine.generate([1, 2, 3], 4, temperature=0, stop_at_eos=False)]
     assert out["tokens"] == ref
+
+
+def test_cache_options_on_a_checkpoint_folder_are_refused(good):
+    with pytest.raises(ConfigError, match="needs an expert store"):
+        mer.load(good, cache_bytes=1000)
+    p = run_cli("generate", "--model", good, "--prompt-ids", "1", "--split", "0.5")
+    assert p.returncode != 0 and "mer convert" in p.stderr

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "time; default: all experts)")  # fmt: skip
     p.add_argument("--io-threads", type=int, default=None)
     p.add_argument("--policy", default="lru", help="expert cache policy (see `mer sim`)")
+    p.add_argument("--split", type=float, default=1.0,
+                   help="MoEpic split ratio: cache only this leading fraction of each expert and "
+                   "stream the rest (multiples of 1/8; 1 = whole experts)")  # fmt: skip
     p.add_argument("--verify", action="store_true", help="check expert checksums on first load")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument(
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model
     options = dict(dtype=args.dtype, threads=args.threads, policy=args.policy, verify=args.verify,
-                   io_threads=args.io_threads)  # fmt: skip
+                   io_threads=args.io_threads, split=args.split)  # fmt: skip
     if model is None:
         from ..demo.store import default_cache_bytes, demo_store_path
 
