@@ -249,7 +249,7 @@ def load_checkpoint(path: Path, config: EngineConfig) -> Engine:
     if config.cache_bytes is not None or config.split != 1.0:
         raise ConfigError(
             f"{path}: a checkpoint folder runs fully resident; a cache budget or "
-            "split ratio needs an expert store: `mer convert {path} STORE` first"
+            f"split ratio needs an expert store: `mer convert {path} STORE` first"
         )
     dtype = TORCH_DTYPES[config.dtype]
     ckpt = Checkpoint(path)
