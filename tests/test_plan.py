@@ -188,6 +188,18 @@ def test_curve_from_function_and_lists():
     assert LayerProfile(S, 1, 0.0, 1.0, list(c)).hit_curve == c
 
 
+def test_profile_json_round_trip():
+    lp = LayerProfile(S, 2, 0.25, 0.5, curve_from_function(lambda C: C / 4, 4), 0.75)
+    prof = Profile((lp, lp), 2e9, 1e-4, 0.01, 4096, 4096)
+    assert Profile.from_json(prof.to_json()) == prof
+    with pytest.raises(ConfigError, match="prof.json: not a latency profile"):
+        Profile.from_json("{}", where="prof.json")
+    with pytest.raises(ConfigError, match="malformed"):
+        Profile.from_json(prof.to_json().replace('"accuracy"', '"acc"'))
+    with pytest.raises(ConfigError, match="bandwidth"):
+        Profile.from_json(prof.to_json().replace("2000000000.0", "0"))
+
+
 def test_cached_count_and_entry_bytes():
     prof = one(LayerProfile(S, 1, 0.0, 1.0, all_hits(10)))
     assert top_bytes(S, 3, 8) == 375_000 and top_bytes(7, 1, 2) == 4  # rounded up

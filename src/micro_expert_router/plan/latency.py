@@ -22,9 +22,10 @@ of its (budget, theta) options at once. Legend: O options of one layer (a flat a
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -87,6 +88,36 @@ class Profile:
                 raise ConfigError(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
         if not isinstance(self.entry_align, int) or self.entry_align < 1 or self.entry_extra < 0:
             raise ConfigError("entry_align must be >= 1 and entry_extra >= 0 (whole bytes)")
+
+    def to_json(self) -> str:
+        """The profile as JSON text (measurements kept beside a plan, to re-predict later)."""
+        doc = asdict(self)
+        doc["format"] = "mer-latency-profile"
+        return json.dumps(doc, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "profile") -> Profile:
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.pop("format", None) != "mer-latency-profile":
+            raise ConfigError(
+                f'{where}: not a latency profile (no "format": "mer-latency-profile")'
+            )
+        names = {f.name for f in fields(LayerProfile)}
+        try:
+            rows = doc.pop("layers")
+            if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and set(r) == names for r in rows
+            ):
+                raise TypeError(f"each layer must have the keys {sorted(names)}")
+            layers = tuple(LayerProfile(**{**r, "hit_curve": tuple(r["hit_curve"])}) for r in rows)
+            return cls(layers, **doc)
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{where}: malformed latency profile ({e})") from None
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _pos(v: object) -> bool:
