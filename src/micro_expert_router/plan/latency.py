@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
@@ -52,6 +53,10 @@ class LayerProfile:
     def __post_init__(self) -> None:
         if isinstance(self.hit_curve, list | np.ndarray):
             object.__setattr__(self, "hit_curve", tuple(float(h) for h in self.hit_curve))
+        for name in ("expert_bytes", "top_k"):  # numpy integers are fine too
+            v = getattr(self, name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                object.__setattr__(self, name, int(v))
         _check_layer(self)
 
     @property
@@ -86,7 +91,8 @@ class Profile:
         for name in ("read_latency_s", "overhead_s"):
             if not _nonneg(getattr(self, name)):
                 raise ConfigError(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
-        if not isinstance(self.entry_align, int) or self.entry_align < 1 or self.entry_extra < 0:
+        a, x = self.entry_align, self.entry_extra
+        if not (isinstance(a, int) and isinstance(x, int)) or a < 1 or x < 0:
             raise ConfigError("entry_align must be >= 1 and entry_extra >= 0 (whole bytes)")
 
     def to_json(self) -> str:
