@@ -271,6 +271,20 @@ class StreamingProvider:
         self.reader.close()
 
 
+def read_plan(path: str | Path, store: Store):
+    """A plan file, validated against the store's MoE layers."""
+    from .plan import Plan
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the plan file ({e.strerror})") from None
+    a = store.args
+    layers = [layer for layer in range(a.n_layers) if a.moe_layers[layer]]
+    return Plan.from_json(text, layers=layers, where=str(path))
+
+
 def load_store(path: Path, config: EngineConfig):
     """An ``Engine`` over an expert store: dense weights in RAM, experts streamed."""
     from .engine import TORCH_DTYPES, Engine
@@ -280,8 +294,13 @@ def load_store(path: Path, config: EngineConfig):
     store = Store.open(path)
     dtype = TORCH_DTYPES[config.dtype]
     dense = store.load_dense(dtype)
+    split, layer_budgets = config.split, None
+    if config.plan is not None:
+        plan = read_plan(config.plan, store)
+        split, layer_budgets = plan.thetas(), plan.budgets()
     provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.policy,
-                                 verify=config.verify, split=config.split)  # fmt: skip
+                                 verify=config.verify, split=split,
+                                 layer_budgets=layer_budgets)  # fmt: skip
     model = Transformer(store.args, dense, provider, dtype, config.max_context)
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return Engine(store.args, model, tokenizer, config, path)

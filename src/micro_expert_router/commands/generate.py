@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", type=float, default=1.0,
                    help="MoEpic split ratio: cache only this leading fraction of each expert and "
                    "stream the rest (multiples of 1/8; 1 = whole experts)")  # fmt: skip
+    p.add_argument(
+        "--plan",
+        default=None,
+        help="a plan file from `mer plan` (per-layer cache budgets and split ratios)",
+    )
     p.add_argument("--verify", action="store_true", help="check expert checksums on first load")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument(
@@ -50,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model
     options = dict(dtype=args.dtype, threads=args.threads, policy=args.policy, verify=args.verify,
-                   io_threads=args.io_threads, split=args.split)  # fmt: skip
+                   io_threads=args.io_threads, split=args.split, plan=args.plan)  # fmt: skip
     if model is None:
         from ..demo.store import default_cache_bytes, demo_store_path
 
         model = demo_store_path()
-        if args.cache_mb is None:
+        if args.cache_mb is None and args.plan is None:
             options["cache_bytes"] = default_cache_bytes(model)
     if args.cache_mb is not None:
         if args.cache_mb < 0:
