@@ -4,6 +4,7 @@ as an upper bound of the online policies."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -116,9 +117,8 @@ def reference(steps, spec, budget, size=lambda k: 1):
     def requests_of(k, since=0):
         return [t for t, kk in history[since:] if kk == k]
 
-    def next_use(k):
-        later = [t for t, kk in future[len(history) :] if kk == k]
-        return (later[0] if later else len(steps), k)
+    def ahead(k):  # the (step, layer) moments k will be requested at, then "never"
+        return ([(t, k[0]) for t, kk in future[len(history) :] if kk == k] + [(math.inf,)], k)
 
     def choose(cands, t):
         if name == "lru":
@@ -138,7 +138,7 @@ def reference(steps, spec, budget, size=lambda k: 1):
             ties = [k for k in cands if prio[k] <= low * (1 + 1e-9)]
             return min(ties, key=lambda k: (requests_of(k)[-1], k))
         assert name == "opt"
-        return max(cands, key=next_use)
+        return max(cands, key=ahead)
 
     for t, step in enumerate(steps):
         for group in step:
@@ -166,7 +166,7 @@ def reference(steps, spec, budget, size=lambda k: 1):
                 if victims is None:
                     continue
                 if name == "opt" and params.get("bypass", True) and victims:
-                    if not next_use(k) < min(next_use(v) for v in victims):
+                    if not ahead(k) < min(ahead(v) for v in victims):
                         continue
                 for v in victims:
                     del resident[v]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import inspect
 import math
+from collections import defaultdict
 from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -65,8 +66,9 @@ class Policy(Protocol):
 
 
 class _LazyHeap:
-    """A min-heap of (priority, key) with O(log n) updates: stale entries are skipped on read
-    and the heap is rebuilt when they outnumber the live ones. Priorities must be unique."""
+    """A min-heap of (priority, key) with O(log n) updates: stale entries (whose priority object
+    is no longer the key's current one) are skipped on read, and the heap is rebuilt when they
+    outnumber the live ones. Priorities of different keys must never compare equal."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[Any, Key]] = []
@@ -89,7 +91,7 @@ class _LazyHeap:
         h, held, found = self._heap, [], None
         while h:
             prio, key = h[0]
-            if self._prio.get(key) != prio:
+            if self._prio.get(key) is not prio:
                 heapq.heappop(h)  # stale
             elif key in exclude:
                 held.append(heapq.heappop(h))
@@ -171,14 +173,17 @@ class LFU:
         return True
 
 
+_LCP_GRID = 2**20  # LCP compares s on a grid of 2**-20 steps (about 1e-6)
+
+
 class LCP:
     """MoEpic's least cache priority: ``P = mu * rho**(nu / omega)``, ``mu`` the key's request
     count (persistent), ``nu = t - last`` the steps since its last request; lowest P evicted.
 
     ``log P = log mu + (last - t) * ln(1/rho) / omega``. The ``t`` term is shared by every entry,
     so the order is that of ``s = last + omega * log(mu) / ln(1/rho)`` (in steps), which changes
-    only when an entry is requested: a heap with lazy invalidation. ``s`` is compared rounded to
-    1e-6 steps so that ties in exact arithmetic (mu doubled = 64 steps more recent, at the
+    only when an entry is requested: a heap with lazy invalidation. ``s`` is compared on a grid of
+    2**-20 steps so that ties in exact arithmetic (mu doubled = 64 steps more recent, at the
     defaults) stay ties in floating point; ties go to the least recent request, then the smaller
     key."""
 
@@ -195,7 +200,8 @@ class LCP:
 
     def _prio(self, key: Key) -> tuple:
         last = self._last[key]
-        return (round(last + self._steps_per_e * math.log(self._mu[key]), 6), last, key)
+        s = last + self._steps_per_e * math.log(self._mu[key])
+        return (math.floor(s * _LCP_GRID + 0.5), last, key)
 
     def _request(self, key: Key, t: int) -> None:
         self._mu[key] = self._mu.get(key, 0) + 1
@@ -224,26 +230,53 @@ class LCP:
 
 
 class FutureIndex:
-    """For each key, the indices of the steps that request it (from a list of steps, each an
-    iterable of keys), and the rank of each key in sorted order. Shared by OPT instances."""
+    """For each key, the moments it will be requested, from the list of steps the cache will see
+    (each an iterable of keys). A moment is ``step * stride + layer``: layers run in ascending
+    order inside a step, and a layer's keys are requested together. Shared by OPT instances."""
 
     def __init__(self, steps: Iterable[Iterable[Key]]) -> None:
-        self.steps: dict[Key, list[int]] = {}
-        n = -1
+        pairs: dict[Key, list[tuple[int, int]]] = {}
         for n, keys in enumerate(steps):
             for key in keys:
-                self.steps.setdefault(key, []).append(n)
-        self.num_steps = n + 1
-        self.rank = {k: i for i, k in enumerate(sorted(self.steps))}
+                pairs.setdefault(key, []).append((n, key[0]))
+        stride = 1 + max((key[0] for key in pairs), default=0)
+        self.moments = {k: [n * stride + l for n, l in v] for k, v in pairs.items()}
+        self.rank = {k: i for i, k in enumerate(sorted(pairs))}
+
+
+_NEVER = float("inf")
+
+
+class _Ahead:
+    """A key's requests still to come, ordered so that the smaller is the better victim: the key
+    whose next request is later; if two keys are next requested together (same step and layer),
+    the one whose following request is later, and so on; never again before all, the larger key
+    first among those. Compared lazily, element by element, so a heap stays O(log n)."""
+
+    __slots__ = ("moments", "i", "rank")
+
+    def __init__(self, moments: list[int], i: int, rank: int) -> None:
+        self.moments, self.i, self.rank = moments, i, rank
+
+    def __lt__(self, other: _Ahead) -> bool:
+        a, b, i, j = self.moments, other.moments, self.i, other.i
+        while True:
+            x = a[i] if i < len(a) else _NEVER
+            y = b[j] if j < len(b) else _NEVER
+            if x != y:
+                return x > y
+            if x == _NEVER:
+                return self.rank > other.rank
+            i, j = i + 1, j + 1
 
 
 class OPT:
-    """Belady's MIN, the offline bound: evict the entry whose next request is farthest (a later
-    step; in the same step, the larger key, i.e. the later layer); never-again entries first.
-    With ``bypass`` (default) a key whose own next request is farther than every victim's is not
-    admitted, which makes this the bound for caches that may stream an expert without keeping it.
-    ``future`` is the sequence of steps the cache will see (each an iterable of keys), or a
-    ``FutureIndex``; each request advances the requested key's position in it."""
+    """Belady's MIN, the offline bound: evict the entry whose next request is farthest (ties
+    between keys requested together are broken by their following requests, see ``_Ahead``).
+    With ``bypass`` (default) a key that would itself be the best victim is not admitted, which
+    makes this the bound for caches that may stream an expert without keeping it; it is then
+    at least as good as every online policy (tested on random traces). ``future`` is the list
+    of steps the cache will see, or a ``FutureIndex``; each request of a key advances it."""
 
     def __init__(self, future: Iterable[Iterable[Key]] | FutureIndex, bypass: bool = True) -> None:
         if not isinstance(bypass, bool):
@@ -253,15 +286,13 @@ class OPT:
         self._seen: dict[Key, int] = {}
         self._heap = _LazyHeap()
 
-    def _next(self, key: Key) -> tuple[int, int]:
-        """(step of the next request, key rank), larger = evict first."""
-        occ, rank = self.index.steps.get(key, ()), self.index.rank.get(key, -1)
-        i = self._seen.get(key, 0)
-        return (occ[i] if i < len(occ) else self.index.num_steps, rank)
+    def _ahead(self, key: Key) -> _Ahead:
+        return _Ahead(self.index.moments.get(key, []), self._seen.get(key, 0),
+                      self.index.rank.get(key, -1))  # fmt: skip
 
     def _request(self, key: Key) -> None:
         n = self._seen.get(key, 0)
-        if n >= len(self.index.steps.get(key, ())):
+        if n >= len(self.index.moments.get(key, ())):
             raise ConfigError(
                 f"opt: {key!r} was requested {n + 1} times but its future lists it {n} times; "
                 "build OPT from the same steps the cache replays"
@@ -270,14 +301,13 @@ class OPT:
 
     def on_hit(self, key: Key, t: int) -> None:
         self._request(key)
-        self.on_insert(key, t)
+        self._heap.set(key, self._ahead(key))
 
     def on_miss(self, key: Key, t: int) -> None:
         self._request(key)
 
     def on_insert(self, key: Key, t: int) -> None:
-        step, rank = self._next(key)
-        self._heap.set(key, (-step, -rank))
+        self._heap.set(key, self._ahead(key))
 
     def on_evict(self, key: Key) -> None:
         self._heap.discard(key)
@@ -286,9 +316,10 @@ class OPT:
         return self._heap.min(exclude)
 
     def admits(self, key: Key, victims: Sequence[Key]) -> bool:
-        if not self.bypass or not victims:
+        if not self.bypass:
             return True
-        return self._next(key) < min(self._next(v) for v in victims)
+        mine = self._ahead(key)
+        return all(self._ahead(v) < mine for v in victims)
 
 
 POLICIES: dict[str, Callable[..., Policy]] = {"lru": LRU, "lfu": LFU, "lcp": LCP, "opt": OPT}
@@ -448,6 +479,7 @@ class ExpertCache:
             self.plan = None
             self.budget_bytes = _check_budget("the cache budget", budget_bytes)
             self._parts = {None: _Part(self.budget_bytes, self._new_policy())}
+        self._single = self._parts[None] if self.plan is None else None
         self._entries: dict[Key, tuple[Any, int]] = {}
         self.used_bytes = 0
         self.t = 0
@@ -481,8 +513,8 @@ class ExpertCache:
     def reset_stats(self) -> None:
         self.hits = self.misses = self.admitted = self.bytes_admitted = 0
         self.evictions = self.bytes_evicted = self.refused = 0
-        self._layer_hits: dict[int, int] = {}
-        self._layer_misses: dict[int, int] = {}
+        self._layer_hits: defaultdict[int, int] = defaultdict(int)
+        self._layer_misses: defaultdict[int, int] = defaultdict(int)
 
     def stats(self) -> CacheStats:
         return CacheStats(self.hits, self.misses, self.admitted, self.bytes_admitted,
@@ -498,15 +530,15 @@ class ExpertCache:
     def lookup(self, key: Key) -> Any | None:
         """The resident value of ``key`` (a hit) or None (a miss); both are counted."""
         entry = self._entries.get(key)
-        layer = key[0]
+        policy = (self._single or self._part(key)).policy
         if entry is None:
             self.misses += 1
-            self._layer_misses[layer] = self._layer_misses.get(layer, 0) + 1
-            self._part(key).policy.on_miss(key, self.t)
+            self._layer_misses[key[0]] += 1
+            policy.on_miss(key, self.t)
             return None
         self.hits += 1
-        self._layer_hits[layer] = self._layer_hits.get(layer, 0) + 1
-        self._part(key).policy.on_hit(key, self.t)
+        self._layer_hits[key[0]] += 1
+        policy.on_hit(key, self.t)
         return entry[0]
 
     def admit(self, key: Key, value: Any, nbytes: int, protected: Iterable[Key] = ()) -> bool:
@@ -518,28 +550,31 @@ class ExpertCache:
             raise ValueError(f"{key!r} is already resident")
         if value is None:
             raise ValueError("cache values must not be None (None means a miss)")
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        if type(nbytes) is not int or nbytes <= 0:
             raise ValueError(f"nbytes must be a positive int, not {nbytes!r}")
-        part = self._part(key)
+        part = self._single or self._part(key)
         if nbytes > part.budget:
             self.refused += 1
             return False
         victims: list[Key] = []
         free = part.budget - part.used
         if free < nbytes:
-            exclude = set(protected)
-            exclude.add(key)
+            # ``key`` is not resident, so the policy cannot name it; a set is built only when
+            # a second victim is needed (entries of different sizes).
+            exclude = protected if isinstance(protected, set | frozenset) else set(protected)
             while free < nbytes:
                 v = part.policy.victim(exclude)
                 if v is None:
                     self.refused += 1
                     return False
-                if v not in self._entries or self._part(v) is not part:
+                entry = self._entries.get(v)
+                if entry is None or v in exclude or (self.plan is not None and v[0] != key[0]):
                     raise RuntimeError(f"policy {type(part.policy).__name__} named {v!r}, "
-                                       "which is not resident in this partition")  # fmt: skip
-                exclude.add(v)
+                                       "which is not an evictable entry here")  # fmt: skip
                 victims.append(v)
-                free += self._entries[v][1]
+                free += entry[1]
+                if free < nbytes:
+                    exclude = set(exclude) | set(victims)
         if not part.policy.admits(key, victims):
             self.refused += 1
             return False
