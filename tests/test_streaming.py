@@ -154,3 +154,31 @@ def test_split_ratio_off_the_grid_is_refused(case):
     store, *_ = case
     with pytest.raises(ConfigError, match="not a multiple of 1/8"):
         mer.load(store, split=0.3)
+
+
+def test_plan_file_sets_per_layer_budgets_and_splits(case, tmp_path):
+    from micro_expert_router.plan import LayerPlan, Plan
+
+    store, expert_bytes, ids, logits, tokens, _ = case
+    with mer.load(store, cache_bytes=0) as probe:
+        a = probe.args
+        layers = [i for i in range(a.n_layers) if a.moe_layers[i]]
+        entry = probe.provider.store.expert_bytes
+    # different budgets and split ratios per layer: 1/4, 1/2, 3/4, 1, ...
+    lps = tuple(LayerPlan(layer, (j + 2) * entry, (j % 4 + 1) * 2) for j, layer in
+                enumerate(layers))  # fmt: skip
+    plan = Plan(sum(lp.budget_bytes for lp in lps), 8, lps)
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    with mer.load(store, plan=str(path)) as engine:
+        p = engine.provider
+        assert p.thetas == plan.thetas()
+        assert np.array_equal(engine.logits(ids), logits)
+        steps = engine.generate(ids, 16, temperature=0, stop_at_eos=False)
+        assert [s.token for s in steps] == tokens
+        assert p.cache.used_bytes <= plan.budget_bytes
+    path.write_text(plan.to_json().replace('"layer": 0', '"layer": 99'))
+    with pytest.raises(ConfigError, match="plan"):
+        mer.load(store, plan=str(path))
+    with pytest.raises(ConfigError, match="either a plan or cache_bytes"):
+        mer.load(store, plan=str(path), cache_bytes=10)
