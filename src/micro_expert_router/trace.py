@@ -78,8 +78,9 @@ class Trace:
             raise TraceError(f"{self.path}: this trace has no hidden states (record with them)")
         try:
             h = np.load(self.hidden_file, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise TraceError(f"{self.hidden_file}: cannot read the hidden states: {e}") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise TraceError(f"{self.hidden_file}: cannot read the hidden states ({e}); was the "
+                             "recording interrupted?") from None  # fmt: skip
         if h.ndim != 3 or h.shape[:2] != (self.num_tokens, self.num_layers):
             raise TraceError(
                 f"{self.hidden_file}: hidden states have shape {h.shape}, expected "

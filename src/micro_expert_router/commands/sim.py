@@ -14,12 +14,12 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_bytes(text: str) -> int:
-    """``"4096"``, ``"1.5GB"`` (10^9), ``"512MiB"`` (2^20) -> bytes."""
-    from ..errors import ConfigError
-
+    """``"4096"``, ``"1.5GB"`` (10^9), ``"512MiB"`` (2^20) -> bytes (an argparse type)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"cannot read {text!r} as a size; write e.g. 3400000, 512MiB or 1.5GB")
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a size; write e.g. 3400000, 512MiB or 1.5GB"
+        )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
