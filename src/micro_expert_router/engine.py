@@ -163,20 +163,55 @@ class Engine:
         top_k: int = 0,
         seed: int | None = 0,
         stop_at_eos: bool = True,
+        trace: str | Path | None = None,
+        trace_hidden: bool = False,
     ) -> Iterator[Step]:
         """Stream generated tokens as ``Step`` records.
 
         ``temperature=0`` is greedy decoding. Abandoning the generator part-way is safe: every
-        expert buffer is released by the provider as each layer finishes.
+        expert buffer is released by the provider as each layer finishes. ``trace`` records the
+        routing of every step (prompt tokens marked as prefill) to a ``mer-trace`` file, with the
+        router inputs when ``trace_hidden`` (docs/trace-format.md).
         """
         ids = self.encode(prompt)
         if max_tokens <= 0:
             return
         if len(ids) + max_tokens > self.config.max_context:
-            raise ConfigError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                f"max_context {self.config.max_context}"
-            )
+            raise ConfigError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                              f"max_context {self.config.max_context}")  # fmt: skip
+        args = (ids, max_tokens, temperature, top_p, top_k, seed, stop_at_eos)
+        if trace is None:
+            yield from self._run(*args, None)
+            return
+        with self.trace_writer(trace, trace_hidden) as writer:
+
+            def record(r) -> None:
+                writer.route(r.layer, r.experts, r.weights, r.hidden.float())
+
+            self.model.on_route.append(record)
+            try:
+                yield from self._run(*args, writer)
+            finally:
+                self.model.on_route.remove(record)
+
+    def trace_writer(self, path: str | Path, hidden: bool = False):
+        """A ``TraceWriter`` for this model's MoE layers."""
+        from .trace import TraceWriter
+
+        a = self.args
+        provider = self.model.provider
+        expert_bytes = getattr(getattr(provider, "store", None), "expert_bytes", None)
+        return TraceWriter(
+            path, layers=[i for i in range(a.n_layers) if a.moe_layers[i]],
+            num_experts=a.n_experts, top_k=a.top_k, expert_bytes=expert_bytes,
+            model={"arch": a.arch, "path": str(self.path), "layers": a.n_layers},
+            hidden_size=a.hidden_size if hidden else None,
+        )  # fmt: skip
+
+    def _run(
+        self, ids: list[int], max_tokens: int, temperature: float, top_p: float, top_k: int,
+        seed: int | None, stop_at_eos: bool, writer: Any,
+    ) -> Iterator[Step]:  # fmt: skip
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = set(self.args.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -189,6 +224,8 @@ class Engine:
             before = stats.snapshot()
             t0 = time.perf_counter()
             logits = self.model.forward(torch.tensor(feed), kv, last_only=True)[-1]
+            if writer is not None:
+                writer.end_step(prefill=index == 0, token_ids=feed)
             token = sample(logits, temperature, top_p, top_k, gen)
             step_s = time.perf_counter() - t0
             d: ProviderStats = stats.minus(before)

@@ -43,6 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="check expert checksums on first load")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE",
+        help="record each step's routing (experts, gate weights) to FILE",
+    )
+    p.add_argument(
+        "--trace-hidden",
+        action="store_true",
+        help="with --trace, also record the router inputs (FILE.hidden.npy)",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="end with one JSON line: text, tokens, speeds, cache and I/O figures",
@@ -85,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         summary = Summary()
         steps = engine.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                stop_at_eos=not args.ignore_eos)  # fmt: skip
+                                stop_at_eos=not args.ignore_eos, trace=args.trace,
+                                trace_hidden=args.trace_hidden)  # fmt: skip
         for step in steps:
             summary.add(step)
             if not args.json:
