@@ -83,7 +83,7 @@ def engine_style(trace: Trace, policy: str, capacity: int) -> tuple[int, int]:
     ends = starts[1:] + [trace.num_tokens]
     if name == "opt":
         future = [[(l, e) for j, l in enumerate(trace.layers)
-                   for e in torch.unique(torch.as_tensor(trace.experts[s:t, j])).tolist()]
+                   for e in torch.unique(torch.from_numpy(trace.experts[s:t, j].copy())).tolist()]
                   for s, t in zip(starts, ends, strict=True)]  # fmt: skip
         cache = ExpertCache(capacity, lambda: make_policy("opt", future=FutureIndex(future)))
     else:
@@ -91,7 +91,7 @@ def engine_style(trace: Trace, policy: str, capacity: int) -> tuple[int, int]:
     for s, t in zip(starts, ends, strict=True):
         cache.begin_token()
         for j, layer in enumerate(trace.layers):
-            needed = torch.unique(torch.as_tensor(trace.experts[s:t, j])).tolist()
+            needed = torch.unique(torch.from_numpy(trace.experts[s:t, j].copy())).tolist()
             keys = [(layer, e) for e in needed]
             hit = [cache.lookup(k) is not None for k in keys]
             for k, h in zip(keys, hit, strict=True):
@@ -114,6 +114,37 @@ def test_replay_matches_an_engine_style_driver(data, policy, capacity):
                            prefill=[i < n_prefill for i in range(n)])  # fmt: skip
     r = simulate(tr, policy, capacity)
     assert (r.hits, r.misses) == engine_style(tr, policy, capacity)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    from hf_models import save_hf_model
+
+    from micro_expert_router.store import convert
+
+    root = tmp_path_factory.mktemp("olmoe")
+    save_hf_model("olmoe", root / "ckpt")
+    store = convert(root / "ckpt", root / "store", progress=False, log=None)
+    return root / "store", store.total_expert_bytes
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lcp:rho=0.5,omega=4"])
+def test_recorded_generation_replays_to_the_engines_counts(tiny_store, tmp_path, policy):
+    """Acceptance: a trace recorded by the live engine replays to the same hits and misses."""
+    import micro_expert_router as mer
+
+    store, expert_bytes = tiny_store
+    ids = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    with mer.load(store, cache_bytes=expert_bytes // 4, policy=policy) as engine:
+        steps = list(engine.generate(ids, 16, temperature=0, stop_at_eos=False,
+                                     trace=tmp_path / "run.trace"))  # fmt: skip
+        p = engine.provider
+        budget, slot = p.cache_bytes, p.slot_bytes
+    live = (sum(s.hits for s in steps), sum(s.misses for s in steps))
+    tr = read_trace(tmp_path / "run.trace")
+    assert tr.prefill.sum() == len(ids) and tr.num_steps == 16
+    r = simulate(tr, policy, budget, expert_bytes=slot)
+    assert (r.hits, r.misses) == live and 0 < r.hits < r.requests
 
 
 # -- calibration against the upstream simulator's figures -----------------------------------
