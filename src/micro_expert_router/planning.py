@@ -1,0 +1,156 @@
+"""Glue between the engine and the planner: measure a store's latency profile on this machine,
+build each layer's hit-rate curve by replaying a routing trace, and plan.
+
+``plan/`` is pure (no I/O, no torch); this module does the measuring. Measurements:
+
+- disk: the engine's ``DirectReader`` reading distinct expert extents one at a time with
+  ``O_DIRECT`` (cold; the page cache is bypassed), the engine's demand pattern: bandwidth =
+  bytes / time; per-read latency from 4 KiB reads at random offsets.
+- compute: with every expert resident, per MoE layer the time of attention + router for one decode
+  token (``dense_s``) and of one routed expert for one token (``expert_s``), medians of repeats;
+  the embedding + final norm + LM head as ``overhead_s``.
+- hit curves: for C = 0 .. experts, the trace replayed with every layer given a cache of C tops
+  under the policy (``sim.simulate`` with per-layer budgets), per-layer hit rates.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .io import ALIGN, BufferPool, DirectReader, align_up
+from .plan import LayerProfile, Plan, PlanResult, Profile, plan_cache, predict
+from .store import Store
+from .trace import Trace, read_trace
+
+
+def measure_disk(store: Store, reads: int = 16, seed: int = 0) -> tuple[float, float]:
+    """(bandwidth bytes/s, per-read latency s) reading this store's extents like the engine:
+    latency from 4 KiB reads at random offsets, bandwidth from whole extents read one at a time
+    with that latency taken out (the latency model adds it back per read)."""
+    rng = random.Random(seed)
+    entries = rng.sample(sorted(store.experts.values(), key=lambda e: (e.layer, e.expert)),
+                         min(reads, len(store.experts)))  # fmt: skip
+    pool = BufferPool(1, align_up(store.expert_bytes) + ALIGN, name="profile")
+    with DirectReader() as reader, pool.lease() as lease:
+        lat = []
+        for e in entries:
+            off = e.offset + ALIGN * rng.randrange(max(e.length // ALIGN, 1))
+            t0 = time.perf_counter()
+            reader.read(e.file, off, ALIGN, lease)
+            lat.append(time.perf_counter() - t0)
+        latency = statistics.median(lat)
+        total, t0 = 0, time.perf_counter()
+        for e in entries:
+            reader.read(e.file, e.offset, e.length, lease)
+            total += e.length
+        elapsed = time.perf_counter() - t0
+    transfer = max(elapsed - latency * len(entries), 0.25 * elapsed)
+    return total / transfer, latency
+
+
+def measure_compute(store_path: Path, repeats: int = 7, context: int = 32,
+                    dtype: str = "float32") -> dict[str, Any]:  # fmt: skip
+    """Per MoE layer: dense (attention + router) and one-expert time for one decode token."""
+    from .engine import load
+    from .kernels import expert_forward
+
+    with load(store_path, dtype=dtype) as engine:
+        m, a = engine.model, engine.args
+        kv = m.new_cache()
+        m.forward(torch.arange(context) % a.vocab_size, kv)  # a context; caches every expert
+        x = torch.randn(1, a.hidden_size, generator=torch.Generator().manual_seed(0)).to(m.dtype)
+        dense, expert = {}, {}
+        for i in range(a.n_layers):
+            if not a.moe_layers[i]:
+                continue
+
+            def dense_once(i=i) -> None:
+                m.attention(i, x, kv, context - 1)  # rewrites the last position: same shapes
+                m.route(i, x)
+
+            dense[i] = _median_time(dense_once, repeats)
+            with m.provider.acquire(i, [0]) as (h,):
+                segs = list(h.segments())
+                expert[i] = _median_time(
+                    lambda segs=segs: expert_forward(m.provider.format, x, segs), repeats
+                )
+        tokens = torch.tensor([1])
+
+        def head_once() -> None:
+            h = torch.nn.functional.embedding(tokens, m.w["model.embed_tokens.weight"])
+            torch.nn.functional.linear(h, m.lm_head)
+
+        overhead = _median_time(head_once, repeats)
+    return {"dense_s": dense, "expert_s": expert, "overhead_s": overhead}
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm up
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def hit_curves(trace: Trace, layers: list[int], n_experts: int, policy: str = "lcp",
+               warmup: int = 0) -> dict[int, tuple[float, ...]]:  # fmt: skip
+    """Per layer, the hit rate with C = 0 .. n_experts cached tops (per-layer caches)."""
+    from .sim import simulate
+
+    if list(trace.layers) != layers:
+        raise ConfigError(f"the trace's MoE layers {list(trace.layers)} are not the store's "
+                          f"{layers}: record the trace with this model")  # fmt: skip
+    if trace.num_experts != n_experts:
+        raise ConfigError(f"the trace has {trace.num_experts} experts per layer, the store "
+                          f"{n_experts}")  # fmt: skip
+    curves: dict[int, list[float]] = {layer: [0.0] for layer in layers}
+    for c in range(1, n_experts + 1):
+        r = simulate(trace, policy, {layer: c for layer in layers}, expert_bytes=1, warmup=warmup)
+        for layer in layers:
+            curves[layer].append(float(r.per_layer_hit_rate.get(layer, 0.0)))
+    return {layer: tuple(v) for layer, v in curves.items()}
+
+
+def build_profile(store_path: str | Path, trace_path: str | Path, policy: str = "lcp",
+                  warmup: int = 0, accuracy: dict[int, float] | None = None,
+                  dtype: str = "float32") -> Profile:  # fmt: skip
+    store = Store.open(store_path)
+    a = store.args
+    layers = [i for i in range(a.n_layers) if a.moe_layers[i]]
+    curves = hit_curves(read_trace(trace_path, num_experts=a.n_experts), layers, a.n_experts,
+                        policy, warmup)  # fmt: skip
+    bandwidth, latency = measure_disk(store)
+    comp = measure_compute(Path(store_path), dtype=dtype)
+    accuracy = accuracy or {}
+    lps = tuple(LayerProfile(expert_bytes=store.expert_bytes, top_k=a.top_k,
+                             dense_s=comp["dense_s"][i], expert_s=comp["expert_s"][i],
+                             hit_curve=curves[i], accuracy=accuracy.get(i, 0.0))
+                for i in layers)  # fmt: skip
+    return Profile(lps, bandwidth_bps=bandwidth, read_latency_s=latency,
+                   overhead_s=comp["overhead_s"], entry_align=ALIGN)  # fmt: skip
+
+
+def make_plan(profile: Profile, store: Store, budget_bytes: int,
+              theta_grid: int | None = None) -> tuple[PlanResult, Plan]:  # fmt: skip
+    """The planner's plan and, for comparison, whole-expert caching with an even split."""
+    a = store.args
+    layers = [i for i in range(a.n_layers) if a.moe_layers[i]]
+    n_groups = a.expert_inter // store.group
+    grid = theta_grid or n_groups
+    if n_groups % grid:
+        raise ConfigError(f"--theta-grid {grid} must divide the store's {n_groups} neuron groups")
+    result = plan_cache(profile, budget_bytes, layers=layers, theta_grid=grid)
+    baseline = Plan.uniform(layers, budget_bytes, grid, grid)
+    baseline = Plan(baseline.total_bytes, grid, baseline.layers,
+                    predicted_s_per_token=predict(profile, baseline).s_per_token)  # fmt: skip
+    return result, baseline
