@@ -392,6 +392,9 @@ def test_repack_from_another_layout_is_bit_identical(src):
 
 
 def test_unknown_layout_tags_raise_store_error():
+    assert FORMATS["q8"].check_tag("q8:rowwise-int8-bf16scale:v1")
+    with pytest.raises(StoreError, match="convert"):
+        FORMATS["q8"].check_tag("q8:rowwise-int8-bf16scale:v0")
     fmt = FORMATS["q4"]
     buf = fmt.pack(*weights(64, 64, 0), 64)
     for tag in ("q4:v1:int4pack-cpu:opaque-torch9.9-AVX1024", "q4:b64:int4pack-cpu:n64", "q8:x"):

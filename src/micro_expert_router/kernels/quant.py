@@ -154,7 +154,18 @@ class Q8:
     prefill_min_tokens: ClassVar[int | None] = 48  # see docs/quantization.md
 
     def layout_tag(self) -> str:
+        """A plain layout that no torch version or CPU changes; the store records it anyway."""
         return "q8:rowwise-int8-bf16scale:v1"
+
+    def check_tag(self, tag: str) -> bool:
+        """``True`` if a store written under ``tag`` can be read as is; raises StoreError
+        otherwise (q8 never needs a repack)."""
+        if tag != self.layout_tag():
+            raise StoreError(
+                f"q8 store tag {tag!r} is not {self.layout_tag()!r}; "
+                "re-run `mer convert --dtype q8`"
+            )
+        return True
 
     def group_nbytes(self, hidden: int, group: int) -> int:
         return ref.q8_sections(hidden, group)[1]
