@@ -512,7 +512,7 @@ def test_demo_model_quality_through_the_real_kernels(monkeypatch):
                if args.moe_layers[layer] for e in range(args.n_experts)}  # fmt: skip
     ckpt.close()
     tok = Tokenizer(folder)
-    seqs = [torch.tensor(tok.encode(c)[:256]) for c in corpus.load_corpus().heldout[:200]]
+    seqs = [torch.tensor(tok.encode(c)[:128]) for c in corpus.load_corpus().heldout[:120]]
     targets = torch.cat([s[1:] for s in seqs])
     logits = {}
     for name in ("f32", "q8", "q4"):
