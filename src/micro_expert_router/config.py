@@ -239,6 +239,7 @@ class EngineConfig:
     verify: bool = False  # check expert checksums on first load
     split: float = 1.0  # MoEpic split ratio: cached fraction of each expert (1 = whole experts)
     plan: str | None = None  # a plan file from `mer plan`: per-layer budgets and split ratios
+    prefetch_slots: int = 0  # staging slots for prefetched experts (outside the cache budget)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -247,6 +248,8 @@ class EngineConfig:
             raise ConfigError("max_context must be positive")
         if self.cache_bytes is not None and self.cache_bytes < 0:
             raise ConfigError("cache_bytes must be >= 0")
+        if self.prefetch_slots < 0:
+            raise ConfigError("prefetch_slots must be >= 0")
         if self.plan is not None and (self.cache_bytes is not None or self.split != 1.0):
             raise ConfigError(
                 "a plan sets the cache budgets and split ratios itself: give either "

@@ -46,6 +46,8 @@ class Step:
     io_wait_s: float
     compute_s: float
     finish_reason: str | None = None  # "length" | "stop" on the last step
+    prefetch_hits: int = 0  # misses a prefetch had already read or started
+    prefetch_bytes: int = 0
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Summary:
     io_wait_s: float = 0.0
     compute_s: float = 0.0
     finish_reason: str | None = None
+    prefetch_hits: int = 0
+    prefetch_bytes: int = 0
 
     def add(self, s: Step) -> None:
         self.tokens.append(s.token)
@@ -73,7 +77,8 @@ class Summary:
             self.prefill_s += s.step_s
         else:
             self.decode_s += s.step_s
-        for k in ("experts_needed", "hits", "misses", "bytes_read", "io_wait_s", "compute_s"):
+        for k in ("experts_needed", "hits", "misses", "bytes_read", "io_wait_s", "compute_s",
+                  "prefetch_hits", "prefetch_bytes"):  # fmt: skip
             setattr(self, k, getattr(self, k) + getattr(s, k))
         self.finish_reason = s.finish_reason or self.finish_reason
 
@@ -245,6 +250,7 @@ class Engine:
                 step_s=step_s, experts_needed=d.experts_needed, hits=d.hits, misses=d.misses,
                 bytes_read=d.bytes_read, io_wait_s=d.io_wait_s,
                 compute_s=max(step_s - d.io_wait_s, 0.0), finish_reason=finish,
+                prefetch_hits=d.prefetch_hits, prefetch_bytes=d.prefetch_bytes,
             )  # fmt: skip
             if finish is not None:
                 return

@@ -30,9 +30,13 @@ class ProviderStats:
 
     experts_needed: int = 0
     hits: int = 0
-    misses: int = 0
-    bytes_read: int = 0
+    misses: int = 0  # cache misses, including those a prefetch had already read or started
+    bytes_read: int = 0  # all bytes read from disk (demand and prefetch)
     io_wait_s: float = 0.0
+    prefetch_issued: int = 0
+    prefetch_hits: int = 0  # misses served by a prefetch (not exposed as demand reads)
+    prefetch_wasted: int = 0  # prefetches dropped unused
+    prefetch_bytes: int = 0
 
     def snapshot(self) -> ProviderStats:
         return ProviderStats(**{f.name: getattr(self, f.name) for f in fields(self)})

@@ -25,7 +25,7 @@ from pathlib import Path
 from .cache import ExpertCache
 from .config import EngineConfig
 from .errors import ConfigError, StoreError
-from .io import ALIGN, DEMAND, BufferPool, DirectReader, Lease, align_up
+from .io import ALIGN, DEMAND, PREFETCH, BufferPool, DirectReader, Lease, align_up
 from .io.reader import DEFAULT_THREADS
 from .provider import ProviderStats
 from .store import Store
@@ -64,6 +64,9 @@ class _LayerFetch:
             lease = provider.cache.lookup(key)
             if lease is not None:
                 self.cached[i] = lease.retain()
+            elif key in provider.staged:  # a prefetch already read (or is reading) it
+                self.staging[i], self.futures[i] = provider.staged.pop(key)
+                provider.stats.prefetch_hits += 1
         hits = sum(c is not None for c in self.cached)
         provider.stats.hits += hits
         provider.stats.misses += n - hits
@@ -81,6 +84,8 @@ class _LayerFetch:
             i = self.submitted
             self.submitted += 1
             entry = self.p.store.experts[self.keys[i]]
+            if self.staging[i] is not None:
+                continue  # adopted from a prefetch
             if self.cached[i] is None:
                 self._read(i, entry.offset, entry.length)  # miss: the whole extent
             elif self.split:
@@ -168,6 +173,7 @@ class StreamingProvider:
         verify: bool = False,
         split: float | Mapping[int, float] = 1.0,
         layer_budgets: Mapping[int, int] | None = None,
+        prefetch_slots: int = 0,
     ) -> None:
         a = store.args
         self.store = store
@@ -223,8 +229,10 @@ class StreamingProvider:
             self.cache = ExpertCache(self.cache_bytes, policy=policy, on_evict=self._evicted)
         slots = {size: n for size, n in slots.items() if n}
         staging = window + 1
-        self.pool = BufferPool(slots.pop(self.slot_bytes, 0) + staging, self.slot_bytes,
-                               name="experts")  # fmt: skip
+        self.prefetch_slots = prefetch_slots
+        self.staged: dict[tuple[int, int], tuple[Lease, Future]] = {}  # prefetched, not yet used
+        self.pool = BufferPool(slots.pop(self.slot_bytes, 0) + staging + prefetch_slots,
+                               self.slot_bytes, name="experts")  # fmt: skip
         # split pools: one more slot than the cache can hold, for the copy made before admission
         self.top_pools = {size: BufferPool(n + 1, size, name=f"expert-tops-{size}")
                           for size, n in slots.items()}  # fmt: skip
@@ -253,6 +261,37 @@ class StreamingProvider:
     def _evicted(self, key: tuple[int, int], lease: Lease) -> None:
         lease.release()
 
+    def prefetch(self, keys: Sequence[tuple[int, int]]) -> int:
+        """Start reading ``keys`` (best first) ahead of need, at prefetch priority. Never evicts:
+        a prefetched expert waits in a staging slot and enters the cache only if it is used.
+        Stops at the first key that finds no slot free beyond the demand reserve; returns how
+        many reads were started."""
+        started = 0
+        for key in keys:
+            if key in self.staged or key in self.cache or key not in self.store.experts:
+                continue
+            if self.pool.free_count <= self.window + 1:  # keep demand's slots free
+                break
+            lease = self.pool.try_lease()
+            if lease is None:
+                break
+            e = self.store.experts[key]
+            self.staged[key] = (lease, self.reader.submit(e.file, e.offset, e.length, lease,
+                                                          priority=PREFETCH))  # fmt: skip
+            self.stats.prefetch_issued += 1
+            self.stats.prefetch_bytes += e.length
+            self.stats.bytes_read += e.length
+            started += 1
+        return started
+
+    def drop_prefetches(self, layer: int | None = None) -> None:
+        """Release unused prefetches (of ``layer``, or all): their target has run without them."""
+        for key in [k for k in self.staged if layer is None or k[0] == layer]:
+            lease, fut = self.staged.pop(key)
+            fut.cancel()
+            lease.release()
+            self.stats.prefetch_wasted += 1
+
     def begin_step(self) -> None:
         self.cache.begin_token()
 
@@ -265,8 +304,10 @@ class StreamingProvider:
             yield [_Handle(fetch, i) for i in range(len(experts))]
         finally:
             fetch.close()
+            self.drop_prefetches(layer)
 
     def close(self) -> None:
+        self.drop_prefetches()
         self.cache.clear()
         self.reader.close()
 
@@ -299,8 +340,8 @@ def load_store(path: Path, config: EngineConfig):
         plan = read_plan(config.plan, store)
         split, layer_budgets = plan.thetas(), plan.budgets()
     provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.policy,
-                                 verify=config.verify, split=split,
-                                 layer_budgets=layer_budgets)  # fmt: skip
+                                 verify=config.verify, split=split, layer_budgets=layer_budgets,
+                                 prefetch_slots=config.prefetch_slots)  # fmt: skip
     model = Transformer(store.args, dense, provider, dtype, config.max_context)
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return Engine(store.args, model, tokenizer, config, path)
