@@ -14,7 +14,8 @@ Conventions every policy follows (docs/simulator.md):
 - The clock ``t`` counts forward steps (``begin_token``: one per decode token, one per prefill
   batch). Policies rank by ``t`` and the key, never by the order of requests inside a step, so a
   layer's experts may be looked up and admitted in any order (the engine looks all up, then
-  admits; a replay may interleave) and the outcome is the same.
+  admits; a replay may interleave) and the outcome is the same, unless the layer's own experts
+  overflow the budget (then the first admitted stay).
 - Every request is reported (``on_hit`` or ``on_miss``), also for keys that are then not
   admitted; activation counts (LFU, LCP) count requests and survive eviction by default.
 
@@ -386,7 +387,7 @@ def policy_factory(policy: str | Callable[[], Policy], **params: Any) -> Callabl
         return policy
     name, spec_params = parse_policy_spec(policy)
     merged = {**spec_params, **params}
-    _check_params(name, merged)
+    make_policy(name, **merged)  # bad values fail now, not at the first request of a layer
     return lambda: POLICIES[name](**merged)
 
 

@@ -8,7 +8,9 @@ trace recorded from a generation replays to the engine's hit and miss counts. Pe
 - ``begin_token()`` once, then for each MoE layer in model order: the distinct experts the step's
   tokens routed to, in ascending id order, are all looked up, then each miss is admitted in that
   order with the layer's experts protected (never the victim while the layer computes);
-- a trace's rank order inside a layer does not change any result: policies rank by step and key.
+- the trace's rank order inside a layer is not used. It would not change a result anyway
+  (policies rank by step and key), except in a layer whose own experts overflow its budget,
+  where the first admitted stay: hence the engine's order.
 
 Counting starts at the first step whose first token index is ``>= warmup`` (the cache is warm,
 not empty, at that point). Every expert is charged the same ``expert_bytes``; a budget is one
