@@ -55,13 +55,16 @@ def measure_disk(store: Store, reads: int = 16, seed: int = 0) -> tuple[float, f
     return total / transfer, latency
 
 
-def measure_compute(store_path: Path, repeats: int = 7, context: int = 32,
-                    dtype: str = "float32") -> dict[str, Any]:  # fmt: skip
-    """Per MoE layer: dense (attention + router) and one-expert time for one decode token."""
+def measure_compute(
+    store_path: Path, repeats: int = 7, context: int = 32, dtype: str = "float32",
+    threads: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Per MoE layer: dense (attention + router) and one-expert time for one decode token,
+    with ``threads`` compute threads (use the setting the runs will use)."""
     from .engine import load
     from .kernels import expert_forward
 
-    with load(store_path, dtype=dtype) as engine:
+    with load(store_path, dtype=dtype, threads=threads) as engine:
         m, a = engine.model, engine.args
         kv = m.new_cache()
         m.forward(torch.arange(context) % a.vocab_size, kv)  # a context; caches every expert
@@ -123,14 +126,14 @@ def hit_curves(trace: Trace, layers: list[int], n_experts: int, policy: str = "l
 
 def build_profile(store_path: str | Path, trace_path: str | Path, policy: str = "lcp",
                   warmup: int = 0, accuracy: dict[int, float] | None = None,
-                  dtype: str = "float32") -> Profile:  # fmt: skip
+                  dtype: str = "float32", threads: int | None = None) -> Profile:  # fmt: skip
     store = Store.open(store_path)
     a = store.args
     layers = [i for i in range(a.n_layers) if a.moe_layers[i]]
     curves = hit_curves(read_trace(trace_path, num_experts=a.n_experts), layers, a.n_experts,
                         policy, warmup)  # fmt: skip
     bandwidth, latency = measure_disk(store)
-    comp = measure_compute(Path(store_path), dtype=dtype)
+    comp = measure_compute(Path(store_path), dtype=dtype, threads=threads)
     accuracy = accuracy or {}
     lps = tuple(LayerProfile(expert_bytes=store.expert_bytes, top_k=a.top_k,
                              dense_s=comp["dense_s"][i], expert_s=comp["expert_s"][i],

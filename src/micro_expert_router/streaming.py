@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,8 +133,10 @@ class _LayerFetch:
         if lease is None:
             return
         fut = self.futures[i]
-        if not fut.done():
-            fut.cancel()  # not started: never runs; started: the reader holds its own reference
+        if not fut.done() and not fut.cancel():
+            # Already running (only on error or abandon paths): let it finish, so that every
+            # slot is back in the pool when the layer is left.
+            wait([fut])
         complete = fut.done() and not fut.cancelled() and fut.exception() is None
         if complete and cached is None and self.k:
             self.p.offer(self.keys[i], lease, fut.result(), self.top_bytes, self.protected)
@@ -288,7 +290,8 @@ class StreamingProvider:
         """Release unused prefetches (of ``layer``, or all): their target has run without them."""
         for key in [k for k in self.staged if layer is None or k[0] == layer]:
             lease, fut = self.staged.pop(key)
-            fut.cancel()
+            if not fut.cancel():
+                wait([fut])  # a running read: its slot comes back when it ends
             lease.release()
             self.stats.prefetch_wasted += 1
 

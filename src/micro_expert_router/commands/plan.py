@@ -17,6 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--theta-grid", type=int, default=None,
                    help="split-ratio grid (default: the store's neuron groups, 8)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=0, help="trace tokens not counted")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads to measure with (use what generate will use)",
+    )
     p.add_argument("--profile-out", default=None, help="also write the measured profile (JSON)")
     p.add_argument("--profile", default=None,
                    help="use a profile written earlier instead of measuring")  # fmt: skip
@@ -37,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         profile = Profile.from_json(Path(args.profile).read_text(), where=args.profile)
     else:
         print("measuring disk and compute, replaying the trace ...", file=sys.stderr)
-        profile = build_profile(args.store, args.trace, args.policy, args.warmup)
+        profile = build_profile(
+            args.store, args.trace, args.policy, args.warmup, threads=args.threads
+        )
     if args.profile_out:
         Path(args.profile_out).write_text(profile.to_json())
     result, baseline = make_plan(profile, store, int(args.budget_mb * 1e6), args.theta_grid)
