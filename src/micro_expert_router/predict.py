@@ -165,7 +165,7 @@ class _CountTable:
 
     def __init__(self, width: int, max_rows: int, half_life: float) -> None:
         self.counts = np.zeros((max_rows, width), np.float32)  # [R, E]
-        self.totals = np.zeros(max_rows, np.float64)  # [R]
+        self.totals = np.zeros(max_rows, np.float32)  # [R], summed like counts: ratios exact
         self.used = np.zeros(max_rows, np.int64)  # [R] step of the last update
         self.keys = np.full(max_rows, -1, np.int64)  # [R] the key of each row, -1 if free
         self.row: dict[int, int] = {}
@@ -184,7 +184,7 @@ class _CountTable:
         self.inc *= self.rate
         if self.inc > 2.0**32:
             self.counts /= np.float32(self.inc)
-            self.totals /= self.inc
+            self.totals /= np.float32(self.inc)
             self.inc = 1.0
 
     def rows(self, keys: list[int]) -> list[int]:
@@ -223,7 +223,7 @@ class _CountTable:
             return
         idx = np.asarray(rows)
         self.counts[idx[:, None], cols[None, :]] += np.float32(self.inc)  # distinct (r, c)
-        self.totals[idx] += self.inc
+        self.totals[idx] += np.float32(self.inc)
         self.used[idx] = self.clock
 
 
@@ -302,7 +302,7 @@ class SparseMarkov:
         if not rows:
             return {}
         t = self.table
-        s = t.counts[rows].sum(0, dtype=np.float64) / t.totals[rows].sum()  # [E]
+        s = t.counts[rows].sum(0, dtype=np.float64) / t.totals[rows].sum(dtype=np.float64)  # [E]
         return _as_dict(layer, np.minimum(s, 1.0))
 
 
@@ -697,12 +697,13 @@ class PrefetchController:
         """``layer`` of ``step`` routed to ``experts``; ``resident`` is the cache before this
         layer's lookups (it tells demand misses from hits)."""
         p = self.layout.pos(step, layer)
+        x = self.layout.experts(experts).tolist()
         if p <= self._last:
             self._pending.clear()  # a new sequence: old targets will not run
         self._last = p
         pending = self._pending.pop(p, None)
         if pending:
-            self._score(layer, self.layout.experts(experts).tolist(), pending, resident)
+            self._score(layer, x, pending, resident)
         for pr in self.predictors:
             pr.observe(step, layer, experts, hidden)
 
