@@ -186,13 +186,17 @@ def routing_stats(model, win: torch.Tensor, batch: int) -> list[dict[str, float]
 
     ``reuse`` is the mean of |S_t ∩ S_{t-1}| / K over consecutive tokens of a window (S_t = the
     top-K set at token t); a router that picked experts uniformly at random would give K / E.
+    ``reuse_last4`` is the share of S_t found in S_{t-4} ∪ ... ∪ S_{t-1} (random:
+    1 - (1 - K/E)^4): what a per-layer cache holding the last four tokens' experts would hit.
     """
+    W = 4
     cfg = model.config
     E, K = cfg.num_local_experts, cfg.num_experts_per_tok
     L = cfg.num_hidden_layers
     usage = torch.zeros(L, E, dtype=torch.float64)
     reuse_sum = torch.zeros(L, dtype=torch.float64)
-    reuse_n = 0
+    recent_sum = torch.zeros(L, dtype=torch.float64)
+    reuse_n = recent_n = 0
     model.eval()
     for i in range(0, win.shape[0], batch):
         x = win[i : i + batch, :-1]  # [B, S]
@@ -203,7 +207,11 @@ def routing_stats(model, win: torch.Tensor, batch: int) -> list[dict[str, float]
             usage[layer] += onehot.sum((0, 1)).double()
             shared = (onehot[:, 1:] * onehot[:, :-1]).sum(-1)  # [B, S-1]
             reuse_sum[layer] += shared.double().sum() / K
+            S = x.shape[1]
+            recent = torch.stack([onehot[:, W - j : S - j] for j in range(1, W + 1)]).amax(0)
+            recent_sum[layer] += (recent * onehot[:, W:]).sum().double() / K  # recent [B,S-W,E]
         reuse_n += x.shape[0] * (x.shape[1] - 1)
+        recent_n += x.shape[0] * (x.shape[1] - W)
     stats = []
     for layer in range(L):
         p = usage[layer] / usage[layer].sum()
@@ -217,6 +225,9 @@ def routing_stats(model, win: torch.Tensor, batch: int) -> list[dict[str, float]
                 "idlest_share": float(p.min()),
                 "reuse": float(reuse_sum[layer] / reuse_n),
                 "random_reuse": K / E,
+                "reuse_last4": float(recent_sum[layer] / recent_n),
+                "random_reuse_last4": 1 - (1 - K / E) ** W,
+                "usage_share": [round(float(v), 4) for v in p],
             }
         )
     return stats
