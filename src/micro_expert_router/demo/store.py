@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 from . import demo_model_path
@@ -49,8 +50,12 @@ def demo_store_path(dtype: str = "f32") -> Path:
             return dst
         except Exception:
             pass  # damaged: rebuild below
-    print(f"first run: converting the bundled demo model into an expert store at {dst}")
-    convert(src, dst, dtype=dtype, force=True)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    log(f"first run: converting the bundled demo model into an expert store at {dst}")
+    convert(src, dst, dtype=dtype, force=True, log=log)
     return dst
 
 
