@@ -6,13 +6,15 @@ and budget conventions), prediction and ranking are ``predict.py``'s. Per MoE la
 
 1. the controller observes the routing (``resident`` = the cache before the lookups);
 2. every distinct expert is looked up (sim.py's order); a miss whose expert sits in a staging
-   slot is *covered* (a prefetch hit), the other misses are *exposed* (the compute waits);
-3. misses are admitted as in sim.py, covered ones included (a used prefetch enters the cache
-   under the policy, like any read); the staged experts of this layer that were not routed are
-   dropped (wasted reads), so staging holds at most ``lookahead`` windows of reads;
-4. the controller plans the target ``lookahead`` positions ahead with the residency after the
-   admissions, at most ``window_bytes`` (the bytes the disk delivers in one layer's compute;
-   None: no limit) and the free staging slots; its reads land in staging slots.
+   slot is *covered* (a prefetch hit), the other misses are *exposed* (the compute waits); this
+   layer's staging slots are freed (used ones are adopted by the demand miss, the others were
+   wasted reads), so staging holds at most ``lookahead`` windows of reads;
+3. the controller plans the target ``lookahead`` positions ahead, as the engine does once the
+   router has run (before this layer's admissions; its experts count as in flight): at most
+   ``window_bytes`` (what the disk reads while one layer computes; None: no limit) and the free
+   staging slots; its reads land in staging slots;
+4. misses are admitted as in sim.py, covered ones included (a used prefetch enters the cache
+   under the policy, like any read).
 
 The cache sees exactly the calls it sees without prefetch, so the resident set and the hit and
 miss counts equal sim.py's: prefetch never evicts, and exposed misses <= misses. Prefetch reads
@@ -221,17 +223,20 @@ class PrefetchReplay:
                 if counting:
                     covered += sum(k[1] in mine for k in missed)
                     issued += len(mine)
-                if missed:
-                    protected = frozenset(keys)
-                    for k in missed:
-                        admit(k, True, size, protected)
+                # plan now, as the engine does when the router has run: this layer's experts
+                # count as in flight (they are about to be resident)
                 in_flight = {(l, e) for l, s in staged.items() for e in s}
+                in_flight.update(keys)
                 pf = plan(i, layer, resident=cache, in_flight=in_flight, budget_bytes=window_bytes,
                           expert_bytes=size, free_slots=staging_slots - n_staged)  # fmt: skip
                 if pf.keys:
                     staged.setdefault(pf.target[1], set()).update(k[1] for k in pf.keys)
                     n_staged += len(pf.keys)
                     max_staged = max(max_staged, n_staged)
+                if missed:
+                    protected = frozenset(keys)
+                    for k in missed:
+                        admit(k, True, size, protected)
             if on_step is not None:
                 on_step(i, cache, frozenset((l, e) for l, s in staged.items() for e in s))
         seconds = time.perf_counter() - t0
