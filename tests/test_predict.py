@@ -399,6 +399,19 @@ def test_exposed_misses_never_exceed_misses_without_prefetch(data, n_layers, e, 
         assert r.issued <= window * tokens * n_layers
 
 
+def test_random_routing_turns_the_predictors_off():
+    """Uniform random routing: nothing to predict, so skill stays near 0 and prefetch stops."""
+    rng = np.random.default_rng(6)
+    ex = np.stack([rng.permutation(16)[:2] for _ in range(300 * 3)]).reshape(300, 3, 2)
+    r = simulate_prefetch(Trace.from_arrays(ex, 16), "lru", 12, predictors="s,t,l", warmup=100)
+    d = summary(r)
+    for name in ("s", "t", "l"):
+        sc = d["per_predictor"][name]
+        assert sc["issuing"] <= 0.1 * sc["targets"], (name, sc)  # chance passes are rare
+    assert r.prefetch_bytes_per_token < 0.1 * r.misses_per_token  # ungated: 11.7 per token
+    assert r.exposed_misses_per_token > 0.95 * r.misses_per_token
+
+
 def test_replay_errors_name_the_fix():
     tr = cyclic_trace()
     with pytest.raises(ConfigError, match="hidden states"):

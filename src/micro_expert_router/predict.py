@@ -133,10 +133,13 @@ class Layout:
 
     def experts(self, experts: Any) -> np.ndarray:
         """Distinct expert ids, ascending, checked against E."""
-        x = np.unique(np.asarray(experts, dtype=np.int64).ravel())
-        if x.size and (x[0] < 0 or x[-1] >= self.num_experts):
-            raise ConfigError(f"expert ids {x.tolist()} outside [0, {self.num_experts})")
-        return x
+        try:
+            ids = sorted({int(e) for e in np.asarray(experts).ravel().tolist()})
+        except (TypeError, ValueError):
+            raise ConfigError(f"expert ids must be ints, not {experts!r}") from None
+        if ids and (ids[0] < 0 or ids[-1] >= self.num_experts):
+            raise ConfigError(f"expert ids {ids} outside [0, {self.num_experts})")
+        return np.array(ids, dtype=np.int64)
 
 
 def _whole(x: Any) -> bool:
