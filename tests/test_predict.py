@@ -222,6 +222,16 @@ def test_neural_speculator_applies_the_next_gate():
     assert m.predict(1, 1)[(1, int(np.argmax(pp)))] == pytest.approx(min(1.0, 2 * pp.max()))
     m.observe(1, 1, [0, 1])  # no hidden state: nothing to say
     assert m.predict(2, 1) == {}
+    import torch  # the engine hands over bf16 tensors
+
+    gb = {l: torch.tensor(w).bfloat16() for l, w in gates.items()}
+    hb = torch.tensor(h).bfloat16()
+    mt = NeuralSpeculator((0, 1, 2), e, 2, gates=gb)  # top_n = 2K = 4
+    mt.observe(0, 0, torch.tensor([0, 1]), hidden=hb)
+    p = gate_probs(hb.float().numpy()[None], gb[1].float().numpy())[0]
+    assert mt.predict(1, 0) == pytest.approx(
+        {(1, int(x)): min(1.0, 2 * p[x]) for x in np.argsort(-p, kind="stable")[:4]}
+    )
     with pytest.raises(ConfigError, match="D=8"):
         m.observe(2, 0, [0], hidden=np.zeros(5))
     with pytest.raises(ConfigError, match="no gate weight for MoE layer 2"):

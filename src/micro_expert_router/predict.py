@@ -133,10 +133,10 @@ class Layout:
 
     def experts(self, experts: Any) -> np.ndarray:
         """Distinct expert ids, ascending, checked against E."""
-        try:
-            ids = sorted({int(e) for e in np.asarray(experts).ravel().tolist()})
-        except (TypeError, ValueError):
-            raise ConfigError(f"expert ids must be ints, not {experts!r}") from None
+        a = np.asarray(experts.cpu() if hasattr(experts, "cpu") else experts)
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise ConfigError(f"expert ids must be ints, not {a.dtype} ({experts!r})")
+        ids = sorted(set(a.ravel().tolist()))
         if ids and (ids[0] < 0 or ids[-1] >= self.num_experts):
             raise ConfigError(f"expert ids {ids} outside [0, {self.num_experts})")
         return np.array(ids, dtype=np.int64)
@@ -150,6 +150,14 @@ def _positive(what: str, x: Any, kind: type = int) -> None:
     ok = _whole(x) if kind is int else isinstance(x, int | float) and not isinstance(x, bool)
     if not ok or not x > 0 or not math.isfinite(x):
         raise ConfigError(f"{what} must be a positive {kind.__name__}, not {x!r}")
+
+
+def _f32(x: Any) -> np.ndarray:
+    """A float32 numpy array from an array-like or a torch tensor of any float dtype (bf16
+    included), without importing torch."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
 
 
 def _as_dict(layer: int, s: np.ndarray) -> dict[ExpertId, float]:
@@ -418,7 +426,7 @@ class NeuralSpeculator:
         for l in self.layout.layers[1:]:
             if l not in gates:
                 raise ConfigError(f"{name}: no gate weight for MoE layer {l}")
-            w = np.ascontiguousarray(np.asarray(gates[l], dtype=np.float32))
+            w = np.ascontiguousarray(_f32(gates[l]))
             if w.ndim != 2 or w.shape[0] != num_experts or not np.isfinite(w).all():
                 raise ConfigError(f"{name}: the gate of layer {l} must be a finite "
                                   f"[{num_experts}, D] array, got {w.shape}")  # fmt: skip
@@ -437,7 +445,7 @@ class NeuralSpeculator:
         if hidden is None:
             self._h = None
             return
-        h = np.asarray(hidden, dtype=np.float32)
+        h = _f32(hidden)
         h = h[None] if h.ndim == 1 else h
         if h.ndim != 2 or (self.hidden_size is not None and h.shape[1] != self.hidden_size):
             raise ConfigError(
