@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from .cache import ExpertCache
 from .config import EngineConfig
@@ -32,6 +33,13 @@ from .store import Store
 from .store.format import checksum
 
 DEFAULT_WINDOW = 4  # reads in flight ahead of the expert being computed
+
+
+class _Cached(NamedTuple):
+    """A cache entry: the slot holding the expert (or its top segment) and its format view."""
+
+    lease: Lease
+    view: object
 
 
 class _Handle:
@@ -56,14 +64,16 @@ class _LayerFetch:
         self.keys = [(layer, e) for e in experts]
         self.protected = set(self.keys)  # never evicted while this layer runs
         self.cached: list[Lease | None] = [None] * n  # our reference to a cached entry
+        self.views: list[object] = [None] * n  # its format view, built once at admission
         self.staging: list[Lease | None] = [None] * n  # our reference to a read slot
         self.futures: list[Future | None] = [None] * n
         self.submitted = 0
         self.done_upto = 0  # experts [0, done_upto) are finished and their leases settled
         for i, key in enumerate(self.keys):
-            lease = provider.cache.lookup(key)
-            if lease is not None:
-                self.cached[i] = lease.retain()
+            entry = provider.cache.lookup(key)
+            if entry is not None:
+                self.cached[i] = entry.lease.retain()
+                self.views[i] = entry.view
             elif key in provider.staged:  # a prefetch already read (or is reading) it
                 self.staging[i], self.futures[i] = provider.staged.pop(key)
                 provider.stats.prefetch_hits += 1
@@ -107,10 +117,9 @@ class _LayerFetch:
         view = p.store.format.view
         d, g = p.store.args.hidden_size, p.store.group
         if self.cached[i] is not None:
-            if not self.split:  # whole expert cached
-                yield view(self.cached[i].torch(entry.length, p.cached_start[key]), d, g)
+            yield self.views[i]  # the whole expert, or its top segment
+            if not self.split:
                 return
-            yield view(self.cached[i].torch(self.top_bytes), d, g)
             yield view(self._wait(i).torch(), d, g)
             return
         result = self._wait(i)
@@ -121,8 +130,8 @@ class _LayerFetch:
                     "checksum: the store is corrupt; run `mer verify` and reconvert"
                 )
             p.verified.add(key)
-        p.cached_start[key] = result.start
-        yield view(result.torch(), d, g)
+        self.views[i] = view(result.torch(), d, g)
+        yield self.views[i]
 
     def _settle(self, i: int) -> None:
         """Expert ``i`` is finished: offer a completed miss to the cache, release the rest."""
@@ -139,7 +148,9 @@ class _LayerFetch:
             wait([fut])
         complete = fut.done() and not fut.cancelled() and fut.exception() is None
         if complete and cached is None and self.k:
-            self.p.offer(self.keys[i], lease, fut.result(), self.top_bytes, self.protected)
+            self.p.offer(
+                self.keys[i], lease, fut.result(), self.top_bytes, self.protected, self.views[i]
+            )
         lease.release()
 
     def _settle_before(self, index: int) -> None:
@@ -185,7 +196,6 @@ class StreamingProvider:
         self.window = window
         self.verify = verify
         self.verified: set[tuple[int, int]] = set()
-        self.cached_start: dict[tuple[int, int], int] = {}
         self.n_groups = a.expert_inter // store.group
         per_group = store.format.group_nbytes(a.hidden_size, store.group)
         layers = [layer for layer in range(a.n_layers) if a.moe_layers[layer]]
@@ -245,10 +255,12 @@ class StreamingProvider:
         return self.pool.nbytes + sum(p.nbytes for p in self.top_pools.values())
 
     def offer(self, key: tuple[int, int], lease: Lease, result, top_bytes: int,
-              protected: set) -> None:  # fmt: skip
-        """A finished miss: admit the expert (or its top segment) to the cache if it wants it."""
+              protected: set, whole_view: object) -> None:  # fmt: skip
+        """A finished miss: admit the expert (or its top segment) to the cache if it wants it.
+        ``whole_view`` is the view already built over the read slot."""
         if top_bytes == self.store.expert_bytes:
-            if self.cache.admit(key, lease.retain(), self.slot_bytes, protected):
+            entry = _Cached(lease.retain(), whole_view)
+            if self.cache.admit(key, entry, self.slot_bytes, protected):
                 return
             lease.release()
             return
@@ -257,11 +269,12 @@ class StreamingProvider:
         if top is None:
             return
         top.numpy(top_bytes)[:] = result.numpy()[:top_bytes]
-        if not self.cache.admit(key, top, pool.slot_bytes, protected):
+        v = self.format.view(top.torch(top_bytes), self.store.args.hidden_size, self.group)
+        if not self.cache.admit(key, _Cached(top, v), pool.slot_bytes, protected):
             top.release()
 
-    def _evicted(self, key: tuple[int, int], lease: Lease) -> None:
-        lease.release()
+    def _evicted(self, key: tuple[int, int], entry: _Cached) -> None:
+        entry.lease.release()
 
     def prefetch(self, keys: Sequence[tuple[int, int]]) -> int:
         """Start reading ``keys`` (best first) ahead of need, at prefetch priority. Never evicts:
