@@ -645,9 +645,10 @@ class PrefetchController:
     """Turns predictions into prefetch requests and scores the predictors online.
 
     Per MoE layer run, call ``observe`` when the router has chosen (before the cache lookups,
-    with ``resident`` the cache), then ``plan`` with the residency as it will be once this
-    layer's experts are admitted. ``plan`` returns the reads for the position ``lookahead``
-    ahead; the caller issues them at prefetch priority into staging slots. With ``audit``, off
+    with ``resident`` the cache), then ``plan`` right away, so the reads overlap this layer's
+    compute (this layer's experts go in ``in_flight``: they are about to be resident). ``plan``
+    returns the reads for the position ``lookahead`` ahead; the caller issues them at prefetch
+    priority into staging slots. With ``audit``, off
     predictors are still asked (not issued, not judged) so ``scores`` covers every predictor at
     every target, for reports."""
 
@@ -675,7 +676,7 @@ class PrefetchController:
         self.predictors = list(predictors)
         self.lookahead, self.rule, self.audit = int(lookahead), rule or ScoringRule(), audit
         self.gates = {(l, n): _Gate() for l in self.layout.layers for n in names}
-        self._pending: dict[int, dict[str, tuple[list[int], str]]] = {}
+        self._pending: dict[int, dict[str, tuple[list[int], float, str]]] = {}  # by target
         self._keys = [[(l, e) for e in range(num_experts)] for l in self.layout.layers]
         self._last = -1
         self.reset_scores()
