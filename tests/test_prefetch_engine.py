@@ -8,6 +8,7 @@ import pytest
 from hf_models import save_hf_model
 
 import micro_expert_router as mer
+from micro_expert_router.errors import ConfigError
 from micro_expert_router.store import convert
 from micro_expert_router.trace import read_trace
 
@@ -84,3 +85,28 @@ def test_abandoned_generation_with_prefetches_in_flight_returns_every_slot(store
         gc.collect()
         assert prov.pool.free_count == prov.pool.total - len(prov.cache) - len(prov.staged)
     assert prov.pool.free_count == prov.pool.total  # close() dropped staged prefetches too
+
+
+@pytest.mark.parametrize("spec", ["s", "l", "m", "s,l,m"])
+def test_predictor_driven_prefetch_is_bit_exact_and_leaves_residency_alone(store, spec):
+    ids = list(range(3, 20))
+    with mer.load(store) as probe:
+        slot = probe.provider.slot_bytes
+    runs = {}
+    for pf in ("off", spec):
+        with mer.load(store, cache_bytes=4 * slot, prefetch=pf) as engine:
+            steps = list(engine.generate(ids, 40, temperature=1.0, seed=2, stop_at_eos=False))
+            p = engine.provider
+            runs[pf] = ([s.token for s in steps], [(s.hits, s.misses) for s in steps],
+                        sum(s.prefetch_hits for s in steps), p.stats.prefetch_issued)  # fmt: skip
+            assert p.pool.free_count == p.pool.total - len(p.cache) - len(p.staged)
+    off, on = runs["off"], runs[spec]
+    assert on[0] == off[0]  # same tokens
+    assert on[1] == off[1]  # prefetch never changes what is resident: same hits and misses
+    assert off[2] == 0 and on[3] > 0 and on[2] <= on[3]
+
+
+def test_prefetch_on_a_checkpoint_folder_is_refused(tmp_path):
+    save_hf_model("olmoe", tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="needs an expert store"):
+        mer.load(tmp_path / "ckpt", prefetch="s,l")

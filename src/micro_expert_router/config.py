@@ -239,7 +239,8 @@ class EngineConfig:
     verify: bool = False  # check expert checksums on first load
     split: float = 1.0  # MoEpic split ratio: cached fraction of each expert (1 = whole experts)
     plan: str | None = None  # a plan file from `mer plan`: per-layer budgets and split ratios
-    prefetch_slots: int = 0  # staging slots for prefetched experts (outside the cache budget)
+    prefetch: str = "off"  # predictors driving prefetch: "off" or e.g. "s,l,m" (docs/prefetch.md)
+    prefetch_slots: int = 0  # staging slots for prefetched experts; 0 = 2 x top-k when on
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -289,9 +289,9 @@ def load(path: str | Path, **engine_options: Any) -> Engine:
 
 
 def load_checkpoint(path: Path, config: EngineConfig) -> Engine:
-    if config.cache_bytes is not None or config.split != 1.0:
+    if config.cache_bytes is not None or config.split != 1.0 or config.prefetch != "off":
         raise ConfigError(
-            f"{path}: a checkpoint folder runs fully resident; a cache budget or "
+            f"{path}: a checkpoint folder runs fully resident; a cache budget, prefetch or a "
             f"split ratio needs an expert store: `mer convert {path} STORE` first"
         )
     dtype = TORCH_DTYPES[config.dtype]

@@ -156,12 +156,14 @@ class Transformer:
 
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
         experts, weights = self.route(i, x)  # [T, K]
-        for cb in self.on_route:
-            cb(Routing(i, experts, weights, x))
         needed = torch.unique(experts).tolist()  # sorted: a fixed accumulation order
         out = torch.zeros_like(x)
         fmt = self.provider.format
         with self.provider.acquire(i, needed) as handles:
+            # after this layer's demand reads are queued, so a prefetch a callback starts for
+            # a later layer never gets onto the disk ahead of them
+            for cb in self.on_route:
+                cb(Routing(i, experts, weights, x))
             for e, h in zip(needed, handles, strict=True):
                 tok, slot = torch.where(experts == e)
                 y = expert_forward(

@@ -355,9 +355,17 @@ def load_store(path: Path, config: EngineConfig):
     if config.plan is not None:
         plan = read_plan(config.plan, store)
         split, layer_budgets = plan.thetas(), plan.budgets()
+    prefetch = config.prefetch.strip().lower()
+    slots = config.prefetch_slots
+    if prefetch != "off" and slots == 0:
+        slots = 2 * store.args.top_k
     provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.policy,
                                  verify=config.verify, split=split, layer_budgets=layer_budgets,
-                                 prefetch_slots=config.prefetch_slots)  # fmt: skip
+                                 prefetch_slots=slots)  # fmt: skip
     model = Transformer(store.args, dense, provider, dtype, config.max_context)
+    if prefetch != "off":
+        from .prefetcher import Prefetcher
+
+        model.on_route.append(Prefetcher(model, prefetch))
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return Engine(store.args, model, tokenizer, config, path)

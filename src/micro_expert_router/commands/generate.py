@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", type=float, default=1.0,
                    help="MoEpic split ratio: cache only this leading fraction of each expert and "
                    "stream the rest (multiples of 1/8; 1 = whole experts)")  # fmt: skip
+    p.add_argument("--prefetch", default="off", metavar="off|s,l,m",
+                   help="predictors driving non-evicting prefetch: s (Markov), l (locality), m "
+                   "(next layer's gate on the hidden state); off to disable")  # fmt: skip
     p.add_argument(
         "--plan",
         default=None,
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model
     options = dict(dtype=args.dtype, threads=args.threads, policy=args.policy, verify=args.verify,
-                   io_threads=args.io_threads, split=args.split, plan=args.plan)  # fmt: skip
+                   io_threads=args.io_threads, split=args.split, plan=args.plan,
+                   prefetch=args.prefetch)  # fmt: skip
     if model is None:
         from ..demo.store import default_cache_bytes, demo_store_path
 
