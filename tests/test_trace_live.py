@@ -70,3 +70,24 @@ def test_trace_hidden_states_are_the_router_inputs(store, tmp_path):
     assert h.shape == (3 + 3, 2, engine.args.hidden_size)
     first = np.stack([seen[0].numpy(), seen[1].numpy()], axis=1)  # prefill step, both layers
     assert np.allclose(h[:3], first, rtol=1e-2, atol=1e-2)  # stored as float16
+
+
+def test_sim_with_predictors_reports_exposed_misses(store, tmp_path):
+    trace = tmp_path / "h.jsonl"
+    with mer.load(store) as engine:
+        list(engine.generate(list(range(1, 25)), 60, temperature=1.5, seed=7, stop_at_eos=False,
+                             trace=trace, trace_hidden=True))  # fmt: skip
+    for preds, extra in (("s,l", []), ("s,l,m", ["--store", str(store)])):
+        p = subprocess.run([sys.executable, "-m", "micro_expert_router.cli", "sim", str(trace),
+                            "--policy", "lru", "--cache-experts", "4", "--predictors", preds,
+                            "--json", *extra],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        d = json.loads(p.stdout.strip().splitlines()[-1])
+        assert 0 <= d["exposed_misses_per_token"] <= d["misses_per_token"]
+        assert d["prefetch_bytes_per_token"] >= 0
+        assert set(preds.split(",")) <= set(d["per_predictor"])
+    p = subprocess.run([sys.executable, "-m", "micro_expert_router.cli", "sim", str(trace),
+                        "--policy", "lru", "--cache-experts", "4", "--predictors", "m"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode != 0 and "Traceback" not in p.stderr

@@ -49,6 +49,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="routed experts per layer, if the trace cannot tell")  # fmt: skip
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument(
+        "--predictors",
+        metavar="S,L,M",
+        help="replay with prediction-driven prefetch: s (Markov), l (locality), m (next "
+        "gate on hidden states; needs --store and a trace with hidden states)",
+    )
+    p.add_argument("--store", metavar="DIR", help="expert store the trace came from (m's gates)")
+    p.add_argument(
+        "--window-experts",
+        type=int,
+        metavar="N",
+        help="with --predictors: experts the disk reads while one layer computes "
+        "(default: bounded only by the staging slots)",
+    )
+    p.add_argument(
+        "--staging-slots",
+        type=int,
+        metavar="N",
+        help="with --predictors: prefetch staging slots (default 2 x top-k)",
+    )
+    p.add_argument(
         "--sweep",
         action="store_true",
         help="every policy at several sizes; a CSV and a PNG to --out",
@@ -102,6 +122,8 @@ def _run_one(args, trace, expert_bytes, policy, ConfigError) -> int:
     else:
         raise ConfigError("give a cache size: --cache-frac, --cache-experts, --cache-bytes or "
                           "--plan")  # fmt: skip
+    if args.predictors:
+        return _run_prefetch(args, trace, expert_bytes, policy, budget)
     r = simulate(trace, policy, budget, expert_bytes=expert_bytes, warmup=args.warmup)
     scope = "per-layer plan" if args.plan else "one cache over all layers"
     print(f"trace     {_describe(trace)}")
@@ -120,6 +142,40 @@ def _run_one(args, trace, expert_bytes, policy, ConfigError) -> int:
     print(f"time      {r.seconds:.2f} s")
     if args.json:
         d = r.as_dict()
+        d["trace"] = str(trace.path)
+        print(json.dumps(d))
+    return 0
+
+
+def _run_prefetch(args, trace, expert_bytes, policy, budget) -> int:
+    from ..prefetch_sim import PrefetchReplay, gates_from_store
+
+    gates = gates_from_store(args.store) if args.store else None
+    unit = expert_bytes or 1
+    window = None if args.window_experts is None else args.window_experts * unit
+    d = PrefetchReplay(trace).compare(
+        policy, budget, predictors=args.predictors, expert_bytes=expert_bytes,
+        warmup=args.warmup, window_bytes=window, staging_slots=args.staging_slots, gates=gates,
+    )  # fmt: skip
+    print(f"trace     {_describe(trace)}")
+    print(
+        f"cache     {policy}, {d['capacity_experts']} experts; prefetch {d['predictors']}, "
+        f"{d['staging_slots']} staging slots, window "
+        f"{'unbounded' if window is None else f'{args.window_experts} experts'}"
+    )
+    print(f"misses    {d['misses_per_token']:.2f} per token without prefetch; exposed with "
+          f"prefetch {d['exposed_misses_per_token']:.2f}; OPT without prefetch "
+          f"{d['opt_misses_per_token']:.2f}")  # fmt: skip
+    print(f"prefetch  {d['prefetch_bytes_per_token'] / unit:.2f} experts read per token "
+          f"({d['wasted_prefetch_bytes_per_token'] / unit:.2f} wasted); precision "
+          f"{d['prefetch_precision']:.1%}, miss coverage {d['miss_coverage']:.1%}")  # fmt: skip
+    for name, sc in d["per_predictor"].items():
+        print(f"  {name:7s} precision {sc['precision']:.1%}  recall {sc['recall']:.1%}")
+    for layer, per in d["per_layer"].items():
+        cells = "  ".join(f"{n}: p {v['precision']:.0%} r {v['recall']:.0%}"
+                          for n, v in per.items())  # fmt: skip
+        print(f"layer {layer:>3}  {cells}")
+    if args.json:
         d["trace"] = str(trace.path)
         print(json.dumps(d))
     return 0
