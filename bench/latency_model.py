@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,22 +49,6 @@ def build(root: Path) -> Path:
     return store
 
 
-def remeasure(profile, s, store, curves, threads):
-    from dataclasses import replace
-
-    from micro_expert_router.plan import LayerProfile
-    from micro_expert_router.planning import measure_compute, measure_disk
-
-    bandwidth, latency = measure_disk(s)
-    comp = measure_compute(store, threads=threads)
-    layers = [i for i in range(s.args.n_layers) if s.args.moe_layers[i]]
-    lps = tuple(LayerProfile(lp.expert_bytes, lp.top_k, comp["dense_s"][i], comp["expert_s"][i],
-                             c, lp.accuracy)
-                for lp, c, i in zip(profile.layers, curves, layers, strict=True))  # fmt: skip
-    return replace(profile, layers=lps, bandwidth_bps=bandwidth, read_latency_s=latency,
-                   overhead_s=comp["overhead_s"])  # fmt: skip
-
-
 def decode_s_per_token(store: Path, tokens: int, **options) -> float:
     with mer.load(store, **options) as engine:
         steps = list(engine.generate(list(range(5, 21)), tokens, temperature=1.0, seed=11,
@@ -77,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default=str(Path(__file__).resolve().parents[1] / ".bench-data"))
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
         "--threads",
         type=int,
@@ -96,7 +82,6 @@ def main() -> None:
     # replay the trace with the same tokens uncounted
     warmup = PROMPT + 1 + (args.tokens - 1) // 4
     profile = build_profile(store, trace, policy="lru", warmup=warmup, threads=args.threads)
-    curves = [lp.hit_curve for lp in profile.layers]
     print(f"profile: disk {profile.bandwidth_bps / 1e9:.2f} GB/s, latency "
           f"{profile.read_latency_s * 1e3:.2f} ms, expert {s.expert_bytes / 1e6:.1f} MB, "
           f"expert compute {profile.layers[0].expert_s * 1e3:.2f} ms, dense "
@@ -114,24 +99,36 @@ def main() -> None:
     configs.append(("planner, budget 25%", result.plan))
     out = Path(__file__).resolve().parent / "results" / "latency_model.jsonl"
     out.parent.mkdir(exist_ok=True)
+    from micro_expert_router.planning import measure_disk
+
+    pred: dict[str, list[float]] = {name: [] for name, _ in configs}
+    meas: dict[str, list[float]] = {name: [] for name, _ in configs}
+    for r in range(args.rounds):  # configurations interleaved, round after round (ABAB...)
+        for name, plan in configs:
+            path = root / "plan.json"
+            path.write_text(plan.to_json())
+            # this shared machine's disk drifts over minutes: measure it right before each run
+            bandwidth, latency = measure_disk(s, seed=r)
+            prof = replace(profile, bandwidth_bps=bandwidth, read_latency_s=latency)
+            p_s = predict(prof, plan).s_per_token
+            m_s = decode_s_per_token(store, args.tokens, plan=str(path), policy="lru",
+                                     threads=args.threads)  # fmt: skip
+            pred[name].append(p_s)
+            meas[name].append(m_s)
+            print(f"round {r} {name:28s} predicted {p_s * 1e3:8.2f} ms  measured "
+                  f"{m_s * 1e3:8.2f} ms  (disk {bandwidth / 1e9:.2f} GB/s)")  # fmt: skip
+            with open(out, "a") as f:
+                f.write(json.dumps({"time": time.time(), "config": name, "predicted_s": p_s,
+                                    "measured_s": m_s, "disk_bps": bandwidth}) + "\n")  # fmt: skip
     errors = []
-    for name, plan in configs:
-        path = root / "plan.json"
-        path.write_text(plan.to_json())
-        # this shared machine's disk and CPU drift over minutes: measure the model's inputs
-        # right before each run, as a user would profile before planning
-        profile = remeasure(profile, s, store, curves, args.threads)
-        predicted = predict(profile, plan).s_per_token
-        measured = decode_s_per_token(
-            store, args.tokens, plan=str(path), policy="lru", threads=args.threads
-        )
-        err = (predicted - measured) / measured
+    for name, _ in configs:
+        p_s, m_s = statistics.median(pred[name]), statistics.median(meas[name])
+        err = (p_s - m_s) / m_s
         errors.append(abs(err))
-        print(f"{name:28s} predicted {predicted * 1e3:8.2f} ms  measured {measured * 1e3:8.2f} "
-              f"ms  error {err:+.1%}  (disk {profile.bandwidth_bps / 1e9:.2f} GB/s)")  # fmt: skip
-        with open(out, "a") as f:
-            f.write(json.dumps({"time": time.time(), "config": name, "predicted_s": predicted,
-                                "measured_s": measured}) + "\n")  # fmt: skip
+        print(
+            f"median {name:28s} predicted {p_s * 1e3:8.2f} ms  measured {m_s * 1e3:8.2f} ms "
+            f"[{min(meas[name]) * 1e3:.1f}-{max(meas[name]) * 1e3:.1f}]  error {err:+.1%}"
+        )
     print(
         f"worst |error| over {len(configs)} configurations: {max(errors):.1%} "
         f"(median {statistics.median(errors):.1%})"

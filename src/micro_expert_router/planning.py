@@ -37,7 +37,7 @@ def measure_disk(store: Store, reads: int = 16, seed: int = 0) -> tuple[float, f
     rng = random.Random(seed)
     entries = rng.sample(sorted(store.experts.values(), key=lambda e: (e.layer, e.expert)),
                          min(reads, len(store.experts)))  # fmt: skip
-    pool = BufferPool(1, align_up(store.expert_bytes) + ALIGN, name="profile")
+    pool = BufferPool(1, align_up(store.expert_bytes), name="profile")
     with DirectReader() as reader, pool.lease() as lease:
         lat = []
         for e in entries:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 from .cache import ExpertCache
 from .config import EngineConfig
 from .errors import ConfigError, StoreError
-from .io import ALIGN, DEMAND, PREFETCH, BufferPool, DirectReader, Lease, align_up
+from .io import DEMAND, PREFETCH, BufferPool, DirectReader, Lease, align_up
 from .io.reader import DEFAULT_THREADS
 from .provider import ProviderStats
 from .store import Store
@@ -208,7 +208,9 @@ class StreamingProvider:
                                   f"1/{self.n_groups} in [0, 1] (this store cuts experts into "
                                   f"{self.n_groups} groups)")  # fmt: skip
             self.top_groups[layer], self.top_bytes[layer] = k, k * per_group
-        self.slot_bytes = align_up(store.expert_bytes) + ALIGN  # read slots: reads start mid-page
+        # Read slots: extents start on 4096 bytes, so a whole read needs align_up(S) and a
+        # bottom-segment read [top, S) needs align_up(S) - align_down(top) <= align_up(S).
+        self.slot_bytes = align_up(store.expert_bytes)
         # Cached entries of a layer live in slots of its top size: whole experts keep their read
         # slot (zero copy); split layers copy the top into a slot of a smaller pool.
         entry_bytes = {
