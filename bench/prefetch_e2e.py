@@ -1,0 +1,88 @@
+"""Prefetch on vs off, end to end (issue 6, point 3): ABAB rounds of generation on a streamed
+store, decode tok/s and I/O stall per token, prefetch on (`--prefetch s,l,m` by default) vs off
+at the same cache budget. Prints one line per trial and the on/off speed ratio last; writes JSON
+lines to bench/results/prefetch_e2e.jsonl.
+
+    python bench/prefetch_e2e.py                       # the demo store (learned routing)
+    python bench/prefetch_e2e.py --store DIR           # any store, e.g. random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import micro_expert_router as mer
+from micro_expert_router.store import Store
+
+PROMPTS = ("Q: Why did the programmer quit his job?\nA:", "Never trust a man who",
+           "The best things in life are", "If at first you don't succeed,")  # fmt: skip
+
+
+def run(store: Path, prompts, tokens: int, threads: int, **options) -> dict:
+    steps = []
+    with mer.load(store, threads=threads, **options) as engine:
+        for prompt in prompts:
+            steps += list(
+                engine.generate(prompt, tokens, temperature=0.8, seed=5, stop_at_eos=False)
+            )[1:]  # decode steps only
+    n = len(steps)
+    return {"tok_s": n / sum(s.step_s for s in steps),
+            "stall_ms": 1e3 * sum(s.io_wait_s for s in steps) / n,
+            "mb_per_token": sum(s.bytes_read for s in steps) / n / 1e6,
+            "prefetch_hits_per_token": sum(s.prefetch_hits for s in steps) / n,
+            "misses_per_token": sum(s.misses for s in steps) / n}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--store", default=None, help="store (default: the demo store)")
+    ap.add_argument("--budget-frac", type=float, default=0.25)
+    ap.add_argument("--prefetch", default="s,l,m")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if args.store is None:
+        from micro_expert_router.demo.store import demo_store_path
+
+        store, prompts = demo_store_path(), PROMPTS
+    else:
+        store = Path(args.store)
+        prompts = [list(range(5 + 7 * i, 21 + 7 * i)) for i in range(len(PROMPTS))]
+    s = Store.open(store)
+    budget = int(args.budget_frac * s.total_expert_bytes)
+    print(
+        f"{store}: {len(s.experts)} experts x {s.expert_bytes / 1e6:.2f} MB, cache "
+        f"{budget / 1e6:.1f} MB ({args.budget_frac:.0%}), {args.threads} thread(s)"
+    )
+    out = Path(__file__).resolve().parent / "results" / "prefetch_e2e.jsonl"
+    out.parent.mkdir(exist_ok=True)
+    res = {"off": [], args.prefetch: []}
+    for r in range(args.rounds):
+        for pf in res:
+            d = run(store, prompts, args.tokens, args.threads, cache_bytes=budget, prefetch=pf)
+            res[pf].append(d)
+            print(
+                f"round {r} prefetch {pf:8s} {d['tok_s']:7.2f} tok/s  stall "
+                f"{d['stall_ms']:6.2f} ms/token  {d['mb_per_token']:6.2f} MB/token  misses "
+                f"{d['misses_per_token']:.2f} (prefetched {d['prefetch_hits_per_token']:.2f})"
+            )
+            with open(out, "a") as f:
+                f.write(json.dumps({"time": time.time(), "store": str(store), "prefetch": pf,
+                                    **d}) + "\n")  # fmt: skip
+    med = {pf: statistics.median(d["tok_s"] for d in v) for pf, v in res.items()}
+    stall = {pf: statistics.median(d["stall_ms"] for d in v) for pf, v in res.items()}
+    on, off = med[args.prefetch], med["off"]
+    print(
+        f"median decode: off {off:.2f} tok/s (stall {stall['off']:.2f} ms), on {on:.2f} tok/s "
+        f"(stall {stall[args.prefetch]:.2f} ms)"
+    )
+    print(f"prefetch on/off decode speed: {on / off:.3f}")
+
+
+if __name__ == "__main__":
+    main()
