@@ -77,3 +77,14 @@ def save_hf_model(name: str, folder: Path, seed: int = 0, dtype: torch.dtype = t
     model = build_hf_model(name, seed, dtype)
     model.save_pretrained(folder)
     return model
+
+
+def run_cli(*args, env=None):
+    """``mer ARGS`` in a subprocess; asserts it never shows a Python traceback."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "micro_expert_router.cli", *map(str, args)],
+                       capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert "Traceback" not in p.stderr, p.stderr
+    return p

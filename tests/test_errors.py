@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
-from hf_models import save_hf_model
+from hf_models import run_cli, save_hf_model
 from safetensors.torch import load_file, save_file
 
 import micro_expert_router as mer
@@ -28,13 +26,6 @@ def copy(good, tmp_path):
     dst = tmp_path / "m"
     shutil.copytree(good, dst)
     return dst
-
-
-def run_cli(*args):
-    p = subprocess.run([sys.executable, "-m", "micro_expert_router.cli", *map(str, args)],
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert "Traceback" not in p.stderr, p.stderr
-    return p
 
 
 def test_unsupported_architecture_lists_supported(good, tmp_path):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from hf_models import save_hf_model
+from hf_models import run_cli, save_hf_model
 
 import micro_expert_router as mer
 from micro_expert_router.checkpoint import Checkpoint
@@ -32,13 +32,6 @@ def store(ckpt, tmp_path):
     return convert(ckpt, tmp_path / "store", progress=False, log=None).path
 
 
-def cli(*args):
-    p = subprocess.run([sys.executable, "-m", "micro_expert_router.cli", *map(str, args)],
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert "Traceback" not in p.stderr, p.stderr
-    return p
-
-
 def test_layout_aligned_bundled_and_checksummed(ckpt, store):
     s = Store.open(store)
     src = Checkpoint(ckpt)
@@ -52,9 +45,9 @@ def test_layout_aligned_bundled_and_checksummed(ckpt, store):
         g0, u0, d0 = src.expert(layer, e)
         assert torch.equal(gate, g0) and torch.equal(up, u0) and torch.equal(down, d0)
     assert s.verify() == []
-    p = cli("verify", store)
+    p = run_cli("verify", store)
     assert p.returncode == 0 and "all checksums match" in p.stdout
-    p = cli("inspect", store, "--json")
+    p = run_cli("inspect", store, "--json")
     assert json.loads(p.stdout)["architecture"] == "Qwen2MoeForCausalLM"
 
 
@@ -66,7 +59,7 @@ def test_flipped_byte_named_by_verify_and_refused_on_load(store):
         b = f.read(1)
         f.seek(victim.offset + 1000)
         f.write(bytes([b[0] ^ 0x10]))
-    p = cli("verify", store)
+    p = run_cli("verify", store)
     assert p.returncode == 1
     assert "layer 2, expert 5" in p.stderr and str(victim.offset) in p.stderr
     engine = mer.load(store, cache_bytes=0, verify=True)
@@ -74,7 +67,7 @@ def test_flipped_byte_named_by_verify_and_refused_on_load(store):
         for _ in range(50):  # route until expert (2, 5) is needed
             engine.logits(list(range(0, 128)))
     engine.close()
-    p = cli("generate", "--model", store, "--prompt-ids", ",".join(map(str, range(128))),
+    p = run_cli("generate", "--model", store, "--prompt-ids", ",".join(map(str, range(128))),
             "--max-tokens", "1", "--verify", "--cache-mb", "0")  # fmt: skip
     assert p.returncode != 0 and "fails its checksum" in p.stderr
 
@@ -84,7 +77,7 @@ def test_truncated_expert_file(store):
     os.truncate(f, f.stat().st_size - 5000)
     with pytest.raises(StoreError, match="experts-00000.bin: truncated"):
         mer.load(store)
-    p = cli("generate", "--model", store, "--prompt-ids", "1")
+    p = run_cli("generate", "--model", store, "--prompt-ids", "1")
     assert p.returncode != 0 and "truncated" in p.stderr
 
 
@@ -102,7 +95,7 @@ def test_bad_manifest(store, edit, message):
     path.write_text(json.dumps(m))
     with pytest.raises(StoreError, match=message):
         mer.load(store)
-    p = cli("inspect", store)
+    p = run_cli("inspect", store)
     assert p.returncode != 0 and "manifest.json" in p.stderr
 
 
@@ -111,7 +104,7 @@ def test_not_a_store(tmp_path):
     (tmp_path / "junk" / "manifest.json").write_text("[1, 2")
     with pytest.raises(StoreError, match="not valid JSON"):
         Store.open(tmp_path / "junk")
-    p = cli("verify", tmp_path)
+    p = run_cli("verify", tmp_path)
     assert p.returncode != 0 and "not an expert store" in p.stderr
 
 
@@ -179,7 +172,7 @@ def test_killed_conversion_leaves_nothing_loadable(tmp_path):
             assert json.loads((dst / "manifest.json").read_text())["experts"] == reference
             assert Store.open(dst).verify() == []
     assert refused >= 2, "the kills did not land inside the conversion"
-    p = cli("convert", big, dst, "--quiet", "--force")
+    p = run_cli("convert", big, dst, "--quiet", "--force")
     assert p.returncode == 0, p.stderr
     assert not list(tmp_path.glob(".out.partial-*"))
     assert Store.open(dst).verify() == []

@@ -48,15 +48,29 @@ class ExpertFormat(Protocol):
     def partials(self, x: torch.Tensor, w: object) -> Iterator[torch.Tensor]: ...
 
 
-def _check_dense(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int) -> None:
+def check_dense(
+    fmt_name: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int
+) -> tuple[int, int]:
+    """Validate one expert's dense weights for packing; returns (hidden, inter)."""
+    if gate.dim() != 2:
+        raise ConfigError(f"{fmt_name}: gate must be 2-D [I, D], got shape {tuple(gate.shape)}")
     inter, hidden = gate.shape
     if up.shape != (inter, hidden) or down.shape != (hidden, inter):
         raise ConfigError(
-            f"expert weight shapes disagree: gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
-            f"down {tuple(down.shape)} (expected [I, D], [I, D], [D, I])"
+            f"{fmt_name}: expert weight shapes disagree: gate {tuple(gate.shape)}, "
+            f"up {tuple(up.shape)}, down {tuple(down.shape)} (expected [I, D], [I, D], [D, I])"
         )
     if group <= 0 or inter % group:
-        raise ConfigError(f"group size {group} does not divide the intermediate size {inter}")
+        raise ConfigError(f"{fmt_name}: group size {group} does not divide I = {inter}")
+    for name, t in (("gate", gate), ("up", up), ("down", down)):
+        if not t.is_floating_point():
+            raise ConfigError(f"{fmt_name}: {name} weights must be float, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ConfigError(
+                f"{fmt_name}: {name} weights contain NaN or Inf; fix the checkpoint before "
+                "quantizing"
+            )
+    return hidden, inter
 
 
 class _FloatFormat:
@@ -72,7 +86,7 @@ class _FloatFormat:
     def pack(
         self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int
     ) -> torch.Tensor:
-        _check_dense(gate, up, down, group)
+        check_dense(self.name, gate, up, down, group)
         inter, hidden = gate.shape
         n = inter // group
         w = torch.empty((n, 3, group, hidden), dtype=self.dtype)  # [n, 3, g, D]

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, StoreError
 from . import reference as ref
-from .formats import FORMATS
+from .formats import FORMATS, check_dense
 
 _int8_mm = torch.ops.aten._weight_int8pack_mm
 _int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -46,30 +46,6 @@ _int4_pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
 
 
 # ---- shared checks and helpers ---------------------------------------------------------------
-
-
-def _check_dense(
-    fmt_name: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int
-) -> tuple[int, int]:
-    if gate.dim() != 2:
-        raise ConfigError(f"{fmt_name}: gate must be 2-D [I, D], got shape {tuple(gate.shape)}")
-    inter, hidden = gate.shape
-    if up.shape != (inter, hidden) or down.shape != (hidden, inter):
-        raise ConfigError(
-            f"{fmt_name}: expert weight shapes disagree: gate {tuple(gate.shape)}, "
-            f"up {tuple(up.shape)}, down {tuple(down.shape)} (expected [I, D], [I, D], [D, I])"
-        )
-    if group <= 0 or inter % group:
-        raise ConfigError(f"{fmt_name}: group size {group} does not divide I = {inter}")
-    for name, t in (("gate", gate), ("up", up), ("down", down)):
-        if not t.is_floating_point():
-            raise ConfigError(f"{fmt_name}: {name} weights must be float, got {t.dtype}")
-        if not bool(torch.isfinite(t).all()):
-            raise ConfigError(
-                f"{fmt_name}: {name} weights contain NaN or Inf; fix the checkpoint before "
-                "quantizing"
-            )
-    return hidden, inter
 
 
 def _group_rows(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int):
@@ -188,7 +164,7 @@ class Q8:
     def pack(
         self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int
     ) -> torch.Tensor:
-        hidden, _ = _check_dense(self.name, gate, up, down, group)
+        hidden, _ = check_dense(self.name, gate, up, down, group)
         self._check_dims(hidden, group)
         sections, per = ref.q8_sections(hidden, group)
         parts = []
@@ -312,7 +288,7 @@ class Q4:
     def pack(
         self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int
     ) -> torch.Tensor:
-        hidden, _ = _check_dense(self.name, gate, up, down, group)
+        hidden, _ = check_dense(self.name, gate, up, down, group)
         self._check_dims(hidden, group)
         b = self.block_size(hidden, group)
         sections, per = ref.q4_sections(hidden, group, b)
