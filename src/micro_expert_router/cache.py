@@ -104,22 +104,12 @@ class _LazyHeap:
         return found
 
 
-class LRU:
-    """Least recently used: evict the entry whose last request is oldest (ties: smaller key)."""
+class _HeapPolicy:
+    """What the online policies share: entries ranked in a lazy heap, the lowest evicted first,
+    every miss admitted. Subclasses rank keys with ``self._heap.set``."""
 
     def __init__(self) -> None:
-        self._last: dict[Key, int] = {}
         self._heap = _LazyHeap()
-
-    def on_hit(self, key: Key, t: int) -> None:
-        self._last[key] = t
-        self._heap.set(key, (t, key))
-
-    def on_miss(self, key: Key, t: int) -> None:
-        self._last[key] = t
-
-    def on_insert(self, key: Key, t: int) -> None:
-        self._heap.set(key, (self._last.setdefault(key, t), key))
 
     def on_evict(self, key: Key) -> None:
         self._heap.discard(key)
@@ -131,7 +121,25 @@ class LRU:
         return True
 
 
-class LFU:
+class LRU(_HeapPolicy):
+    """Least recently used: evict the entry whose last request is oldest (ties: smaller key)."""
+
+    def __init__(self) -> None:
+        self._last: dict[Key, int] = {}
+        super().__init__()
+
+    def on_hit(self, key: Key, t: int) -> None:
+        self._last[key] = t
+        self._heap.set(key, (t, key))
+
+    def on_miss(self, key: Key, t: int) -> None:
+        self._last[key] = t
+
+    def on_insert(self, key: Key, t: int) -> None:
+        self._heap.set(key, (self._last.setdefault(key, t), key))
+
+
+class LFU(_HeapPolicy):
     """Least frequently used: evict the entry with the fewest requests; among equal counts the
     least recently requested, then the smaller key. With ``persistent`` (default) a key's count
     covers every request since the run began, resident or not; otherwise it restarts at 1 each
@@ -143,7 +151,7 @@ class LFU:
         self.persistent = persistent
         self._count: dict[Key, int] = {}
         self._last: dict[Key, int] = {}
-        self._heap = _LazyHeap()
+        super().__init__()
 
     def _prio(self, key: Key) -> tuple:
         return (self._count[key], self._last[key], key)
@@ -163,21 +171,15 @@ class LFU:
         self._heap.set(key, self._prio(key))
 
     def on_evict(self, key: Key) -> None:
-        self._heap.discard(key)
+        super().on_evict(key)
         if not self.persistent:
             del self._count[key], self._last[key]
-
-    def victim(self, exclude: Container[Key]) -> Key | None:
-        return self._heap.min(exclude)
-
-    def admits(self, key: Key, victims: Sequence[Key]) -> bool:
-        return True
 
 
 _LCP_GRID = 2**20  # LCP compares s on a grid of 2**-20 steps (about 1e-6)
 
 
-class LCP:
+class LCP(_HeapPolicy):
     """MoEpic's least cache priority: ``P = mu * rho**(nu / omega)``, ``mu`` the key's request
     count (persistent), ``nu = t - last`` the steps since its last request; lowest P evicted.
 
@@ -197,7 +199,7 @@ class LCP:
         self._steps_per_e = self.omega / math.log(1.0 / self.rho)  # s gained per unit of log mu
         self._mu: dict[Key, int] = {}
         self._last: dict[Key, int] = {}
-        self._heap = _LazyHeap()
+        super().__init__()
 
     def _prio(self, key: Key) -> tuple:
         last = self._last[key]
@@ -219,15 +221,6 @@ class LCP:
         if key not in self._mu:
             self._request(key, t)
         self._heap.set(key, self._prio(key))
-
-    def on_evict(self, key: Key) -> None:
-        self._heap.discard(key)
-
-    def victim(self, exclude: Container[Key]) -> Key | None:
-        return self._heap.min(exclude)
-
-    def admits(self, key: Key, victims: Sequence[Key]) -> bool:
-        return True
 
 
 class FutureIndex:
