@@ -131,7 +131,7 @@ def _median_time(fn, repeats: int) -> float:
 def hit_curves(trace: Trace, layers: list[int], n_experts: int, policy: str = "lcp",
                warmup: int = 0) -> dict[int, tuple[float, ...]]:  # fmt: skip
     """Per layer, the hit rate with C = 0 .. n_experts cached tops (per-layer caches)."""
-    from .sim import simulate
+    from .sim import Replay
 
     if list(trace.layers) != layers:
         raise ConfigError(f"the trace's MoE layers {list(trace.layers)} are not the store's "
@@ -139,9 +139,10 @@ def hit_curves(trace: Trace, layers: list[int], n_experts: int, policy: str = "l
     if trace.num_experts != n_experts:
         raise ConfigError(f"the trace has {trace.num_experts} experts per layer, the store "
                           f"{n_experts}")  # fmt: skip
+    replay = Replay(trace)  # the trace is prepared once for every capacity
     curves: dict[int, list[float]] = {layer: [0.0] for layer in layers}
     for c in range(1, n_experts + 1):
-        r = simulate(trace, policy, {layer: c for layer in layers}, expert_bytes=1, warmup=warmup)
+        r = replay.run(policy, {layer: c for layer in layers}, expert_bytes=1, warmup=warmup)
         for layer in layers:
             curves[layer].append(float(r.per_layer_hit_rate.get(layer, 0.0)))
     return {layer: tuple(v) for layer, v in curves.items()}
