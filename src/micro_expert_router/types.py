@@ -6,15 +6,6 @@ Only plain records live here (no behaviour), so that ``kernels``, ``store``, ``i
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 ExpertId = tuple[int, int]
 """``(layer_idx, expert_idx)``: the unit of caching, prediction and I/O."""
 
-
-class Extent(NamedTuple):
-    """Where one expert's bytes live: a file, a byte offset and a length."""
-
-    file: str
-    offset: int
-    length: int

@@ -198,10 +198,12 @@ class Store:
     # -- integrity --------------------------------------------------------------------------
     def iter_extents(self) -> Iterator[tuple[ExpertEntry, bytes]]:
         """Every expert's bytes, in file order (buffered reads; for verification)."""
-        for e in sorted(self.experts.values(), key=lambda x: (x.file, x.offset)):
-            with open(e.file, "rb") as f:
-                f.seek(e.offset)
-                yield e, f.read(e.length)
+        entries = sorted(self.experts.values(), key=lambda x: (x.file, x.offset))
+        for name in dict.fromkeys(e.file for e in entries):
+            with open(name, "rb") as f:  # each file opened once, read front to back
+                for e in (e for e in entries if e.file == name):
+                    f.seek(e.offset)
+                    yield e, f.read(e.length)
 
     def verify(self, progress: Callable[[int], None] | None = None) -> list[ExpertEntry]:
         """Experts whose bytes do not match their recorded checksum."""
