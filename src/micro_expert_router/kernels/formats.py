@@ -163,13 +163,20 @@ def choose_group(fmt: ExpertFormat, inter: int, preferred_groups: int = 8) -> in
     )
 
 
-def expert_forward(fmt: ExpertFormat, x: torch.Tensor, segments: Iterable[object]) -> torch.Tensor:
+def expert_forward(
+    fmt: ExpertFormat,
+    x: torch.Tensor,
+    segments: Iterable[object],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SwiGLU output of one expert ``[T, D]`` from its segments' views, in group order.
 
     Partials are added one group at a time in a fixed order, so the result does not depend on
-    where the expert was cut into segments.
+    where the expert was cut into segments. ``out`` continues an expert begun by an earlier call
+    (its top segment): the bottom's partials are added to it in place, which is bit-identical to
+    one call over both segments, so the caller may compute other experts in between.
     """
-    y: torch.Tensor | None = None
+    y: torch.Tensor | None = out
     for w in segments:
         for p in fmt.partials(x, w):  # [T, D] per group
             y = p if y is None else y.add_(p)
