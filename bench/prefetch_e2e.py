@@ -3,8 +3,12 @@ store, decode tok/s and I/O stall per token, prefetch on (`--prefetch s,l,m` by 
 at the same cache budget. Prints one line per trial and the on/off speed ratio last; writes JSON
 lines to bench/results/prefetch_e2e.jsonl.
 
-    python bench/prefetch_e2e.py                       # the demo store (learned routing)
-    python bench/prefetch_e2e.py --store DIR           # any store, e.g. random weights
+    python bench/prefetch_e2e.py                # widened demo: learned routing, disk-bound
+    python bench/prefetch_e2e.py --store demo   # the bundled demo store (compute-bound)
+    python bench/prefetch_e2e.py --store DIR    # any store, e.g. random weights (token-id prompts)
+
+The default store is the demo model with 12.6 MB experts (bench/widened_demo.py): the trained
+demo's routing, with reads that dominate decode time as they do for real models.
 """
 
 from __future__ import annotations
@@ -39,17 +43,21 @@ def run(store: Path, prompts, tokens: int, threads: int, **options) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--store", default=None, help="store (default: the demo store)")
+    ap.add_argument("--store", default="wide", help="wide (default), demo, or a store folder")
     ap.add_argument("--budget-frac", type=float, default=0.25)
     ap.add_argument("--prefetch", default="s,l,m")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    if args.store is None:
+    if args.store == "demo":
         from micro_expert_router.demo.store import demo_store_path
 
         store, prompts = demo_store_path(), PROMPTS
+    elif args.store == "wide":
+        from widened_demo import widened_demo_store
+
+        store, prompts = widened_demo_store(), PROMPTS
     else:
         store = Path(args.store)
         prompts = [list(range(5 + 7 * i, 21 + 7 * i)) for i in range(len(PROMPTS))]

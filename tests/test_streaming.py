@@ -150,6 +150,29 @@ def test_split_hit_reads_only_the_bottom(case):
         assert p.top_pools and p.pool_bytes < p.pool.nbytes + len(p.store.experts) * entry.length
 
 
+def test_split_miss_reads_its_top_into_the_cache_slot(case):
+    """A miss of a split expert reads top and bottom as two reads; the top lands in a top-pool
+    slot that becomes the cache entry as is, holding exactly the store's top bytes."""
+    store, expert_bytes, ids, *_ = case
+    with mer.load(store, split=0.5) as engine:
+        p = engine.provider
+        engine.logits(ids)  # all misses: every needed expert's top is now cached
+        d = p.stats
+        assert d.hits == 0 and d.misses == d.experts_needed > 0
+        entry = next(iter(p.store.experts.values()))
+        assert d.bytes_read == d.misses * entry.length  # top + bottom, no more
+        (pool,) = p.top_pools.values()
+        cached = [(k, p.cache.peek(k)) for k in p.store.experts if k in p.cache]
+        assert len(cached) == min(d.misses, pool.total - p.window - 1) > 0
+        for key, c in cached:
+            e = p.store.experts[key]
+            assert c.lease.pool is pool
+            with open(e.file, "rb") as f:
+                f.seek(e.offset)
+                want = f.read(e.length // 2)
+            assert c.view is not None and bytes(c.lease.memoryview(len(want))) == want
+
+
 def test_split_ratio_off_the_grid_is_refused(case):
     store, *_ = case
     with pytest.raises(ConfigError, match="not a multiple of 1/8"):

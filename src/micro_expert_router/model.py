@@ -4,8 +4,9 @@ OLMoE), written to read like the math.
 Dense weights (embeddings, attention, norms, routers, shared experts, dense MLPs) are a dict of
 tensors keyed by their HuggingFace checkpoint names; routed experts come from an ``ExpertProvider``
 and are computed by ``kernels.expert_forward``. The MoE block groups the tokens of a step by
-expert, so each expert is fetched once per step, and visits experts in id order so the float
-result does not depend on where the bytes came from. Follows the HuggingFace implementations
+expert, so each expert is fetched once per step; it computes the experts already in RAM first
+and the others as their reads land, but sums expert outputs in id order, so the float result does
+not depend on where the bytes came from. Follows the HuggingFace implementations
 (transformers 5.x) operation for operation, so float32 results agree to rounding.
 
 Legend: T tokens in the step, S positions in the KV cache, D hidden, H heads, Hk kv heads,
@@ -164,11 +165,19 @@ class Transformer:
             # a later layer never gets onto the disk ahead of them
             for cb in self.on_route:
                 cb(Routing(i, experts, weights, x))
-            for e, h in zip(needed, handles, strict=True):
-                tok, slot = torch.where(experts == e)
-                y = expert_forward(
-                    fmt, x[tok], h.segments()
-                )  # [T_e, D], computes as segments arrive
+            # Compute order: first what is in RAM (whole cached experts, cached tops), while
+            # the misses and bottom segments are read; then the rest in read order. Each
+            # expert's groups and the experts' sum into `out` keep a fixed order, so the
+            # result is the same bits whatever was cached.
+            rows = [torch.where(experts == e) for e in needed]  # (tokens, top-k slot) per expert
+            segs = [h.segments() for h in handles]
+            ys: list[torch.Tensor | None] = [None] * len(needed)
+            for j, h in enumerate(handles):
+                if h.resident:
+                    ys[j] = expert_forward(fmt, x[rows[j][0]], [next(segs[j])])  # [T_e, D]
+            for j, (tok, _) in enumerate(rows):
+                ys[j] = expert_forward(fmt, x[tok], segs[j], out=ys[j])  # waits for reads
+            for (tok, slot), y in zip(rows, ys, strict=True):
                 out.index_add_(0, tok, y * weights[tok, slot, None])
         if self.args.shared_expert_inter:
             p = f"model.layers.{i}.mlp"

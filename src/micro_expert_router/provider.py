@@ -48,6 +48,10 @@ class ProviderStats:
 
 
 class ExpertHandle(Protocol):
+    # True if the first segment (the whole expert, or a split expert's cached top) is in RAM:
+    # the MoE block computes these first, while the other experts' reads are on the disk
+    resident: bool
+
     def segments(self) -> Iterator[object]:
         """Format views of the expert's segments, in group order (may wait on reads)."""
         ...
@@ -72,6 +76,7 @@ class ExpertProvider(Protocol):
 @dataclass(frozen=True)
 class ResidentHandle:
     view: object
+    resident: bool = True
 
     def segments(self) -> Iterator[object]:
         yield self.view

@@ -3,15 +3,18 @@
 ``StreamingProvider`` joins the parts: the ``ExpertCache`` decides residency under the byte budget
 (policy from the registry), the ``BufferPool`` holds every byte (cached experts keep their slot;
 staging slots carry reads in flight), and the ``DirectReader`` fills slots with O_DIRECT reads.
-For one MoE layer it looks every needed expert up in the cache, starts reads for the misses (at
-most ``window`` ahead of the expert being computed, so a prefill that needs every expert still
-runs in bounded memory), and hands out handles whose ``segments()`` wait for their read. After an
-expert is computed its slot is offered to the cache; if the cache declines, the slot goes back to
-the pool. Every path out of ``acquire`` (success, error, an abandoned generator) releases what it
-holds, and the reader keeps its own reference to a slot until its read ends.
+For one MoE layer it looks every needed expert up in the cache, starts reads for the misses in
+expert order (holding at most ``window + 1`` read slots, so a prefill that needs every expert
+still runs in bounded memory), and hands out handles whose ``segments()`` wait for their read.
+The MoE block computes the resident handles first (whole cached experts and cached tops) while
+the reads run, then the rest in expert order. After an expert is computed its slot is offered to
+the cache; if the cache declines, the slot goes back to the pool. Every path out of
+``acquire`` (success, error, an abandoned generator) releases what it holds, and the reader
+keeps its own reference to a slot until its read ends.
 
 Memory: ``pool = (cache slots + window + 1) x slot_bytes``, with ``slot_bytes`` the expert extent
-rounded up to 4096 plus 4096 for reads that start mid-page. See ``docs/streaming.md``.
+rounded up to 4096 plus 4096 for reads that start mid-page; split layers add top pools of
+``(cached tops + window + 1) x top slot``. See ``docs/streaming.md``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class _Handle:
     def __init__(self, owner: _LayerFetch, index: int) -> None:
         self.owner = owner
         self.index = index
+        # a cache hit: its first segment (the whole expert, or its top) is there without a read
+        self.resident = owner.cached[index] is not None
 
     def segments(self) -> Iterator[object]:
         return self.owner.segments(self.index)
@@ -67,8 +72,13 @@ class _LayerFetch:
         self.views: list[object] = [None] * n  # its format view, built once at admission
         self.staging: list[Lease | None] = [None] * n  # our reference to a read slot
         self.futures: list[Future | None] = [None] * n
+        # a split miss reads its top straight into a top-pool slot, the cache entry to be
+        self.tops: list[Lease | None] = [None] * n
+        self.top_futures: list[Future | None] = [None] * n
         self.submitted = 0
-        self.done_upto = 0  # experts [0, done_upto) are finished and their leases settled
+        self.reading = 0  # read slots our demand reads hold (in flight, or not yet settled)
+        self.demand = [False] * n  # expert i's slot came from our own read (not a prefetch)
+        self.settled = [False] * n  # finished: leases released, a completed miss offered
         for i, key in enumerate(self.keys):
             entry = provider.cache.lookup(key)
             if entry is not None:
@@ -87,40 +97,69 @@ class _LayerFetch:
         lease = p.pool.lease()
         self.staging[i] = lease
         self.futures[i] = p.reader.submit(entry.file, offset, length, lease, priority=DEMAND)
+        self.reading += 1
+        self.demand[i] = True
         p.stats.bytes_read += length
 
-    def _submit_upto(self, upto: int) -> None:
-        while self.submitted < min(upto, len(self.keys)):
+    def submit_more(self) -> None:
+        """Start the next reads, in expert order, while fewer than ``window + 1`` read slots
+        are held (the staging slots the pool reserves for demand reads)."""
+        while self.submitted < len(self.keys) and self.reading <= self.p.window:
             i = self.submitted
             self.submitted += 1
             entry = self.p.store.experts[self.keys[i]]
             if self.staging[i] is not None:
                 continue  # adopted from a prefetch
             if self.cached[i] is None:
-                self._read(i, entry.offset, entry.length)  # miss: the whole extent
+                top = None
+                if self.split and not self.p.verify:  # verify checks whole extents
+                    top = self.p.top_pools[align_up(self.top_bytes)].try_lease()
+                if top is None:
+                    self._read(i, entry.offset, entry.length)  # miss: the whole extent
+                    continue
+                # miss of a split expert: top and bottom as two reads, the top into its
+                # cache slot (no copy at admission), the bottom into a read slot
+                self.tops[i] = top
+                self.top_futures[i] = self.p.reader.submit(
+                    entry.file, entry.offset, self.top_bytes, top, priority=DEMAND
+                )
+                self.p.stats.bytes_read += self.top_bytes
+                self._read(i, entry.offset + self.top_bytes, entry.length - self.top_bytes)
             elif self.split:
                 self._read(i, entry.offset + self.top_bytes, entry.length - self.top_bytes)
 
-    def _wait(self, i: int):
+    def _wait(self, i: int, top: bool = False):
+        self.submit_more()
+        if i >= self.submitted:  # the caller finishes experts in order, so this cannot happen
+            raise RuntimeError(
+                f"expert {self.keys[i]} waited on before its read was started; "
+                "finish experts in request order after the resident ones"
+            )
         t0 = time.perf_counter()
-        result = self.futures[i].result()
+        result = (self.top_futures if top else self.futures)[i].result()
         self.p.stats.io_wait_s += time.perf_counter() - t0
         return result
 
     def segments(self, i: int) -> Iterator[object]:
         """Views of expert ``i`` in group order; on a split hit the cached top comes first, so
-        its compute runs while the bottom segment is still being read."""
+        its compute runs while the bottom segment is still being read. When the caller asks
+        for the next view after the last, the expert is finished and settled at once."""
         p = self.p
-        self._settle_before(i)
-        self._submit_upto(i + 1 + p.window)
         key, entry = self.keys[i], p.store.experts[self.keys[i]]
         view = p.store.format.view
         d, g = p.store.args.hidden_size, p.store.group
         if self.cached[i] is not None:
             yield self.views[i]  # the whole expert, or its top segment
-            if not self.split:
-                return
+            if self.split:
+                yield view(self._wait(i).torch(), d, g)
+            self._settle(i)
+            return
+        self.submit_more()
+        if self.tops[i] is not None:  # a split miss read as top + bottom
+            self.views[i] = view(self._wait(i, top=True).torch(), d, g)
+            yield self.views[i]
             yield view(self._wait(i).torch(), d, g)
+            self._settle(i)
             return
         result = self._wait(i)
         if p.verify and key not in p.verified:
@@ -132,15 +171,24 @@ class _LayerFetch:
             p.verified.add(key)
         self.views[i] = view(result.torch(), d, g)
         yield self.views[i]
+        self._settle(i)
 
     def _settle(self, i: int) -> None:
         """Expert ``i`` is finished: offer a completed miss to the cache, release the rest."""
+        if self.settled[i]:
+            return
+        self.settled[i] = True
         cached, self.cached[i] = self.cached[i], None
         if cached is not None:
             cached.release()
+        top, self.tops[i] = self.tops[i], None
         lease, self.staging[i] = self.staging[i], None
+        if top is not None:
+            self._settle_split_miss(i, top, lease)
+            return
         if lease is None:
             return
+        self.reading -= self.demand[i]
         fut = self.futures[i]
         if not fut.done() and not fut.cancel():
             # Already running (only on error or abandon paths): let it finish, so that every
@@ -153,13 +201,25 @@ class _LayerFetch:
             )
         lease.release()
 
-    def _settle_before(self, index: int) -> None:
-        while self.done_upto < index:
-            self._settle(self.done_upto)
-            self.done_upto += 1
+    def _settle_split_miss(self, i: int, top: Lease, bottom: Lease) -> None:
+        """Admit the top slot of a split miss if both its reads completed; release both."""
+        self.reading -= 1
+        futures = (self.top_futures[i], self.futures[i])
+        for fut in futures:
+            if not fut.done() and not fut.cancel():
+                wait([fut])  # only on error or abandon paths: the slot must come back whole
+        if all(f.done() and not f.cancelled() and f.exception() is None for f in futures):
+            pool = self.p.top_pools[align_up(self.top_bytes)]
+            entry = _Cached(top.retain(), self.views[i])
+            if not self.p.cache.admit(self.keys[i], entry, pool.slot_bytes, self.protected):
+                top.release()
+        top.release()
+        bottom.release()
 
     def close(self) -> None:
-        self._settle_before(len(self.keys))
+        """Settle whatever the caller did not finish (an error, an abandoned generator)."""
+        for i in range(len(self.keys)):
+            self._settle(i)
 
 
 def _per_layer(value, layers: list[int], name: str) -> dict[int, float]:
@@ -247,8 +307,9 @@ class StreamingProvider:
         self.staged: dict[tuple[int, int], tuple[Lease, Future]] = {}  # prefetched, not yet used
         self.pool = BufferPool(slots.pop(self.slot_bytes, 0) + staging + prefetch_slots,
                                self.slot_bytes, name="experts")  # fmt: skip
-        # split pools: one more slot than the cache can hold, for the copy made before admission
-        self.top_pools = {size: BufferPool(n + 1, size, name=f"expert-tops-{size}")
+        # split pools: the cache's slots, plus one per demand read in flight (a split miss reads
+        # its top straight into the slot it will be cached in)
+        self.top_pools = {size: BufferPool(n + staging, size, name=f"expert-tops-{size}")
                           for size, n in slots.items()}  # fmt: skip
         self.reader = DirectReader(threads=io_threads or DEFAULT_THREADS)
 
@@ -318,7 +379,7 @@ class StreamingProvider:
         self.stats.experts_needed += len(experts)
         fetch = _LayerFetch(self, layer, experts)
         try:
-            fetch._submit_upto(1 + self.window)
+            fetch.submit_more()
             yield [_Handle(fetch, i) for i in range(len(experts))]
         finally:
             fetch.close()
