@@ -7,13 +7,16 @@ read reference is a ``torch.sum`` over a 1 GiB float32 tensor, measured in the s
 Every round runs every measurement once, in the same order (ABAB...); the summary gives the
 median and the min-max spread over rounds, and ratios are paired per round.
 
-Variants: ``q4/1grp`` and ``q8/1grp`` are the same formats with a single group per expert (to
-show per-group overhead); ``q4:fused`` / ``q4:deq`` force the fused int4 kernel or the
-dequantize-to-bf16 + F.linear path, for the prefill threshold.
+Variants: ``q4`` and ``q8`` take the engine's path (the native kernel of ``kernels/native.cpp``
+for decode when it is available, else torch's ops); ``q4:torch`` / ``q8:torch`` force torch's
+int4/int8 ops (the fallback path); ``q4/1grp`` and ``q8/1grp`` are the formats with a single group
+per expert (to show per-group overhead); ``q4:fused`` / ``q4:deq`` force torch's fused int4
+kernel or the dequantize-to-bf16 + F.linear path, for the prefill thresholds.
 
     python bench/kernels.py [--shapes 2048x1408,2048x5632] [--rounds 7] [--threads 2]
 
-The last line is the q4 ratio (q4 decode GB/s / DRAM read GB/s), the lowest over the shapes.
+The last two lines are the q8 and q4 ratios (decode GB/s / DRAM read GB/s, median [min-max] of
+the per-round ratios), each the lowest over the shapes; the q4 line is last.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 
 import torch
 
-from micro_expert_router.kernels import quant  # noqa: F401  (registers q4, q8)
+from micro_expert_router.kernels import native, quant  # noqa: F401  (registers q4, q8)
 from micro_expert_router.kernels.formats import FORMATS, choose_group, expert_forward
 
 
@@ -40,9 +43,22 @@ def variant(name: str):
     """(format object, single_group, prefill override) for a variant name."""
     base, _, mod = name.partition("/") if "/" in name else name.partition(":")
     fmt = type(FORMATS[base])()
+    if mod in ("fused", "deq", "torch"):
+        fmt.native = False  # instance override: torch's ops
     if mod in ("fused", "deq"):
-        fmt.prefill_min_tokens = None if mod == "fused" else 1  # instance override
+        fmt.prefill_min_tokens = None if mod == "fused" else 1
     return fmt, mod == "1grp"
+
+
+def path_of(fmt, tokens: int) -> str:
+    """Which code computes this variant at ``tokens`` tokens."""
+    if not getattr(fmt, "native", False):
+        pre = getattr(fmt, "prefill_min_tokens", None)
+        return "torch" if pre is None or tokens < pre or fmt.name not in ("q4", "q8") else "dense"
+    pre = fmt.prefill_min_tokens
+    if pre is not None and tokens >= pre:
+        return "dense"
+    return "native" if native.available() else "torch"
 
 
 def build(name: str, d: int, i: int, rotate_bytes: int, min_copies: int):
@@ -69,12 +85,12 @@ def time_per_expert(fmt, views, x: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="2048x1408,2048x5632", help="DxI list")
-    p.add_argument("--decode", default="f32,bf16,q8,q4,q8/1grp,q4/1grp")
-    p.add_argument("--prefill", default="bf16,q8:fused,q8:deq,q4:fused,q4:deq")
+    p.add_argument("--decode", default="f32,bf16,q8,q4,q8:torch,q4:torch,q8/1grp,q4/1grp")
+    p.add_argument("--prefill", default="bf16,q8,q8:fused,q8:deq,q4,q4:fused,q4:deq")
     p.add_argument("--tokens", default="8,64")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--rotate-mb", type=int, default=160, help=">= 4x L3 (32 MiB here)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--jsonl", default=None, help="append one JSON line per measurement")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,13 +105,26 @@ def main() -> None:
     )
     omp = os.environ.get("OMP_WAIT_POLICY")
     print(f"q4 layout {quant.FORMATS['q4'].layout_tag()}; OMP_WAIT_POLICY={omp}")
-    q4_ratios: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    if native.available():
+        built = native.INFO.build_seconds
+        how = f"built in {built:.1f} s" if built is not None else "loaded from the cache"
+        print(f"native kernels: {native.INFO.path} ({how}, {time.perf_counter() - t0:.1f} s)")
+    else:
+        print(f"native kernels not used: {native.INFO.reason}")
+    ratios: dict[str, dict[str, list[float]]] = {"q8": {}, "q4": {}}
     for d, i in shapes:
         shape = f"{d}x{i}"
         dec = {n: build(n, d, i, args.rotate_mb << 20, 2) for n in args.decode.split(",")}
         pre = {n: build(n, d, i, 0, 2) for n in args.prefill.split(",")}
-        for n, (_, views, nbytes, group) in dec.items():
-            print(f"{shape} {n}: {nbytes / 1e6:.1f} MB/expert, g={group}, {len(views)} copies")
+        for n, (fmt, views, nbytes, group) in dec.items():
+            print(
+                f"{shape} {n}: {nbytes / 1e6:.1f} MB/expert, g={group}, {len(views)} copies, "
+                f"path {path_of(fmt, 1)}"
+            )
+        for n, (fmt, _, _, _) in pre.items():
+            paths = ", ".join(f"T={t}: {path_of(fmt, t)}" for t in tokens)
+            print(f"{shape} prefill {n}: {paths}")
         res: dict[str, list[float]] = {}
         x1 = torch.randn(1, d)
         for fmt, views, _, _ in dec.values():  # warm-up (allocator, first-touch)
@@ -127,12 +156,18 @@ def main() -> None:
             if "@" not in k:
                 ratio = [a / b for a, b in zip(v, dram, strict=True)]
                 extra = f"  ratio to DRAM {fmt_stats(ratio, 2)}"
-                if k == "q4":
-                    q4_ratios[shape] = ratio
+                if k in ratios:
+                    ratios[k][shape] = ratio
             print(f"{shape} {k}: {fmt_stats(v)} {unit}{extra}")
     print(f"load average at the end: {'/'.join(f'{v:.1f}' for v in os.getloadavg())}")
-    worst = min(q4_ratios, key=lambda s: statistics.median(q4_ratios[s]))
-    print(f"q4 ratio (q4 decode GB/s / DRAM read GB/s, {worst}): {fmt_stats(q4_ratios[worst], 2)}")
+    for k in ("q8", "q4"):
+        if not ratios[k]:
+            continue
+        worst = min(ratios[k], key=lambda s: statistics.median(ratios[k][s]))
+        print(
+            f"{k} ratio ({k} decode GB/s / DRAM read GB/s, {worst}): "
+            f"{fmt_stats(ratios[k][worst], 2)}"
+        )
 
 
 def fmt_stats(v: list[float], nd: int = 1) -> str:

@@ -11,7 +11,10 @@ a guess), how to pack dense weights into groups, a slow obviously-correct ``unpa
 reference in tests, a zero-copy ``view`` over a buffer, and ``partials``: the SwiGLU output of
 each group, one ``[T, D]`` tensor per group. ``expert_forward`` adds the group partials in group
 order, one at a time, so that computing an expert in one piece or as top + bottom segments gives
-bit-identical float results.
+bit-identical float results. A format may also offer ``accumulate(x, view, y)``: a whole segment
+added to ``y`` in one call (q4 and q8 decode run the native kernel of ``native.cpp`` this way),
+under the same rule: each group's partial is independent of the other groups of the call and is
+added in group order.
 
 Legend: T tokens, D hidden, I intermediate, n groups, g neurons per group.
 """
@@ -177,7 +180,11 @@ def expert_forward(
     one call over both segments, so the caller may compute other experts in between.
     """
     y: torch.Tensor | None = out
+    fast = getattr(fmt, "accumulate", None)  # a whole segment in one native call (q4, q8)
     for w in segments:
+        if fast is not None and (z := fast(x, w, y)) is not None:
+            y = z
+            continue
         for p in fmt.partials(x, w):  # [T, D] per group
             y = p if y is None else y.add_(p)
     if y is None:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, StoreError
+from . import native
 from . import reference as ref
 from .formats import FORMATS, check_dense
 
@@ -104,6 +105,42 @@ def _split(
     return [rows[:, s.offset : s.offset + s.nbytes] for s in sections]
 
 
+def _native_x(fmt: Q8 | Q4, x: torch.Tensor, hidden: int) -> torch.Tensor | None:
+    """x ``[T, D]`` as contiguous float32 for the native kernel, or ``None`` when the torch-op
+    path applies: native off for this instance, prefill-sized T, another dtype, or no native
+    library. Depends only on x and the format, so every segment of an expert takes one path."""
+    if not fmt.native or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if x.dim() != 2 or x.shape[1] != hidden:
+        raise ConfigError(f"activations must be [T, {hidden}], got shape {tuple(x.shape)}")
+    if fmt.prefill_min_tokens is not None and x.shape[0] >= fmt.prefill_min_tokens:
+        return None
+    if not native.available():
+        return None
+    return x.float().contiguous()
+
+
+def _native_out(y: torch.Tensor | None, x: torch.Tensor, hidden: int) -> torch.Tensor:
+    if y is None:
+        return torch.zeros((x.shape[0], hidden), dtype=x.dtype)
+    if y.dtype != x.dtype or tuple(y.shape) != (x.shape[0], hidden) or not y.is_contiguous():
+        raise ConfigError(
+            f"out must be a contiguous {x.dtype} [{x.shape[0]}, {hidden}] tensor from an "
+            f"earlier expert_forward, got {y.dtype} {tuple(y.shape)}"
+        )
+    return y
+
+
+@functools.cache
+def _offsets(fmt_name: str, hidden: int, group: int) -> tuple[list[int], int]:
+    """Section offsets and group bytes, from the reference arithmetic."""
+    if fmt_name == "q8":
+        sections, per = ref.q8_sections(hidden, group)
+    else:
+        sections, per = ref.q4_sections(hidden, group, Q4.block_size(hidden, group))
+    return [s.offset for s in sections], per
+
+
 def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
     h, u = gu.chunk(2, dim=1)  # [T, g] each
     return F.silu(h).mul_(u)  # [T, g], contiguous
@@ -120,6 +157,7 @@ class Q8View(NamedTuple):
     gu_scale: tuple[torch.Tensor, ...]  # n x [2g] bf16
     dn: tuple[torch.Tensor, ...]  # n x [D, g] int8
     dn_scale: tuple[torch.Tensor, ...]  # n x [D] bf16
+    buf: torch.Tensor  # the whole segment, uint8 (what the native kernel reads)
 
 
 class Q8:
@@ -128,6 +166,7 @@ class Q8:
     name: ClassVar[str] = "q8"
     group_multiple: ClassVar[int] = 16  # the kernel reads rows in 16-byte vectors
     prefill_min_tokens: ClassVar[int | None] = 48  # see docs/quantization.md
+    native: ClassVar[bool] = True  # decode (T < prefill_min_tokens) with kernels/native.cpp
 
     def layout_tag(self) -> str:
         """A plain layout that no torch version or CPU changes; the store records it anyway."""
@@ -192,6 +231,7 @@ class Q8:
             gs.view(torch.bfloat16).unbind(0),
             dn.view(torch.int8).view(n, d, g).unbind(0),
             ds.view(torch.bfloat16).unbind(0),
+            buf,
         )
 
     def dequantize_group(self, w: Q8View, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +241,18 @@ class Q8:
         dn = torch.mul(w.dn[j], w.dn_scale[j][:, None])
         return gu, dn
 
+    def accumulate(self, x: torch.Tensor, w: Q8View, y: torch.Tensor | None) -> torch.Tensor | None:
+        """Add the segment's SwiGLU ``[T, D]`` to y (new when ``None``) with the native decode
+        kernel and return it; ``None`` when the torch-op path (``partials``) applies."""
+        d, g = w.dn[0].shape
+        xf = _native_x(self, x, d)
+        if xf is None:
+            return None
+        y = _native_out(y, x, d)
+        offs, per = _offsets(self.name, d, g)
+        torch.ops.mer.q8_swiglu_(y, xf, w.buf, d, g, offs, per, 1)
+        return y
+
     def partials(self, x: torch.Tensor, w: Q8View) -> Iterator[torch.Tensor]:
         xb = _bf16_rows(x, w.dn[0].shape[0])  # [T, D]
         if self.prefill_min_tokens is not None and x.shape[0] >= self.prefill_min_tokens:
@@ -208,7 +260,7 @@ class Q8:
                 gw, dw = self.dequantize_group(w, j)  # [2g, D], [D, g] bf16
                 yield F.linear(_silu_mul(F.linear(xb, gw)), dw).to(x.dtype)  # [T, D]
             return
-        for gu, gs, dn, ds in zip(*w, strict=True):
+        for gu, gs, dn, ds in zip(w.gu, w.gu_scale, w.dn, w.dn_scale, strict=True):
             a = _silu_mul(_int8_mm(xb, gu, gs))  # [T, g]
             yield _int8_mm(a, dn, ds).to(x.dtype)  # [T, D]
 
@@ -239,6 +291,7 @@ class Q4View(NamedTuple):
     dn: tuple[torch.Tensor, ...]  # n x [D, g/2] uint8, packed
     dn_sz: tuple[torch.Tensor, ...]  # n x [g/b, D, 2] bf16 (scale, zero)
     block: int  # b
+    buf: torch.Tensor  # the whole segment, uint8 (what the native kernel reads)
 
 
 class Q4:
@@ -252,6 +305,7 @@ class Q4:
     name: ClassVar[str] = "q4"
     group_multiple: ClassVar[int] = 32  # down's blocks run over a group's neurons
     prefill_min_tokens: ClassVar[int | None] = 96  # see docs/quantization.md
+    native: ClassVar[bool] = True  # decode (T < prefill_min_tokens) with kernels/native.cpp
     TAG_PREFIX: ClassVar[str] = "q4:v1:int4pack-cpu:"
 
     @staticmethod
@@ -337,6 +391,7 @@ class Q4:
             dn.view(n, d, g // 2).unbind(0),
             dsz.view(torch.bfloat16).view(n, g // b, d, 2).unbind(0),
             b,
+            buf,
         )
 
     def repack(self, buf: torch.Tensor, hidden: int, group: int, from_tag: str) -> torch.Tensor:
@@ -372,6 +427,21 @@ class Q4:
             wt = _dequant4_t(packed, sz, w.block, layout)  # [N/bn, K, bn]
             out.append(wt.transpose(1, 2).reshape(packed.shape[0], -1))  # [N, K]
         return out[0], out[1]
+
+    def accumulate(self, x: torch.Tensor, w: Q4View, y: torch.Tensor | None) -> torch.Tensor | None:
+        """Add the segment's SwiGLU ``[T, D]`` to y (new when ``None``) with the native decode
+        kernel and return it; ``None`` when the torch-op path (``partials``) applies. Native
+        only in torch's AVX-512 packing ("n64"), the one its SIMD code decodes."""
+        d, g = w.dn[0].shape[0], w.dn[0].shape[1] * 2
+        if int4_layout() != "n64":
+            return None
+        xf = _native_x(self, x, d)
+        if xf is None:
+            return None
+        y = _native_out(y, x, d)
+        offs, per = _offsets(self.name, d, g)
+        torch.ops.mer.q4_swiglu_(y, xf, w.buf, d, g, w.block, offs, per, 64, True, 1)
+        return y
 
     def partials(self, x: torch.Tensor, w: Q4View) -> Iterator[torch.Tensor]:
         d, b, layout = w.dn[0].shape[0], w.block, int4_layout()

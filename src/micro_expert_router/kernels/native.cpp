@@ -1,0 +1,477 @@
+// Native decode kernels for the q4 and q8 expert formats (see kernels/native.py and
+// docs/quantization.md). One call computes a whole segment of an expert (all its groups) in two
+// parallel regions of torch's own thread pool (at::parallel_for):
+//   1. gate+up rows of every group: h, u = W_gu x               (parallel over row blocks)
+//   2. per output row block of down, for each group j in order: a_j = silu(h_j) * u_j (each
+//      thread computes it), p_j = W_dn_j a_j, y += p_j              (parallel over D)
+// Every group's partial p_j is computed by code that does not depend on the other groups of the
+// call, and added to y in group order, so an expert computed in one call or as a top segment
+// followed by a bottom segment into the same y gives the same bits.
+//
+// Weights are read in place from the expert buffer (the bytes of reference.py's sections);
+// activations and accumulation are float32. The AVX-512 kernels and the portable scalar code
+// perform the same IEEE operations in the same order (explicit fmaf, the same reduction tree,
+// the same exp polynomial), so both give identical bits; the tests check it.
+//
+// Legend: T tokens, D hidden, g neurons per group, n groups, b q4 block along K, N rows, K
+// reduction length, bn rows per int4 row block (64 in torch's AVX-512 packing "n64").
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MER_X86 1
+#define MER_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#else
+#define MER_X86 0
+#endif
+
+namespace {
+
+inline float bf16_bits(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---- exp and silu: one polynomial for both paths (Cephes expf coefficients, ~1 ulp) ----------
+
+constexpr float kLog2e = 1.44269504088896341f, kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
+constexpr float kP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+inline float exp_scalar(float x) {
+  float n = std::nearbyint(x * kLog2e);
+  n = std::fmin(std::fmax(n, -200.0f), 200.0f);
+  float r = std::fmaf(-n, kC1, x);
+  r = std::fmaf(-n, kC2, r);
+  float p = kP[0];
+  for (int i = 1; i < 6; ++i) p = std::fmaf(p, r, kP[i]);
+  float e = std::fmaf(p, r * r, r) + 1.0f;
+  return std::ldexp(e, int(n));
+}
+
+inline float silu_mul_scalar(float h, float u) { return h / (1.0f + exp_scalar(-h)) * u; }
+
+// ---- scalar kernels (reference order for the SIMD ones) --------------------------------------
+
+// One int4 row block: rows [r0, r0 + rows) of a [N, K] matrix in torch's int4 packing
+// (block of bn rows stored [K, bn/2] bytes; full blocks "split": byte j = row j (low nibble),
+// row j + bn/2 (high); partial blocks and "pair": byte j = rows 2j (low), 2j + 1 (high)).
+// out[t * os + r] = sum_kb s (sum_k q x) + (z - 8 s) (sum_k x)   (k in block kb)
+void q4_block_scalar(const uint8_t* mat, const uint16_t* sz, int64_t N, int64_t K, int64_t b,
+                     int64_t r0, int64_t rows, int64_t bn, bool split, const float* x,
+                     int64_t xst, const float* xs, int64_t xsst, int64_t T, float* out,
+                     int64_t os) {
+  const uint8_t* blk = mat + r0 * K / 2;
+  const bool full_split = split && rows == bn;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t byte = full_split ? r % (bn / 2) : r / 2;
+    int shift = (full_split ? r >= bn / 2 : r % 2) ? 4 : 0;
+    for (int64_t t = 0; t < T; ++t) {
+      float o = 0.0f;
+      for (int64_t kb = 0; kb < K / b; ++kb) {
+        float acc = 0.0f;
+        for (int64_t k = kb * b; k < (kb + 1) * b; ++k) {
+          float q = float((blk[k * (rows / 2) + byte] >> shift) & 15);
+          acc = std::fmaf(q, x[t * xst + k], acc);
+        }
+        const uint16_t* p = sz + (kb * N + r0 + r) * 2;
+        float s = bf16_bits(p[0]), z = bf16_bits(p[1]);
+        float zc = std::fmaf(-8.0f, s, z);
+        o = std::fmaf(s, acc, o);
+        o = std::fmaf(zc, xs[t * xsst + kb], o);
+      }
+      out[t * os + r] = o;
+    }
+  }
+}
+
+// Sum of 16 lanes in the tree order of hsum16 below.
+inline float tree16(const float* a) {
+  float s8[8], s4[4];
+  for (int i = 0; i < 8; ++i) s8[i] = a[i] + a[i + 8];
+  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+  float s2a = s4[0] + s4[2], s2b = s4[1] + s4[3];
+  return s2a + s2b;
+}
+
+// int8 rows [0, rows) of a row-major [N, K] matrix (w points at the first), one bf16 scale per
+// row: out[t * os + r] = s_r * sum_k w_rk x_tk, with 16 partial sums (k mod 16) and a tree.
+void q8_rows_scalar(const int8_t* w, const uint16_t* s, int64_t rows, int64_t K, const float* x,
+                    int64_t xst, int64_t T, float* out, int64_t os) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < T; ++t) {
+      float acc[16] = {};
+      for (int64_t k = 0; k < K; k += 16)
+        for (int l = 0; l < 16; ++l)
+          acc[l] = std::fmaf(float(w[r * K + k + l]), x[t * xst + k + l], acc[l]);
+      out[t * os + r] = tree16(acc) * bf16_bits(s[r]);
+    }
+}
+
+void silu_mul_rows_scalar(const float* h, const float* u, float* a, int64_t g) {
+  for (int64_t i = 0; i < g; ++i) a[i] = silu_mul_scalar(h[i], u[i]);
+}
+
+// ---- AVX-512 kernels -------------------------------------------------------------------------
+
+#if MER_X86
+MER_AVX512 inline __m512 exp_avx512(__m512 x) {
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  n = _mm512_min_ps(_mm512_max_ps(n, _mm512_set1_ps(-200.0f)), _mm512_set1_ps(200.0f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kC1), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kC2), r);
+  __m512 p = _mm512_set1_ps(kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP[i]));
+  __m512 e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(e, n);
+}
+
+MER_AVX512 void silu_mul_rows_avx512(const float* h, const float* u, float* a, int64_t g) {
+  int64_t i = 0;
+  for (; i + 16 <= g; i += 16) {
+    __m512 hv = _mm512_loadu_ps(h + i);
+    __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), hv));
+    __m512 sv = _mm512_div_ps(hv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_storeu_ps(a + i, _mm512_mul_ps(sv, _mm512_loadu_ps(u + i)));
+  }
+  for (; i < g; ++i) a[i] = silu_mul_scalar(h[i], u[i]);
+}
+
+MER_AVX512 inline float hsum16(__m512 v) {
+  __m256 lo = _mm512_castps512_ps256(v);
+  __m256 hi = _mm512_extractf32x8_ps(v, 1);
+  __m256 s8 = _mm256_add_ps(lo, hi);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));  // [s4_0 + s4_2, s4_1 + s4_3]
+  __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+  return _mm_cvtss_f32(s1);
+}
+
+constexpr int64_t kPrefetch = 2048;  // bytes ahead in a q4 row block's stream
+
+// A full 64-row "n64" block, TT tokens: 4 vectors of 16 rows per token.
+template <int TT>
+MER_AVX512 void q4_block64_avx512(const uint8_t* blk, const uint16_t* sz, int64_t N, int64_t K,
+                                  int64_t b, const float* x, int64_t xst, const float* xs,
+                                  int64_t xsst, float* out, int64_t os) {
+  const __m512i m4 = _mm512_set1_epi32(15), mhi = _mm512_set1_epi32(int(0xFFFF0000u));
+  __m512 o[TT][4];
+  for (int t = 0; t < TT; ++t)
+    for (int i = 0; i < 4; ++i) o[t][i] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < K / b; ++kb) {
+    __m512 acc[TT][4];
+    for (int t = 0; t < TT; ++t)
+      for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_setzero_ps();
+    const uint8_t* p = blk + kb * b * 32;
+    for (int64_t k = kb * b; k < (kb + 1) * b; ++k, p += 32) {
+      if ((k & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T0);
+      __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      __m512i v1 =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+      __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(v0, m4)),
+                     _mm512_cvtepi32_ps(_mm512_and_si512(v1, m4)),
+                     _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)),
+                     _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4))};
+      for (int t = 0; t < TT; ++t) {
+        __m512 xb = _mm512_set1_ps(x[t * xst + k]);
+        for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_fmadd_ps(w[i], xb, acc[t][i]);
+      }
+    }
+    const uint32_t* szp = reinterpret_cast<const uint32_t*>(sz + kb * N * 2);  // (s | z << 16)
+    for (int i = 0; i < 4; ++i) {
+      __m512i d = _mm512_loadu_si512(szp + 16 * i);
+      __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+      __m512 z = _mm512_castsi512_ps(_mm512_and_si512(d, mhi));
+      __m512 zc = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);
+      for (int t = 0; t < TT; ++t) {
+        o[t][i] = _mm512_fmadd_ps(s, acc[t][i], o[t][i]);
+        o[t][i] = _mm512_fmadd_ps(zc, _mm512_set1_ps(xs[t * xsst + kb]), o[t][i]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + t * os + 16 * i, o[t][i]);
+}
+
+// R int8 rows, TT tokens.
+template <int R, int TT>
+MER_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int64_t K, const float* x,
+                               int64_t xst, float* out, int64_t os) {
+  __m512 acc[R][TT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    if ((k & 63) == 0)  // the next R rows, one cache line per row: DRAM streams start early
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
+    __m512 xv[TT];
+    for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_ps(x + t * xst + k);
+    for (int r = 0; r < R; ++r) {
+      __m512 wv = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k))));
+      for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) out[t * os + r] = hsum16(acc[r][t]) * bf16_bits(s[r]);
+}
+#endif
+
+bool cpu_has_avx512() {
+#if MER_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// ---- dispatch over token tiles ---------------------------------------------------------------
+
+void q4_block(bool simd, const uint8_t* mat, const uint16_t* sz, int64_t N, int64_t K, int64_t b,
+              int64_t r0, int64_t rows, int64_t bn, bool split, const float* x, int64_t xst,
+              const float* xs, int64_t xsst, int64_t T, float* out, int64_t os) {
+#if MER_X86
+  if (simd && bn == 64 && split && rows == 64) {
+    const uint8_t* blk = mat + r0 * K / 2;
+    const uint16_t* szr = sz + r0 * 2;
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {
+      const float *xt = x + t0 * xst, *xst_ = xs + t0 * xsst;
+      float* ot = out + t0 * os;
+      switch (std::min<int64_t>(4, T - t0)) {
+        case 1: q4_block64_avx512<1>(blk, szr, N, K, b, xt, xst, xst_, xsst, ot, os); break;
+        case 2: q4_block64_avx512<2>(blk, szr, N, K, b, xt, xst, xst_, xsst, ot, os); break;
+        case 3: q4_block64_avx512<3>(blk, szr, N, K, b, xt, xst, xst_, xsst, ot, os); break;
+        default: q4_block64_avx512<4>(blk, szr, N, K, b, xt, xst, xst_, xsst, ot, os); break;
+      }
+    }
+    return;
+  }
+#endif
+  q4_block_scalar(mat, sz, N, K, b, r0, rows, bn, split, x, xst, xs, xsst, T, out, os);
+}
+
+// rows [0, rows) starting at w (row-major, K per row), scales s
+void q8_rows(bool simd, const int8_t* w, const uint16_t* s, int64_t rows, int64_t K,
+             const float* x, int64_t xst, int64_t T, float* out, int64_t os) {
+#if MER_X86
+  if (simd) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4)
+      for (int64_t t0 = 0; t0 < T; t0 += 4) {
+        const int8_t* wr = w + r * K;
+        const float* xt = x + t0 * xst;
+        float* ot = out + t0 * os + r;
+        switch (std::min<int64_t>(4, T - t0)) {
+          case 1: q8_rows_avx512<4, 1>(wr, s + r, K, xt, xst, ot, os); break;
+          case 2: q8_rows_avx512<4, 2>(wr, s + r, K, xt, xst, ot, os); break;
+          case 3: q8_rows_avx512<4, 3>(wr, s + r, K, xt, xst, ot, os); break;
+          default: q8_rows_avx512<4, 4>(wr, s + r, K, xt, xst, ot, os); break;
+        }
+      }
+    for (; r < rows; ++r)
+      for (int64_t t = 0; t < T; ++t)
+        q8_rows_avx512<1, 1>(w + r * K, s + r, K, x + t * xst, xst, out + t * os + r, os);
+    return;
+  }
+#endif
+  q8_rows_scalar(w, s, rows, K, x, xst, T, out, os);
+}
+
+void silu_mul_rows(bool simd, const float* h, const float* u, float* a, int64_t g) {
+#if MER_X86
+  if (simd) return silu_mul_rows_avx512(h, u, a, g);
+#endif
+  silu_mul_rows_scalar(h, u, a, g);
+}
+
+// Sums of x over blocks of b along K, in order: xs[t * (K/b) + kb].
+void block_sums(const float* x, int64_t T, int64_t K, int64_t b, float* xs) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t kb = 0; kb < K / b; ++kb) {
+      float s = 0.0f;
+      for (int64_t k = kb * b; k < (kb + 1) * b; ++k) s += x[t * K + k];
+      xs[t * (K / b) + kb] = s;
+    }
+}
+
+void add_rows(const at::Tensor& y, int64_t D, int64_t T, int64_t r0, int64_t rows,
+              const float* p, int64_t ps) {
+  if (y.scalar_type() == at::kFloat) {
+    float* Y = static_cast<float*>(y.data_ptr());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t r = 0; r < rows; ++r) Y[t * D + r0 + r] += p[t * ps + r];
+  } else {  // bf16: the sum in f32, rounded to nearest even, as torch's add_
+    auto* Y = static_cast<c10::BFloat16*>(y.data_ptr());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t r = 0; r < rows; ++r)
+        Y[t * D + r0 + r] = c10::BFloat16(float(Y[t * D + r0 + r]) + p[t * ps + r]);
+  }
+}
+
+bool use_simd(int64_t isa) {
+  static const bool has = cpu_has_avx512();
+  TORCH_CHECK(isa == 0 || isa == 1, "mer: isa must be 0 (scalar) or 1 (avx512)");
+  TORCH_CHECK(isa == 0 || has, "mer: isa=1 asked for AVX-512, which this CPU lacks");
+  return isa == 1;
+}
+
+void check_common(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf, int64_t D,
+                  int64_t per) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
+                  x.size(1) == D,
+              "mer: x must be contiguous float32 [T, D]");
+  TORCH_CHECK((y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16) &&
+                  y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0) && y.size(1) == D,
+              "mer: y must be contiguous float32 or bfloat16 [T, D]");
+  TORCH_CHECK(buf.scalar_type() == at::kByte && buf.dim() == 1 && buf.is_contiguous() &&
+                  per > 0 && buf.numel() % per == 0 && buf.numel() > 0,
+              "mer: buf must be a contiguous uint8 buffer of whole groups");
+}
+
+// ---- the ops ---------------------------------------------------------------------------------
+
+void q4_swiglu_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf, int64_t D,
+                int64_t g, int64_t b, at::IntArrayRef offs, int64_t per, int64_t bn, bool split,
+                int64_t isa) {
+  check_common(y, x, buf, D, per);
+  TORCH_CHECK(offs.size() == 4 && D % b == 0 && g % b == 0 && (2 * g) % bn == 0 && b % 2 == 0,
+              "mer: bad q4 dimensions");
+  const bool simd = use_simd(isa);
+  const int64_t T = x.size(0), n = buf.numel() / per, N1 = 2 * g;
+  if (T == 0) return;
+  const uint8_t* base = static_cast<const uint8_t*>(buf.data_ptr());
+  const float* X = static_cast<const float*>(x.data_ptr());
+  std::vector<float> xs(T * (D / b)), gu(n * T * N1);  // gu: [n, T, 2g]
+  block_sums(X, T, D, b, xs.data());
+  const int64_t nb1 = N1 / bn;
+  at::parallel_for(0, n * nb1, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t j = it / nb1, r0 = (it % nb1) * bn;
+      const uint8_t* grp = base + j * per;
+      q4_block(simd, grp + offs[0], reinterpret_cast<const uint16_t*>(grp + offs[1]), N1, D, b, r0,
+               bn, bn, split, X, D, xs.data(), D / b, T, gu.data() + j * T * N1 + r0, N1);
+    }
+  });
+  const int64_t nb2 = (D + bn - 1) / bn;
+  at::parallel_for(0, nb2, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> a(T * g), as(T * (g / b)), p(T * bn);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* h = gu.data() + j * T * N1;
+      for (int64_t t = 0; t < T; ++t) silu_mul_rows(simd, h + t * N1, h + t * N1 + g, &a[t * g], g);
+      block_sums(a.data(), T, g, b, as.data());
+      const uint8_t* grp = base + j * per;
+      for (int64_t it = i0; it < i1; ++it) {
+        int64_t r0 = it * bn, rows = std::min(bn, D - r0);
+        q4_block(simd, grp + offs[2], reinterpret_cast<const uint16_t*>(grp + offs[3]), D, g, b,
+                 r0, rows, bn, split, a.data(), g, as.data(), g / b, T, p.data(), bn);
+        add_rows(y, D, T, r0, rows, p.data(), bn);
+      }
+    }
+  });
+}
+
+constexpr int64_t kRows = 64;  // q8 rows per work item
+
+void q8_swiglu_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf, int64_t D,
+                int64_t g, at::IntArrayRef offs, int64_t per, int64_t isa) {
+  check_common(y, x, buf, D, per);
+  TORCH_CHECK(offs.size() == 4 && D % 16 == 0 && g % 16 == 0, "mer: bad q8 dimensions");
+  const bool simd = use_simd(isa);
+  const int64_t T = x.size(0), n = buf.numel() / per, N1 = 2 * g;
+  if (T == 0) return;
+  const uint8_t* base = static_cast<const uint8_t*>(buf.data_ptr());
+  const float* X = static_cast<const float*>(x.data_ptr());
+  std::vector<float> gu(n * T * N1);  // [n, T, 2g]
+  const int64_t nb1 = (N1 + kRows - 1) / kRows;
+  at::parallel_for(0, n * nb1, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t j = it / nb1, r0 = (it % nb1) * kRows, rows = std::min(kRows, N1 - r0);
+      const uint8_t* grp = base + j * per;
+      q8_rows(simd, reinterpret_cast<const int8_t*>(grp + offs[0]) + r0 * D,
+              reinterpret_cast<const uint16_t*>(grp + offs[2]) + r0, rows, D, X, D, T,
+              gu.data() + j * T * N1 + r0, N1);
+    }
+  });
+  const int64_t nb2 = (D + kRows - 1) / kRows;
+  at::parallel_for(0, nb2, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> a(T * g), p(T * kRows);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* h = gu.data() + j * T * N1;
+      for (int64_t t = 0; t < T; ++t) silu_mul_rows(simd, h + t * N1, h + t * N1 + g, &a[t * g], g);
+      const uint8_t* grp = base + j * per;
+      for (int64_t it = i0; it < i1; ++it) {
+        int64_t r0 = it * kRows, rows = std::min(kRows, D - r0);
+        q8_rows(simd, reinterpret_cast<const int8_t*>(grp + offs[1]) + r0 * g,
+                reinterpret_cast<const uint16_t*>(grp + offs[3]) + r0, rows, g, a.data(), g, T,
+                p.data(), kRows);
+        add_rows(y, D, T, r0, rows, p.data(), kRows);
+      }
+    }
+  });
+}
+
+// Single matrices, for the tests: y [T, N] float32 = x [T, K] @ W.T.
+void q4_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& packed,
+                const at::Tensor& sz, int64_t b, int64_t bn, bool split, int64_t isa) {
+  const int64_t T = x.size(0), K = x.size(1), N = packed.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && y.scalar_type() == at::kFloat &&
+                  y.is_contiguous() && y.size(0) == T && y.size(1) == N &&
+                  packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(1) * 2 == K && sz.scalar_type() == at::kBFloat16 &&
+                  sz.is_contiguous() && sz.numel() == (K / b) * N * 2 && K % b == 0,
+              "mer: bad q4_linear arguments");
+  const bool simd = use_simd(isa);
+  std::vector<float> xs(T * (K / b));
+  block_sums(static_cast<const float*>(x.data_ptr()), T, K, b, xs.data());
+  for (int64_t r0 = 0; r0 < N; r0 += bn)
+    q4_block(simd, static_cast<const uint8_t*>(packed.data_ptr()),
+             static_cast<const uint16_t*>(sz.data_ptr()), N, K, b, r0, std::min(bn, N - r0), bn,
+             split, static_cast<const float*>(x.data_ptr()), K, xs.data(), K / b, T,
+             static_cast<float*>(y.data_ptr()) + r0, N);
+}
+
+void q8_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
+                const at::Tensor& s, int64_t isa) {
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && y.scalar_type() == at::kFloat &&
+                  y.is_contiguous() && y.size(0) == T && y.size(1) == N &&
+                  w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == K &&
+                  s.scalar_type() == at::kBFloat16 && s.numel() == N && K % 16 == 0,
+              "mer: bad q8_linear arguments");
+  q8_rows(use_simd(isa), static_cast<const int8_t*>(w.data_ptr()),
+          static_cast<const uint16_t*>(s.data_ptr()), N, K,
+          static_cast<const float*>(x.data_ptr()), K, T, static_cast<float*>(y.data_ptr()), N);
+}
+
+bool has_avx512() { return cpu_has_avx512(); }
+
+}  // namespace
+
+TORCH_LIBRARY(mer, m) {
+  m.def("q4_swiglu_(Tensor(a!) y, Tensor x, Tensor buf, int hidden, int group, int block, "
+        "int[] offsets, int per, int block_n, bool split, int isa) -> ()",
+        &q4_swiglu_);
+  m.def("q8_swiglu_(Tensor(a!) y, Tensor x, Tensor buf, int hidden, int group, int[] offsets, "
+        "int per, int isa) -> ()",
+        &q8_swiglu_);
+  m.def("q4_linear_(Tensor(a!) y, Tensor x, Tensor packed, Tensor sz, int block, int block_n, "
+        "bool split, int isa) -> ()",
+        &q4_linear_);
+  m.def("q8_linear_(Tensor(a!) y, Tensor x, Tensor w, Tensor s, int isa) -> ()", &q8_linear_);
+  m.def("has_avx512() -> bool", &has_avx512);
+}

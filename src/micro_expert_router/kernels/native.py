@@ -1,0 +1,142 @@
+"""Builds and loads the native q4/q8 decode kernels (``native.cpp``) as torch custom ops.
+
+The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``)
+against the installed torch, into the project's cache directory (``$MER_CACHE_DIR``, else
+``$XDG_CACHE_HOME/micro-expert-router``, else ``~/.cache/micro-expert-router``) under a name
+keyed by a hash of the source, the compile command and the torch version, so a new source or
+torch never loads a stale library. The build writes to a temporary name and renames, so
+concurrent first uses do not see a half-written file. There is no ninja or setuptools step.
+
+The ops use torch's own thread pool (``at::parallel_for``, OpenMP in torch's CPU wheels), linked
+against the ``libgomp`` torch ships, so there is no second OpenMP runtime. The
+AVX-512 code is compiled with per-function target attributes and chosen at run time, so the
+library runs on any x86-64; elsewhere only the portable scalar code is built.
+
+``available()`` is ``False`` (and the formats keep torch's int4/int8 ops) when ``MER_NATIVE=0``,
+when the build fails (one warning naming the reason), or when the CPU lacks AVX-512 (then the
+scalar C++ code would be slower than torch's vectorised kernels; tests still run it via
+``isa=0``). The ops themselves are in ``quant.py``'s ``accumulate`` methods.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.cpp")
+# -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers; the library
+# links torch's own libgomp (torch/lib), so the process keeps one OpenMP runtime.
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-w"]
+
+
+class NativeInfo:
+    """What happened when the library was loaded (for benchmarks and messages)."""
+
+    path: Path | None = None
+    build_seconds: float | None = None  # None: loaded from the cache
+    reason: str = ""  # why it is not available, when it is not
+
+
+INFO = NativeInfo()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MER_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "micro-expert-router"
+
+
+def _command(out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    cxx = os.environ.get("CXX", "g++")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    libs = library_paths()
+    cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    cmd += [f"-I{p}" for p in include_paths()]
+    cmd += [str(SOURCE), "-o", str(out)]
+    cmd += [f"-L{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-lgomp"]
+    cmd += [f"-Wl,-rpath,{p}" for p in libs]
+    return cmd
+
+
+def library_path() -> Path:
+    """Where the built library for this source, compiler flags and torch lives."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    cxx = os.environ.get("CXX", "g++")
+    key = [torch.__version__, sys.platform, platform.machine(), cxx, *FLAGS]
+    h.update("\0".join(key).encode())
+    return cache_dir() / "native" / f"mer_native_{h.hexdigest()[:16]}.so"
+
+
+def build(path: Path) -> float:
+    """Compile to ``path`` (atomically); returns the seconds it took. Raises on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    t = time.perf_counter()
+    try:
+        run = subprocess.run(_command(Path(tmp)), capture_output=True, text=True)
+        if run.returncode:
+            raise RuntimeError(f"compiler failed: {run.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return time.perf_counter() - t
+
+
+@functools.cache
+def load() -> bool:
+    """Load the ops into ``torch.ops.mer`` (building them first if needed); ``True`` if loaded.
+
+    Never raises: a failure leaves the torch-op path in use and warns once.
+    """
+    if os.environ.get("MER_NATIVE", "1") == "0":
+        INFO.reason = "disabled by MER_NATIVE=0"
+        return False
+    try:
+        path = library_path()
+        if not path.is_file():
+            INFO.build_seconds = build(path)
+        torch.ops.load_library(str(path))
+        INFO.path = path
+        return True
+    except Exception as e:  # no compiler, no headers, a link error: keep the torch path
+        INFO.reason = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"micro_expert_router: the native q4/q8 decode kernels could not be built or loaded "
+            f"({INFO.reason}); using torch's int4/int8 ops instead, which are slower for "
+            "decode. Install a C++ compiler (e.g. `apt-get install g++`, or set $CXX), or set "
+            "MER_NATIVE=0 to skip the native kernels.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+
+
+@functools.cache
+def has_avx512() -> bool:
+    return load() and bool(torch.ops.mer.has_avx512())
+
+
+def available() -> bool:
+    """Whether the formats should use the native ops: loaded, and an AVX-512 CPU."""
+    if not load():
+        return False
+    if not has_avx512():
+        INFO.reason = "this CPU has no AVX-512 (the scalar C++ code is slower than torch's ops)"
+        return False
+    return True
