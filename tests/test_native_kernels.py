@@ -1,0 +1,292 @@
+"""The native q4/q8 decode kernels (kernels/native.cpp) against the NumPy reference.
+
+Tolerances (u = 2^-24, float32's unit roundoff; derived in docs/quantization.md). The kernels
+take float32 activations and accumulate in float32, so the reference is exact float64 math on
+the exact dequantized weights, and the bounds are first-order rounding-error bounds:
+- q4 matrix: per block of b along K the kernel forms A = sum q x (b fused multiply-adds) and
+  X = sum x (b adds), then y = sum over K/b blocks of s A + fl(z - 8 s) X (2 K/b fused
+  multiply-adds). |y - y_exact| <= (b + 2 K/b + 4) u sum_k |x_k| (q_k |s| + |z - 8 s|).
+- q8 matrix: 16 chains of K/16 fused multiply-adds, a 4-level tree, one product with s:
+  |y - y_exact| <= (K/16 + 6) u |s| sum_k |q_k x_k|.
+- Expert: the gate/up bound above; silu(h) u through the same exp polynomial in both code
+  paths, at most 16 u relative (exp ~2 ulp, then 1 + e, the division and the product), plus
+  the propagated error |silu'(h)| |u| dh + |silu(h)| du with |silu'| <= 1.1; the down bound on
+  the computed a plus sum_k |W_dk| da_k; then n - 1 roundings of the group sum, n u sum_j |p_j|.
+  Checked per element with 1% slack for second-order terms.
+Bit-exact: a whole expert vs a top segment + a bottom segment into the same y; 1 vs 2 threads;
+the scalar C++ code vs the AVX-512 code (the same IEEE operations in the same order).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from micro_expert_router.kernels import native, quant
+from micro_expert_router.kernels import reference as ref
+from micro_expert_router.kernels.formats import FORMATS, expert_forward
+from micro_expert_router.kernels.quant import Q4, int4_layout
+
+U = 2.0**-24
+QFORMATS = ["q8", "q4"]
+
+if not native.load():
+    pytest.skip(f"native kernels unavailable: {native.INFO.reason}", allow_module_level=True)
+
+ISAS = [0, 1] if native.has_avx512() else [0]
+
+
+def weights(d: int, i: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(i, d, generator=g) * d**-0.5, torch.randn(i, d, generator=g) * d**-0.5,
+            torch.randn(d, i, generator=g) * i**-0.5)  # fmt: skip
+
+
+def swiglu_op(name: str, y, x, buf, d: int, g: int, isa: int) -> None:
+    """Accumulate one segment into y with an explicit ISA (0 scalar, 1 AVX-512)."""
+    offs, per = quant._offsets(name, d, g)
+    if name == "q8":
+        torch.ops.mer.q8_swiglu_(y, x, buf, d, g, offs, per, isa)
+    else:
+        bn, split = ref.INT4_LAYOUTS[int4_layout()]
+        torch.ops.mer.q4_swiglu_(y, x, buf, d, g, Q4.block_size(d, g), offs, per, bn, split, isa)
+
+
+# ---- one matrix: elementwise bounds ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", sorted(ref.INT4_LAYOUTS))
+@pytest.mark.parametrize(("n", "k", "b", "t"), [(128, 256, 64, 1), (96, 128, 32, 5),
+                                                (192, 64, 32, 3)])  # fmt: skip
+def test_q4_linear_elementwise_bound(isa, layout, n, k, b, t):
+    rng = np.random.default_rng(n + k + t)
+    q = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    s = ref.bf16_round(rng.random((n, k // b)).astype(np.float32) * 0.1)
+    z = ref.bf16_round(rng.standard_normal((n, k // b)).astype(np.float32) * 0.1)
+    s[0, 0] = 0.0  # a constant block
+    packed = torch.from_numpy(ref.encode_int4(q, layout))
+    sz = torch.from_numpy(ref._sz_bits(s, z)).view(torch.bfloat16)  # [K/b, N, 2]
+    x = torch.randn(t, k)
+    y = torch.full((t, n), float("nan"))
+    bn, split = ref.INT4_LAYOUTS[layout]
+    torch.ops.mer.q4_linear_(y, x, packed, sz, b, bn, split, isa)
+    sk, zk = np.repeat(s, b, axis=1).astype(np.float64), np.repeat(z, b, axis=1).astype(np.float64)
+    w = (q - 8.0) * sk + zk  # [N, K] exact
+    xf = x.double().numpy()
+    exact = xf @ w.T
+    m = np.abs(xf) @ (q * np.abs(sk) + np.abs(zk - 8 * sk)).T
+    bound = (b + 2 * k // b + 4) * U * m
+    assert np.all(np.abs(y.double().numpy() - exact) <= bound * 1.01)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("n", "k", "t"), [(64, 2048, 1), (37, 176, 6), (5, 16, 4)])
+def test_q8_linear_elementwise_bound(isa, n, k, t):
+    rng = np.random.default_rng(n + k)
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    s = ref.bf16_round(rng.random(n).astype(np.float32) * 0.01)
+    x = torch.randn(t, k)
+    y = torch.full((t, n), float("nan"))
+    st = torch.from_numpy(ref.bf16_to_bits(s)).view(torch.bfloat16)
+    torch.ops.mer.q8_linear_(y, x, torch.from_numpy(q), st, isa)
+    xf, qf = x.double().numpy(), q.astype(np.float64)
+    exact = (xf @ qf.T) * s
+    bound = (k // 16 + 6) * U * (np.abs(xf) @ np.abs(qf).T) * np.abs(s)
+    assert np.all(np.abs(y.double().numpy() - exact) <= bound * 1.01)
+
+
+# ---- a whole expert ----------------------------------------------------------------------------
+
+
+def expert_bound(name, x, gq, uq, dq, group, block):
+    """Exact f64 SwiGLU and the per-element error bound of the module docstring."""
+    x = x.astype(np.float64)
+    g64, u64, d64 = (m.astype(np.float64) for m in (gq, uq, dq))
+    ax = np.abs(x)
+    if name == "q8":  # |s| |q| = |w|: dequantization is exact
+        kd = x.shape[1]
+        eg = (kd // 16 + 6) * U * (ax @ np.abs(g64).T)
+        eu = (kd // 16 + 6) * U * (ax @ np.abs(u64).T)
+    else:
+        c = (block + 2 * x.shape[1] // block + 4) * U
+        eg, eu = c * (ax @ _blockmax(g64, block).T), c * (ax @ _blockmax(u64, block).T)
+    h, u = x @ g64.T, x @ u64.T  # [T, I]
+    sig = 1 / (1 + np.exp(-h))
+    silu = h * sig
+    a = silu * u
+    dsilu = 1.1
+    ea = dsilu * np.abs(u) * eg + np.abs(silu) * eu + 16 * U * np.abs(a)
+    y = np.zeros((x.shape[0], d64.shape[0]))
+    ey = np.zeros_like(y)
+    absp = np.zeros_like(y)
+    n = gq.shape[0] // group
+    for j in range(n):
+        sl = slice(j * group, (j + 1) * group)
+        dj = d64[:, sl]
+        p = a[:, sl] @ dj.T
+        y += p
+        absp += np.abs(p)
+        if name == "q8":
+            ep = (group // 16 + 6) * U * (np.abs(a[:, sl]) @ np.abs(dj).T)
+        else:
+            cd = (block + 2 * group // block + 4) * U
+            ep = cd * (np.abs(a[:, sl]) @ _blockmax(dj, block).T)
+        ey += ep + np.abs(ea[:, sl]) @ np.abs(dj).T
+    ey += n * U * absp
+    return y, ey
+
+
+def _blockmax(w: np.ndarray, block: int) -> np.ndarray:
+    """Per element, 15 |s| + |z - 8 s| of its block, bounded by 3 (max|w| of the block):
+    s = (max - min) / 15 and |z - 8 s| = |min| <= max|w|, up to bf16 rounding (x1.01)."""
+    r, k = w.shape
+    m = np.abs(w).reshape(r, k // block, block).max(axis=2)  # [R, K/b]
+    return np.repeat(3.03 * m, block, axis=1)
+
+
+@pytest.mark.parametrize("name", QFORMATS)
+@pytest.mark.parametrize(
+    ("d", "n", "group", "t"), [(128, 3, 64, 1), (96, 2, 32, 5), (256, 2, 128, 4), (2048, 1, 704, 2)]
+)
+def test_expert_matches_exact_reference_elementwise(name, d, n, group, t):
+    fmt = FORMATS[name]
+    gate, up, down = weights(d, n * group, seed=d + t)
+    buf = fmt.pack(gate, up, down, group)
+    gq, uq, dq = (m.numpy() for m in fmt.unpack(buf, d, n * group, group))
+    x = torch.randn(t, d)
+    y = expert_forward(fmt, x, [fmt.view(buf, d, group)])
+    assert y.dtype == torch.float32
+    want, bound = expert_bound(name, x.numpy(), gq, uq, dq, group, Q4.block_size(d, group))
+    err = np.abs(y.double().numpy() - want)
+    assert np.all(err <= bound * 1.01)
+    assert np.linalg.norm(err) <= 1e-5 * np.linalg.norm(want)  # measured: ~1e-6
+
+
+# ---- bit-exactness -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", QFORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("t", [1, 3, 6])
+def test_split_is_bit_exact_at_the_kernel(name, dtype, isa, t):
+    d, n, group = 128, 5, 64
+    fmt = FORMATS[name]
+    buf = fmt.pack(*weights(d, n * group, seed=t), group)
+    per = fmt.group_nbytes(d, group)
+    x = torch.randn(t, d)
+    whole = torch.zeros(t, d, dtype=dtype)
+    swiglu_op(name, whole, x, buf, d, group, isa)
+    for k in range(1, n):
+        y = torch.zeros(t, d, dtype=dtype)
+        swiglu_op(name, y, x, buf[: k * per].clone(), d, group, isa)  # top, its own slot
+        swiglu_op(name, y, x, buf[k * per :].clone(), d, group, isa)  # bottom, into the same y
+        assert torch.equal(whole, y)
+
+
+@pytest.mark.skipif(not native.has_avx512(), reason="no AVX-512 on this CPU")
+@pytest.mark.parametrize("name", QFORMATS)
+@pytest.mark.parametrize(("d", "t"), [(128, 1), (96, 5), (2048, 2)])
+def test_scalar_and_avx512_agree_bit_for_bit(name, d, t):
+    n, group = 2, 64
+    fmt = FORMATS[name]
+    buf = fmt.pack(*weights(d, n * group, seed=d), group)
+    x = torch.randn(t, d) * 4  # wide range for silu: saturated and negative h
+    ys = []
+    for isa in (0, 1):
+        y = torch.zeros(t, d)
+        swiglu_op(name, y, x, buf, d, group, isa)
+        ys.append(y)
+    assert torch.equal(ys[0], ys[1])
+
+
+@pytest.mark.parametrize("name", QFORMATS)
+def test_result_does_not_depend_on_thread_count(name):
+    d, n, group = 256, 4, 64
+    fmt = FORMATS[name]
+    w = fmt.view(fmt.pack(*weights(d, n * group, seed=1), group), d, group)
+    x = torch.randn(3, d)
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            out.append(expert_forward(fmt, x, [w]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1])
+
+
+# ---- routing and fallback ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", QFORMATS)
+def test_decode_uses_native_and_prefill_does_not(name):
+    d, group = 128, 64
+    fmt = FORMATS[name]
+    w = fmt.view(fmt.pack(*weights(d, group, seed=2), group), d, group)
+    use = native.available() and (name == "q8" or int4_layout() == "n64")
+    y = fmt.accumulate(torch.randn(1, d), w, None)
+    assert (y is not None) == use
+    assert fmt.accumulate(torch.randn(fmt.prefill_min_tokens, d), w, None) is None
+    off = type(fmt)()
+    off.native = False
+    assert off.accumulate(torch.randn(1, d), w, None) is None
+    if use:  # bf16 activations: a bf16 result, the f32 sum rounded once
+        xb = torch.randn(2, d).to(torch.bfloat16)
+        yb = expert_forward(fmt, xb, [w])
+        assert yb.dtype == torch.bfloat16
+        assert torch.equal(yb, expert_forward(fmt, xb.float(), [w]).to(torch.bfloat16))
+
+
+FALLBACK = """
+import warnings, torch
+warnings.simplefilter("always")
+from micro_expert_router.kernels import native
+from micro_expert_router.kernels.formats import FORMATS, expert_forward
+fmt = FORMATS["q4"]
+d, g = 64, 64
+buf = fmt.pack(torch.randn(g, d), torch.randn(g, d), torch.randn(d, g), g)
+x = torch.randn(1, d)
+with warnings.catch_warnings(record=True) as caught:
+    y = expert_forward(fmt, x, [fmt.view(buf, d, g)])
+    y2 = expert_forward(fmt, x, [fmt.view(buf, d, g)])
+ref = fmt.partials(x, fmt.view(buf, d, g))
+assert torch.equal(y, next(ref)) and torch.equal(y, y2)
+print(native.available(), len([w for w in caught if "native" in str(w.message)]))
+print(native.INFO.reason)
+for w in caught:
+    print(w.message)
+"""
+
+
+def run_fallback(env: dict[str, str]) -> list[str]:
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(FALLBACK)],
+                         env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return run.stdout.splitlines()
+
+
+def test_mer_native_0_uses_the_torch_ops_without_warning():
+    out = run_fallback({"MER_NATIVE": "0"})
+    assert out[0] == "False 0" and "MER_NATIVE=0" in out[1]
+
+
+def test_build_failure_warns_once_and_falls_back(tmp_path):
+    out = run_fallback({"MER_CACHE_DIR": str(tmp_path), "CXX": str(tmp_path / "no-such-g++")})
+    assert out[0] == "False 1"
+    assert "no-such-g++" in out[1] and "g++" in out[2] and "MER_NATIVE=0" in out[2]
+
+
+def test_library_is_cached_by_source_and_torch():
+    path = native.library_path()
+    assert path.is_file() and native.INFO.path == path
+    assert torch.__version__ and path.name.startswith("mer_native_")
