@@ -110,3 +110,41 @@ def test_prefetch_on_a_checkpoint_folder_is_refused(tmp_path):
     save_hf_model("olmoe", tmp_path / "ckpt")
     with pytest.raises(ConfigError, match="needs an expert store"):
         mer.load(tmp_path / "ckpt", prefetch="s,l")
+
+
+def _prefetcher(engine):
+    from micro_expert_router.prefetcher import Prefetcher
+
+    (pf,) = [cb for cb in engine.model.on_route if isinstance(cb, Prefetcher)]
+    return pf
+
+
+def test_prefetcher_stands_down_when_it_does_not_pay_and_probes_again(store):
+    """Every expert stays cached, so no prefetch can ever save a read: after one window the
+    prefetcher pauses (its own cost is all it adds), and after the pause it tries again."""
+    from micro_expert_router.prefetcher import PAY_WINDOW
+
+    with mer.load(store, cache_bytes=None, prefetch="s,l,m") as engine:
+        pf = _prefetcher(engine)
+        layers = len(pf.layers)
+        tokens = PAY_WINDOW // layers + 2  # one full window and a little more
+        list(engine.generate(list(range(3, 9)), tokens, temperature=0, stop_at_eos=False))
+        assert pf.pauses == 1 and pf.paused > 0 and pf.backoff == 2
+        list(engine.generate(list(range(3, 9)), pf.paused // layers + 2, temperature=0,
+                             stop_at_eos=False))  # fmt: skip
+        assert pf.paused == 0 and pf._calls > 0  # probing again
+
+
+def test_prefetcher_keeps_going_when_its_hits_save_more_than_it_costs(store):
+    with mer.load(store, cache_bytes=0, prefetch="s,l,m") as engine:
+        pf = _prefetcher(engine)
+        p = engine.provider
+        bw = p.reader.stats.busy_bps or 1e9
+        pf._cost_s = 0.5 * p.store.expert_bytes / bw  # half of one read's time
+        p.stats.prefetch_hits = pf._hits0 + 1  # one hit saved a whole read
+        pf._judge()
+        assert pf.paused == 0 and pf.pauses == 0
+        pf._cost_s = 2.0 * p.store.expert_bytes / bw
+        pf._hits0 = p.stats.prefetch_hits - 1
+        pf._judge()
+        assert pf.paused > 0 and pf.pauses == 1

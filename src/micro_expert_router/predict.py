@@ -696,6 +696,11 @@ class PrefetchController:
         """(layer, predictor) -> on, off or probe."""
         return {k: g.state for k, g in self.gates.items()}
 
+    def drop_pending(self) -> None:
+        """Forget the predictions awaiting their targets (the caller stops calling for a while;
+        those targets will run unobserved)."""
+        self._pending.clear()
+
     # -- the per-layer protocol ----------------------------------------------------------------
     def observe(
         self,

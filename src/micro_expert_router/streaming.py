@@ -86,6 +86,7 @@ class _LayerFetch:
                 self.views[i] = entry.view
             elif key in provider.staged:  # a prefetch already read (or is reading) it
                 self.staging[i], self.futures[i] = provider.staged.pop(key)
+                provider.reader.promote(self.futures[i])  # needed now: demand priority
                 provider.stats.prefetch_hits += 1
         hits = sum(c is not None for c in self.cached)
         provider.stats.hits += hits
@@ -362,12 +363,16 @@ class StreamingProvider:
             started += 1
         return started
 
-    def drop_prefetches(self, layer: int | None = None) -> None:
-        """Release unused prefetches (of ``layer``, or all): their target has run without them."""
+    def drop_prefetches(self, layer: int | None = None, wait_reads: bool = False) -> None:
+        """Release unused prefetches (of ``layer``, or all): their target has run without them.
+        A read not yet started is cancelled, a running one aborted after its current chunk;
+        its slot comes back to the pool when that chunk ends (the reader holds its own
+        reference), so nobody waits for a read nobody needs, unless ``wait_reads``."""
         for key in [k for k in self.staged if layer is None or k[0] == layer]:
             lease, fut = self.staged.pop(key)
-            if not fut.cancel():
-                wait([fut])  # a running read: its slot comes back when it ends
+            self.reader.abort(fut)
+            if wait_reads:
+                wait([fut])
             lease.release()
             self.stats.prefetch_wasted += 1
 
@@ -386,7 +391,7 @@ class StreamingProvider:
             self.drop_prefetches(layer)
 
     def close(self) -> None:
-        self.drop_prefetches()
+        self.drop_prefetches(wait_reads=True)
         self.cache.clear()
         self.reader.close()
 

@@ -8,7 +8,11 @@ start inside the slot. Large reads are cut into ``chunk_bytes`` pieces read in p
 
 Priority: every chunk goes through one heap ordered by (priority, arrival), and each worker takes
 the best chunk when it becomes free, so a ``DEMAND`` read that arrives after queued ``PREFETCH``
-chunks is the next thing read (a chunk already in the kernel is not interrupted).
+chunks is the next thing read (a chunk already in the kernel is not interrupted). ``PREFETCH``
+chunks use only the disk's idle time: one starts only while no ``DEMAND`` chunk is in the kernel,
+and at most ``prefetch_chunks`` at once, so a demand read that arrives finds at most that many
+prefetch chunks ahead of it on the disk (a worker that finds the disk busy parks the chunk; it is
+taken up again when the demand reads end).
 
 Ownership: the caller owns the lease. ``submit`` adds one reference for the read itself and drops
 it when the future is done (result, error, or cancelled before it started), so the caller may
@@ -50,6 +54,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 4
 DEFAULT_CHUNK_BYTES = 4 * 2**20
+# prefetch chunks are smaller: a demand read that arrives waits for at most one of them
+DEFAULT_PREFETCH_CHUNK_BYTES = 2**20
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF_S = 0.002
 _RETRYABLE = (errno.EIO, errno.EINTR, errno.EAGAIN)
@@ -89,6 +95,12 @@ class ReaderStats(NamedTuple):
     bytes_read: int  # bytes transferred from the file (aligned ranges, so >= requested bytes)
     read_s: float  # thread-seconds spent inside preadv, summed over workers
     retries: int  # EIO/EINTR/EAGAIN or no-progress retries
+    busy_s: float = 0.0  # wall seconds with at least one chunk in the kernel
+
+    @property
+    def busy_bps(self) -> float | None:
+        """Bytes per second while the disk was busy (None before any read)."""
+        return self.bytes_read / self.busy_s if self.busy_s > 0 else None
 
 
 @dataclass
@@ -109,6 +121,7 @@ class _Request:
     aligned: int  # file offset of the aligned range
     future: Future
     remaining: int
+    chunk: int  # bytes per chunk
     started: bool = False
     cancelled: bool = False
     error: BaseException | None = None
@@ -124,6 +137,8 @@ class DirectReader:
         retries: int = DEFAULT_RETRIES,
         backoff_s: float = DEFAULT_BACKOFF_S,
         direct: bool = True,
+        prefetch_chunks: int = 1,
+        prefetch_chunk_bytes: int = DEFAULT_PREFETCH_CHUNK_BYTES,
     ) -> None:
         if threads < 1 or chunk_bytes < ALIGN or retries < 0:
             raise BudgetError(
@@ -135,13 +150,21 @@ class DirectReader:
         self.retries = retries
         self.backoff_s = backoff_s
         self.direct = direct
+        self.prefetch_chunks = max(1, prefetch_chunks)
+        self.prefetch_chunk_bytes = min(
+            self.chunk_bytes, align_up(max(ALIGN, prefetch_chunk_bytes))
+        )
         self._lock = threading.RLock()  # heap, files, request state, counters
+        self._running = [0, 0]  # chunks in the kernel, by priority
+        self._parked = 0  # drain calls that left a prefetch chunk queued (disk busy)
+        self._live: dict[int, _Request] = {}  # id(future) -> request, until it finishes
+        self._busy_since = 0.0
         self._heap: list[tuple[int, int, int, _Request]] = []
         self._seq = itertools.count()
         self._files: dict[str, _File] = {}
         self._warned = False
         self._closed = False
-        self._counts = [0, 0, 0, 0.0, 0]  # as ReaderStats
+        self._counts = [0, 0, 0, 0.0, 0, 0.0]  # as ReaderStats
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="mer-io")
         # Closes the files if the reader is dropped without close() (close() is still the rule).
         self._close_files = weakref.finalize(self, _close_files, self._files)
@@ -180,13 +203,39 @@ class DirectReader:
             lease.retain()  # the read's own reference, dropped when the future is done
             fut: Future = Future()
             fut.add_done_callback(lambda _f: lease.release())
-            n = -(-(a1 - a0) // self.chunk_bytes)
-            req = _Request(f, offset, length, lease, dest, a0, fut, remaining=n)
+            chunk = self.prefetch_chunk_bytes if priority == PREFETCH else self.chunk_bytes
+            n = -(-(a1 - a0) // chunk)
+            req = _Request(f, offset, length, lease, dest, a0, fut, remaining=n, chunk=chunk)
+            self._live[id(fut)] = req
             for k in range(n):
                 heapq.heappush(self._heap, (int(priority), next(self._seq), k, req))
         for _ in range(n):
             self._executor.submit(self._drain)
         return fut
+
+    def abort(self, fut: Future) -> None:
+        """Give up on a read: cancel it if it has not started, else skip its chunks that have
+        not started; the future then ends with ``ReadError`` once the chunks in the kernel are
+        done (and only then drops its reference to the slot). For prefetches nobody needs."""
+        if fut.cancel():
+            return
+        with self._lock:
+            req = self._live.get(id(fut))
+            if req is not None and req.error is None:
+                req.error = ReadError(f"read of {req.file.path} at offset {req.offset} aborted")
+
+    def promote(self, fut: Future) -> None:
+        """Raise a queued read to ``DEMAND`` priority (a prefetch that a demand miss now needs):
+        its chunks not yet started go ahead of every prefetch chunk."""
+        with self._lock:
+            req = self._live.get(id(fut))
+            if req is None:
+                return
+            self._heap = [(DEMAND, *e[1:]) if e[3] is req else e for e in self._heap]
+            heapq.heapify(self._heap)
+            unpark, self._parked = self._parked, 0
+        for _ in range(unpark):
+            self._executor.submit(self._drain)
 
     def read(self, file: str | os.PathLike, offset: int, length: int, lease: Lease) -> ReadResult:
         """Blocking ``submit(...).result()`` at demand priority."""
@@ -213,6 +262,9 @@ class DirectReader:
             dropped = {id(e[3]): e[3] for e in self._heap if not e[3].started}
             self._heap = keep
             heapq.heapify(self._heap)
+            parked, self._parked = self._parked, 0  # closing: parked chunks run now
+        for _ in range(parked):
+            self._executor.submit(self._drain)
         for req in dropped.values():
             req.future.cancel()
         self._executor.shutdown(wait=True)
@@ -273,24 +325,48 @@ class DirectReader:
         with self._lock:
             if not self._heap:
                 return
+            prio = self._heap[0][0]
+            running = self._running
+            if (
+                prio == PREFETCH
+                and not self._closed
+                and (running[DEMAND] or running[PREFETCH] >= self.prefetch_chunks)
+            ):
+                self._parked += 1  # taken up again when the disk is free of demand reads
+                return
             _, _, k, req = heapq.heappop(self._heap)
             if not req.started:
                 req.started = True
                 req.cancelled = not req.future.set_running_or_notify_cancel()
             skip = req.cancelled or req.error is not None
+            if not skip:
+                if not running[0] + running[1]:
+                    self._busy_since = time.perf_counter()
+                running[prio] += 1
         err: BaseException | None = None
         if not skip:
             try:
                 self._read_chunk(req, k)
             except BaseException as e:  # delivered through the future
                 err = e
+        unpark = 0
         with self._lock:
+            if not skip:
+                running[prio] -= 1
+                if not running[0] + running[1]:
+                    self._counts[5] += time.perf_counter() - self._busy_since
+                if not running[DEMAND] and self._parked:
+                    unpark, self._parked = self._parked, 0
             if err is not None and req.error is None:
                 req.error = err
             req.remaining -= 1
             finished = req.remaining == 0 and not req.cancelled
+            if req.remaining == 0:
+                self._live.pop(id(req.future), None)
             if finished and req.error is None:
                 self._counts[0] += 1
+        for _ in range(unpark):
+            self._executor.submit(self._drain)
         if finished:  # only now: no chunk writes into the slot any more
             if req.error is not None:
                 req.future.set_exception(req.error)
@@ -301,8 +377,8 @@ class DirectReader:
                 )
 
     def _read_chunk(self, req: _Request, k: int) -> None:
-        lo = k * self.chunk_bytes  # offset inside the aligned range
-        want = min(self.chunk_bytes, align_up(req.offset + req.length) - req.aligned - lo)
+        lo = k * req.chunk  # offset inside the aligned range
+        want = min(req.chunk, align_up(req.offset + req.length) - req.aligned - lo)
         pos = req.aligned + lo
         buf = req.lease.memoryview(want, req.dest + lo)
         f = req.file
