@@ -11,7 +11,8 @@ Variants: ``q4`` and ``q8`` take the engine's path (the native kernel of ``kerne
 for decode when it is available, else torch's ops); ``q4:torch`` / ``q8:torch`` force torch's
 int4/int8 ops (the fallback path); ``q4/1grp`` and ``q8/1grp`` are the formats with a single group
 per expert (to show per-group overhead); ``q4:fused`` / ``q4:deq`` force torch's fused int4
-kernel or the dequantize-to-bf16 + F.linear path, for the prefill thresholds.
+kernel or the dequantize-to-bf16 + F.linear path, and ``q4:native`` / ``q8:native`` the native
+kernel at every T, for the prefill thresholds.
 
     python bench/kernels.py [--shapes 2048x1408,2048x5632] [--rounds 7] [--threads 2]
 
@@ -46,7 +47,9 @@ def variant(name: str):
     if mod in ("fused", "deq", "torch"):
         fmt.native = False  # instance override: torch's ops
     if mod in ("fused", "deq"):
-        fmt.prefill_min_tokens = None if mod == "fused" else 1
+        fmt.prefill_min_tokens = 1 if mod == "deq" else None
+    if mod == "native":
+        fmt.native_below = 1 << 30
     return fmt, mod == "1grp"
 
 
@@ -55,10 +58,10 @@ def path_of(fmt, tokens: int) -> str:
     if not getattr(fmt, "native", False):
         pre = getattr(fmt, "prefill_min_tokens", None)
         return "torch" if pre is None or tokens < pre or fmt.name not in ("q4", "q8") else "dense"
+    if tokens < fmt.native_below and native.available():
+        return "native"
     pre = fmt.prefill_min_tokens
-    if pre is not None and tokens >= pre:
-        return "dense"
-    return "native" if native.available() else "torch"
+    return "dense" if pre is not None and tokens >= pre else "torch"
 
 
 def build(name: str, d: int, i: int, rotate_bytes: int, min_copies: int):

@@ -235,7 +235,7 @@ def test_decode_uses_native_and_prefill_does_not(name):
     use = native.available() and (name == "q8" or int4_layout() == "n64")
     y = fmt.accumulate(torch.randn(1, d), w, None)
     assert (y is not None) == use
-    assert fmt.accumulate(torch.randn(fmt.prefill_min_tokens, d), w, None) is None
+    assert fmt.accumulate(torch.randn(fmt.native_below, d), w, None) is None
     off = type(fmt)()
     off.native = False
     assert off.accumulate(torch.randn(1, d), w, None) is None

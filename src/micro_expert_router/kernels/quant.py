@@ -107,15 +107,14 @@ def _split(
 
 def _native_x(fmt: Q8 | Q4, x: torch.Tensor, hidden: int) -> torch.Tensor | None:
     """x ``[T, D]`` as contiguous float32 for the native kernel, or ``None`` when the torch-op
-    path applies: native off for this instance, prefill-sized T, another dtype, or no native
-    library. Depends only on x and the format, so every segment of an expert takes one path."""
+    path applies: native off for this instance, ``T >= native_below``, another dtype, or no
+    native library. Depends only on x and the format, so every segment of an expert takes one
+    path."""
     if not fmt.native or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     if x.dim() != 2 or x.shape[1] != hidden:
         raise ConfigError(f"activations must be [T, {hidden}], got shape {tuple(x.shape)}")
-    if fmt.prefill_min_tokens is not None and x.shape[0] >= fmt.prefill_min_tokens:
-        return None
-    if not native.available():
+    if x.shape[0] >= fmt.native_below or not native.available():
         return None
     return x.float().contiguous()
 
@@ -165,8 +164,9 @@ class Q8:
 
     name: ClassVar[str] = "q8"
     group_multiple: ClassVar[int] = 16  # the kernel reads rows in 16-byte vectors
-    prefill_min_tokens: ClassVar[int | None] = 48  # see docs/quantization.md
-    native: ClassVar[bool] = True  # decode (T < prefill_min_tokens) with kernels/native.cpp
+    prefill_min_tokens: ClassVar[int | None] = 48  # torch path: dense from here
+    native: ClassVar[bool] = True  # T < native_below: kernels/native.cpp, when available
+    native_below: ClassVar[int] = 48  # see docs/quantization.md
 
     def layout_tag(self) -> str:
         """A plain layout that no torch version or CPU changes; the store records it anyway."""
@@ -304,8 +304,9 @@ class Q4:
 
     name: ClassVar[str] = "q4"
     group_multiple: ClassVar[int] = 32  # down's blocks run over a group's neurons
-    prefill_min_tokens: ClassVar[int | None] = 96  # see docs/quantization.md
-    native: ClassVar[bool] = True  # decode (T < prefill_min_tokens) with kernels/native.cpp
+    prefill_min_tokens: ClassVar[int | None] = 96  # torch path: dense from here
+    native: ClassVar[bool] = True  # T < native_below: kernels/native.cpp, when available
+    native_below: ClassVar[int] = 192  # see docs/quantization.md
     TAG_PREFIX: ClassVar[str] = "q4:v1:int4pack-cpu:"
 
     @staticmethod
