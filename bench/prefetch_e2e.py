@@ -26,13 +26,13 @@ PROMPTS = ("Q: Why did the programmer quit his job?\nA:", "Never trust a man who
            "The best things in life are", "If at first you don't succeed,")  # fmt: skip
 
 
-def run(store: Path, prompts, tokens: int, threads: int, **options) -> dict:
-    steps = []
-    with mer.load(store, threads=threads, **options) as engine:
-        for prompt in prompts:
-            steps += list(
-                engine.generate(prompt, tokens, temperature=0.8, seed=5, stop_at_eos=False)
-            )[1:]  # decode steps only
+def run(engine, prompt, tokens: int) -> list:
+    """Decode steps of one generation."""
+    return list(engine.generate(prompt, tokens, temperature=0.8, seed=5, stop_at_eos=False))[1:]
+
+
+def pool_runs(runs: list[list]) -> dict:
+    steps = [s for r in runs for s in r]
     n = len(steps)
     return {"tok_s": n / sum(s.step_s for s in steps),
             "stall_ms": 1e3 * sum(s.io_wait_s for s in steps) / n,
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--store", default="wide", help="wide (default), demo, or a store folder")
     ap.add_argument("--budget-frac", type=float, default=0.25)
     ap.add_argument("--prefetch", default="s,l,m")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -70,9 +70,19 @@ def main() -> None:
     out = Path(__file__).resolve().parent / "results" / "prefetch_e2e.jsonl"
     out.parent.mkdir(exist_ok=True)
     res = {"off": [], args.prefetch: []}
+    # Both engines stay loaded, as in a server: caches and predictors warm up once and carry
+    # over between prompts. They take turns prompt by prompt (this VM's disk drifts within
+    # seconds), alternating which goes first; a round pools its prompts.
+    engines = {pf: mer.load(store, threads=args.threads, cache_bytes=budget, prefetch=pf)
+               for pf in res}  # fmt: skip
     for r in range(args.rounds):
+        per = {pf: [] for pf in res}
+        for j, prompt in enumerate(prompts):
+            order = list(res) if (r + j) % 2 == 0 else list(res)[::-1]
+            for pf in order:
+                per[pf].append(run(engines[pf], prompt, args.tokens))
         for pf in res:
-            d = run(store, prompts, args.tokens, args.threads, cache_bytes=budget, prefetch=pf)
+            d = pool_runs(per[pf])
             res[pf].append(d)
             print(
                 f"round {r} prefetch {pf:8s} {d['tok_s']:7.2f} tok/s  stall "
@@ -82,14 +92,21 @@ def main() -> None:
             with open(out, "a") as f:
                 f.write(json.dumps({"time": time.time(), "store": str(store), "prefetch": pf,
                                     **d}) + "\n")  # fmt: skip
+    for engine in engines.values():
+        engine.close()
     med = {pf: statistics.median(d["tok_s"] for d in v) for pf, v in res.items()}
     stall = {pf: statistics.median(d["stall_ms"] for d in v) for pf, v in res.items()}
     on, off = med[args.prefetch], med["off"]
+    paired = [a["tok_s"] / b["tok_s"] for a, b in zip(res[args.prefetch], res["off"], strict=True)]
     print(
         f"median decode: off {off:.2f} tok/s (stall {stall['off']:.2f} ms), on {on:.2f} tok/s "
-        f"(stall {stall[args.prefetch]:.2f} ms)"
+        f"(stall {stall[args.prefetch]:.2f} ms); per-round on/off "
+        f"{' '.join(f'{v:.2f}' for v in paired)}"
     )
-    print(f"prefetch on/off decode speed: {on / off:.3f}")
+    print(
+        f"prefetch on/off decode speed: {on / off:.3f} (median of paired rounds "
+        f"{statistics.median(paired):.3f})"
+    )
 
 
 if __name__ == "__main__":
