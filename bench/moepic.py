@@ -1,12 +1,15 @@
-"""MoEpic end to end on the demo store (issue 7, point 4): time per output token of split
-experts + LCP + the planner's plan, against whole-expert LRU at the same total cache memory,
-both without prefetch (the same prefetching). Alternating ABAB rounds; median and spread.
+"""MoEpic end to end (issue 7, point 4): time per output token of split experts + LCP + the
+planner's plan, against whole-expert LRU at the same total cache memory, both without prefetch
+(the same prefetching). Alternating ABAB rounds; median and spread.
 
-The plan is made from the demo traces (recorded on demand, docs/demo-model.md); the timed runs
+The default store is the demo model with 12.6 MB experts (bench/widened_demo.py: the trained
+demo's routing, experts 4x the 25% budget, reads that dominate decode); ``--store demo`` runs the
+bundled 0.7 MB-expert store, which is compute-bound. The plan is made from the demo traces
+(recorded on demand, docs/demo-model.md; the widened model routes like the demo); the timed runs
 use other prompts, so the plan is judged out of sample. Prints one line per trial and the
 reduction last; writes JSON lines to bench/results/moepic.jsonl.
 
-    python bench/moepic.py [--budget-frac F] [--rounds N] [--tokens N] [--threads T]
+    python bench/moepic.py [--store wide|demo] [--budget-frac F] [--rounds N] [--tokens N]
 """
 
 from __future__ import annotations
@@ -67,8 +70,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--store", choices=("wide", "demo"), default="wide")
     args = ap.parse_args()
-    store = demo_store_path()
+    if args.store == "wide":
+        from widened_demo import widened_demo_store
+
+        store = widened_demo_store()
+    else:
+        store = demo_store_path()
     s = Store.open(store)
     work = store.parent / f"{store.name}-bench"
     work.mkdir(exist_ok=True)
@@ -78,7 +87,7 @@ def main() -> None:
     result, _ = make_plan(profile, s, budget)
     plan_path = work / "plan.json"
     plan_path.write_text(result.plan.to_json())
-    print(f"demo store: {len(s.experts)} experts x {s.expert_bytes / 1e6:.2f} MB; budget "
+    print(f"{store.name}: {len(s.experts)} experts x {s.expert_bytes / 1e6:.2f} MB; budget "
           f"{budget / 1e6:.1f} MB ({args.budget_frac:.0%}); trace {read_trace(trace).num_tokens} "
           f"tokens; plan thetas {sorted(set(result.plan.thetas().values()))}, predicted "
           f"{result.s_per_token * 1e3:.1f} ms/token")  # fmt: skip
