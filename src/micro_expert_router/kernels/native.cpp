@@ -127,10 +127,10 @@ void silu_mul_rows_scalar(const float* h, const float* u, float* a, int64_t g) {
 // ---- AVX-512 kernels -------------------------------------------------------------------------
 
 #if MER_X86
-// Software prefetch distances, bytes ahead in one contiguous weight stream. Without them one
-// core streamed q8 rows from DRAM at ~8 GB/s; measured on this machine (2 threads), 4-16 KiB
-// for q8 and 1-2 KiB for q4 were equally good.
-constexpr int64_t kPrefetch8 = 8192, kPrefetch4 = 2048;
+// Software prefetch (measured here, 2 threads): q4 fetches kPrefetch4 bytes ahead in a row
+// block's stream (1-2 KiB equally good); q8 fetches the next tile of R rows (one to two tiles
+// ahead equally good). Without it one core streamed q8 from DRAM at ~8 GB/s, with it ~10.
+constexpr int64_t kPrefetch4 = 2048;
 
 MER_AVX512 inline __m512 exp_avx512(__m512 x) {
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
@@ -218,9 +218,9 @@ MER_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int64_t K, co
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
-    if ((k & 63) == 0)  // rows are one contiguous stream: fetch kPrefetch8 bytes ahead
+    if ((k & 63) == 0)  // the rows are one contiguous stream: fetch the next tile of R rows
       for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kPrefetch8), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
     __m512 xv[TT];
     for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_ps(x + t * xst + k);
     for (int r = 0; r < R; ++r) {
@@ -276,6 +276,8 @@ void q8_rows(bool simd, const int8_t* w, const uint16_t* s, int64_t rows, int64_
 #if MER_X86
   if (simd) {
     int64_t r = 0;
+    if (T == 1)  // decode: more independent chains per x load (a row's sum is the same)
+      for (; r + 8 <= rows; r += 8) q8_rows_avx512<8, 1>(w + r * K, s + r, K, x, xst, out + r, os);
     for (; r + 4 <= rows; r += 4)
       for (int64_t t0 = 0; t0 < T; t0 += 4) {
         const int8_t* wr = w + r * K;
