@@ -127,10 +127,13 @@ void silu_mul_rows_scalar(const float* h, const float* u, float* a, int64_t g) {
 // ---- AVX-512 kernels -------------------------------------------------------------------------
 
 #if MER_X86
-// Software prefetch (measured here, 2 threads): q4 fetches kPrefetch4 bytes ahead in a row
-// block's stream (1-2 KiB equally good); q8 fetches the next tile of R rows (one to two tiles
-// ahead equally good). Without it one core streamed q8 from DRAM at ~8 GB/s, with it ~10.
+// Software prefetch, measured here on 1 thread from DRAM. q4 (compute-bound) fetches kPrefetch4
+// bytes ahead into L1; farther or into L2 changed nothing. q8 fetches into L2 at least
+// kPrefetch8 bytes (and at least one tile of R rows) ahead in the rows' contiguous stream: that
+// took one core from ~10 to ~25 GB/s at 2048x5632, and short rows (a group's down rows, g
+// bytes) from 9 to 18 GB/s; prefetching into L1 (at any distance up to 32 KiB) gave ~9-19.
 constexpr int64_t kPrefetch4 = 2048;
+constexpr int64_t kPrefetch8 = 16384;
 
 MER_AVX512 inline __m512 exp_avx512(__m512 x) {
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
@@ -217,10 +220,11 @@ MER_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int64_t K, co
   __m512 acc[R][TT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t pf = std::max<int64_t>(R * K, kPrefetch8);
   for (int64_t k = 0; k < K; k += 16) {
-    if ((k & 63) == 0)  // the rows are one contiguous stream: fetch the next tile of R rows
+    if ((k & 63) == 0)  // the rows are one contiguous stream
       for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + pf), _MM_HINT_T1);
     __m512 xv[TT];
     for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_ps(x + t * xst + k);
     for (int r = 0; r < R; ++r) {
