@@ -213,6 +213,79 @@ MER_AVX512 void q4_block64_avx512(const uint8_t* blk, const uint16_t* sz, int64_
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + t * os + 16 * i, o[t][i]);
 }
 
+// The same block with AVX512_BF16 dot products, two k at a time. Each code becomes the bf16
+// value 1 + q/16 (bits 0x3F80 | q << 3, built with byte shifts and a two-source byte permute
+// that pairs row r's codes at k and k + 1), and x is split into x ~= hi + lo, both bf16
+// (|x - hi - lo| <= 2^-17 |x|): products of bf16 values are exact, sums are f32. Per block,
+// D = sum (1 + q/16) x~ and X = sum x~, so sum ((q - 8) s + z) x~ = 16 s D + (z - 24 s) X.
+// xp holds per token and k pair the (hi, lo) dwords of bf16 (x_k, x_k+1); xs the block sums
+// of x~. About 9 vector instructions decode 128 weights here, against 20 in q4_block64_avx512.
+alignas(64) static const uint8_t kPairIdx[2][64] = {
+#define MER_I(o, i) (o) + (i), 64, 32 + (o) + (i), 64
+#define MER_ROW(o)                                                                             \
+  MER_I(o, 0), MER_I(o, 1), MER_I(o, 2), MER_I(o, 3), MER_I(o, 4), MER_I(o, 5), MER_I(o, 6),   \
+      MER_I(o, 7), MER_I(o, 8), MER_I(o, 9), MER_I(o, 10), MER_I(o, 11), MER_I(o, 12),         \
+      MER_I(o, 13), MER_I(o, 14), MER_I(o, 15)
+    {MER_ROW(0)}, {MER_ROW(16)}};
+#undef MER_ROW
+#undef MER_I
+
+#define MER_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,fma")))
+
+template <int TT>
+MER_AVX512BF16 void q4_block64_bf16(const uint8_t* blk, const uint16_t* sz, int64_t N, int64_t K,
+                                    int64_t b, const uint32_t* xp, int64_t xpst, const float* xs,
+                                    int64_t xsst, float* out, int64_t os) {
+  const __m512i mhi = _mm512_set1_epi32(int(0xFFFF0000u));
+  const __m512i i0 = _mm512_load_si512(kPairIdx[0]), i16 = _mm512_load_si512(kPairIdx[1]);
+  const __m512i c3f = _mm512_set1_epi8(0x3F), m78 = _mm512_set1_epi8(0x78);
+  const __m512i c80 = _mm512_set1_epi8(char(0x80));
+  __m512 o[TT][4];
+  for (int t = 0; t < TT; ++t)
+    for (int i = 0; i < 4; ++i) o[t][i] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < K / b; ++kb) {
+    __m512 acc[TT][4];
+    for (int t = 0; t < TT; ++t)
+      for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_setzero_ps();
+    const uint8_t* p = blk + kb * b * 32;
+    for (int64_t k = kb * b; k < (kb + 1) * b; k += 2, p += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch4), _MM_HINT_T0);
+      __m512i z = _mm512_loadu_si512(p);  // bytes 0-31: k, 32-63: k + 1
+      // (v & 0x78) | 0x80 per byte: low nibbles (rows 0-31) and high nibbles (rows 32-63)
+      __m512i lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(z, 3), m78, c80, 0xEA);
+      __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(z, 1), m78, c80, 0xEA);
+      __m512bh w[4] = {(__m512bh)_mm512_permutex2var_epi8(lo, i0, c3f),
+                       (__m512bh)_mm512_permutex2var_epi8(lo, i16, c3f),
+                       (__m512bh)_mm512_permutex2var_epi8(hi, i0, c3f),
+                       (__m512bh)_mm512_permutex2var_epi8(hi, i16, c3f)};
+      for (int t = 0; t < TT; ++t) {
+        const uint32_t* q = xp + (t * xpst + k / 2) * 2;
+        __m512bh xh = (__m512bh)_mm512_set1_epi32(int(q[0]));
+        __m512bh xl = (__m512bh)_mm512_set1_epi32(int(q[1]));
+        for (int i = 0; i < 4; ++i) {
+          acc[t][i] = _mm512_dpbf16_ps(acc[t][i], w[i], xh);
+          acc[t][i] = _mm512_dpbf16_ps(acc[t][i], w[i], xl);
+        }
+      }
+    }
+    const uint32_t* szp = reinterpret_cast<const uint32_t*>(sz + kb * N * 2);  // (s | z << 16)
+    for (int i = 0; i < 4; ++i) {
+      __m512i d = _mm512_loadu_si512(szp + 16 * i);
+      __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+      __m512 z = _mm512_castsi512_ps(_mm512_and_si512(d, mhi));
+      __m512 s16 = _mm512_mul_ps(s, _mm512_set1_ps(16.0f));       // exact
+      __m512 zc = _mm512_fnmadd_ps(_mm512_set1_ps(24.0f), s, z);  // 24 s exact: one rounding
+      for (int t = 0; t < TT; ++t) {
+        o[t][i] = _mm512_fmadd_ps(s16, acc[t][i], o[t][i]);
+        o[t][i] = _mm512_fmadd_ps(zc, _mm512_set1_ps(xs[t * xsst + kb]), o[t][i]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + t * os + 16 * i, o[t][i]);
+}
+
 // R int8 rows, TT tokens.
 template <int R, int TT>
 MER_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int64_t K, const float* x,
@@ -238,6 +311,15 @@ MER_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int64_t K, co
 }
 #endif
 
+bool cpu_has_avx512_bf16() {
+#if MER_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx512() {
 #if MER_X86
   __builtin_cpu_init();
@@ -251,11 +333,30 @@ bool cpu_has_avx512() {
 
 // ---- dispatch over token tiles ---------------------------------------------------------------
 
-void q4_block(bool simd, const uint8_t* mat, const uint16_t* sz, int64_t N, int64_t K, int64_t b,
+// Kernel modes: 0 scalar, 1 AVX-512 float32, 2 AVX-512 with BF16 dot products (q4 only).
+// xp / xps: x as bf16 (hi, lo) pairs and the block sums of hi + lo (mode 2 only).
+void q4_block(int mode, const uint8_t* mat, const uint16_t* sz, int64_t N, int64_t K, int64_t b,
               int64_t r0, int64_t rows, int64_t bn, bool split, const float* x, int64_t xst,
-              const float* xs, int64_t xsst, int64_t T, float* out, int64_t os) {
+              const float* xs, int64_t xsst, const uint32_t* xp, const float* xps, int64_t T,
+              float* out, int64_t os) {
 #if MER_X86
-  if (simd && bn == 64 && split && rows == 64) {
+  if (mode == 2 && bn == 64 && split && rows == 64) {
+    const uint8_t* blk = mat + r0 * K / 2;
+    const uint16_t* szr = sz + r0 * 2;
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {
+      const uint32_t* xt = xp + t0 * K;  // K/2 pairs of 2 dwords per token
+      const float* st = xps + t0 * xsst;
+      float* ot = out + t0 * os;
+      switch (std::min<int64_t>(4, T - t0)) {
+        case 1: q4_block64_bf16<1>(blk, szr, N, K, b, xt, K / 2, st, xsst, ot, os); break;
+        case 2: q4_block64_bf16<2>(blk, szr, N, K, b, xt, K / 2, st, xsst, ot, os); break;
+        case 3: q4_block64_bf16<3>(blk, szr, N, K, b, xt, K / 2, st, xsst, ot, os); break;
+        default: q4_block64_bf16<4>(blk, szr, N, K, b, xt, K / 2, st, xsst, ot, os); break;
+      }
+    }
+    return;
+  }
+  if (mode >= 1 && bn == 64 && split && rows == 64) {
     const uint8_t* blk = mat + r0 * K / 2;
     const uint16_t* szr = sz + r0 * 2;
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
@@ -320,6 +421,27 @@ void block_sums(const float* x, int64_t T, int64_t K, int64_t b, float* xs) {
     }
 }
 
+// x [T, K] -> per token and k pair, the dwords of bf16 (hi_k, hi_k+1) and (lo_k, lo_k+1) with
+// hi = bf16(x), lo = bf16(x - hi); and the block sums of x~ = hi + lo (exact in f32), in order.
+void bf16_pairs(const float* x, int64_t T, int64_t K, int64_t b, uint32_t* xp, float* xs) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t kb = 0; kb < K / b; ++kb) {
+      float s = 0.0f;
+      for (int64_t k = kb * b; k < (kb + 1) * b; k += 2) {
+        uint16_t h[2], l[2];
+        for (int e = 0; e < 2; ++e) {
+          float v = x[t * K + k + e];
+          c10::BFloat16 hv(v), lv(v - float(hv));
+          h[e] = hv.x, l[e] = lv.x;
+          s += float(hv) + float(lv);
+        }
+        xp[(t * (K / 2) + k / 2) * 2] = uint32_t(h[0]) | uint32_t(h[1]) << 16;
+        xp[(t * (K / 2) + k / 2) * 2 + 1] = uint32_t(l[0]) | uint32_t(l[1]) << 16;
+      }
+      xs[t * (K / b) + kb] = s;
+    }
+}
+
 void add_rows(const at::Tensor& y, int64_t D, int64_t T, int64_t r0, int64_t rows,
               const float* p, int64_t ps) {
   if (y.scalar_type() == at::kFloat) {
@@ -334,11 +456,12 @@ void add_rows(const at::Tensor& y, int64_t D, int64_t T, int64_t r0, int64_t row
   }
 }
 
-bool use_simd(int64_t isa) {
-  static const bool has = cpu_has_avx512();
-  TORCH_CHECK(isa == 0 || isa == 1, "mer: isa must be 0 (scalar) or 1 (avx512)");
-  TORCH_CHECK(isa == 0 || has, "mer: isa=1 asked for AVX-512, which this CPU lacks");
-  return isa == 1;
+// isa: 0 scalar, 1 the best this CPU has, 2 AVX-512 without BF16 dot products -> kernel mode
+int kernel_mode(int64_t isa) {
+  static const bool has = cpu_has_avx512(), bf16 = has && cpu_has_avx512_bf16();
+  TORCH_CHECK(isa >= 0 && isa <= 2, "mer: isa must be 0 (scalar), 1 (best) or 2 (avx512 f32)");
+  TORCH_CHECK(isa == 0 || has, "mer: isa=", isa, " asked for AVX-512, which this CPU lacks");
+  return isa == 0 ? 0 : (isa == 1 && bf16) ? 2 : 1;
 }
 
 void check_common(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf, int64_t D,
@@ -362,34 +485,41 @@ void q4_swiglu_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf,
   check_common(y, x, buf, D, per);
   TORCH_CHECK(offs.size() == 4 && D % b == 0 && g % b == 0 && (2 * g) % bn == 0 && b % 2 == 0,
               "mer: bad q4 dimensions");
-  const bool simd = use_simd(isa);
+  const int mode = kernel_mode(isa);
+  const bool simd = mode != 0;
   const int64_t T = x.size(0), n = buf.numel() / per, N1 = 2 * g;
   if (T == 0) return;
   const uint8_t* base = static_cast<const uint8_t*>(buf.data_ptr());
   const float* X = static_cast<const float*>(x.data_ptr());
-  std::vector<float> xs(T * (D / b)), gu(n * T * N1);  // gu: [n, T, 2g]
+  std::vector<float> xs(T * (D / b)), gu(n * T * N1), xps(T * (D / b));  // gu: [n, T, 2g]
+  std::vector<uint32_t> xp(mode == 2 ? T * D : 0);
   block_sums(X, T, D, b, xs.data());
+  if (mode == 2) bf16_pairs(X, T, D, b, xp.data(), xps.data());
   const int64_t nb1 = N1 / bn;
   at::parallel_for(0, n * nb1, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       int64_t j = it / nb1, r0 = (it % nb1) * bn;
       const uint8_t* grp = base + j * per;
-      q4_block(simd, grp + offs[0], reinterpret_cast<const uint16_t*>(grp + offs[1]), N1, D, b, r0,
-               bn, bn, split, X, D, xs.data(), D / b, T, gu.data() + j * T * N1 + r0, N1);
+      q4_block(mode, grp + offs[0], reinterpret_cast<const uint16_t*>(grp + offs[1]), N1, D, b, r0,
+               bn, bn, split, X, D, xs.data(), D / b, xp.data(), xps.data(), T,
+               gu.data() + j * T * N1 + r0, N1);
     }
   });
   const int64_t nb2 = (D + bn - 1) / bn;
   at::parallel_for(0, nb2, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> a(T * g), as(T * (g / b)), p(T * bn);
+    std::vector<float> a(T * g), as(T * (g / b)), p(T * bn), aps(T * (g / b));
+    std::vector<uint32_t> ap(mode == 2 ? T * g : 0);
     for (int64_t j = 0; j < n; ++j) {
       const float* h = gu.data() + j * T * N1;
       for (int64_t t = 0; t < T; ++t) silu_mul_rows(simd, h + t * N1, h + t * N1 + g, &a[t * g], g);
       block_sums(a.data(), T, g, b, as.data());
+      if (mode == 2) bf16_pairs(a.data(), T, g, b, ap.data(), aps.data());
       const uint8_t* grp = base + j * per;
       for (int64_t it = i0; it < i1; ++it) {
         int64_t r0 = it * bn, rows = std::min(bn, D - r0);
-        q4_block(simd, grp + offs[2], reinterpret_cast<const uint16_t*>(grp + offs[3]), D, g, b,
-                 r0, rows, bn, split, a.data(), g, as.data(), g / b, T, p.data(), bn);
+        q4_block(mode, grp + offs[2], reinterpret_cast<const uint16_t*>(grp + offs[3]), D, g, b,
+                 r0, rows, bn, split, a.data(), g, as.data(), g / b, ap.data(), aps.data(), T,
+                 p.data(), bn);
         add_rows(y, D, T, r0, rows, p.data(), bn);
       }
     }
@@ -402,7 +532,7 @@ void q8_swiglu_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf,
                 int64_t g, at::IntArrayRef offs, int64_t per, int64_t isa) {
   check_common(y, x, buf, D, per);
   TORCH_CHECK(offs.size() == 4 && D % 16 == 0 && g % 16 == 0, "mer: bad q8 dimensions");
-  const bool simd = use_simd(isa);
+  const bool simd = kernel_mode(isa) != 0;
   const int64_t T = x.size(0), n = buf.numel() / per, N1 = 2 * g;
   if (T == 0) return;
   const uint8_t* base = static_cast<const uint8_t*>(buf.data_ptr());
@@ -446,13 +576,16 @@ void q4_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pack
                   packed.size(1) * 2 == K && sz.scalar_type() == at::kBFloat16 &&
                   sz.is_contiguous() && sz.numel() == (K / b) * N * 2 && K % b == 0,
               "mer: bad q4_linear arguments");
-  const bool simd = use_simd(isa);
-  std::vector<float> xs(T * (K / b));
-  block_sums(static_cast<const float*>(x.data_ptr()), T, K, b, xs.data());
+  const int mode = kernel_mode(isa);
+  const float* X = static_cast<const float*>(x.data_ptr());
+  std::vector<float> xs(T * (K / b)), xps(T * (K / b));
+  std::vector<uint32_t> xp(mode == 2 ? T * K : 0);
+  block_sums(X, T, K, b, xs.data());
+  if (mode == 2) bf16_pairs(X, T, K, b, xp.data(), xps.data());
   for (int64_t r0 = 0; r0 < N; r0 += bn)
-    q4_block(simd, static_cast<const uint8_t*>(packed.data_ptr()),
+    q4_block(mode, static_cast<const uint8_t*>(packed.data_ptr()),
              static_cast<const uint16_t*>(sz.data_ptr()), N, K, b, r0, std::min(bn, N - r0), bn,
-             split, static_cast<const float*>(x.data_ptr()), K, xs.data(), K / b, T,
+             split, X, K, xs.data(), K / b, xp.data(), xps.data(), T,
              static_cast<float*>(y.data_ptr()) + r0, N);
 }
 
@@ -464,12 +597,13 @@ void q8_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
                   w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == K &&
                   s.scalar_type() == at::kBFloat16 && s.numel() == N && K % 16 == 0,
               "mer: bad q8_linear arguments");
-  q8_rows(use_simd(isa), static_cast<const int8_t*>(w.data_ptr()),
+  q8_rows(kernel_mode(isa) != 0, static_cast<const int8_t*>(w.data_ptr()),
           static_cast<const uint16_t*>(s.data_ptr()), N, K,
           static_cast<const float*>(x.data_ptr()), K, T, static_cast<float*>(y.data_ptr()), N);
 }
 
 bool has_avx512() { return cpu_has_avx512(); }
+bool has_avx512_bf16() { return cpu_has_avx512() && cpu_has_avx512_bf16(); }
 
 }  // namespace
 
@@ -485,4 +619,5 @@ TORCH_LIBRARY(mer, m) {
         &q4_linear_);
   m.def("q8_linear_(Tensor(a!) y, Tensor x, Tensor w, Tensor s, int isa) -> ()", &q8_linear_);
   m.def("has_avx512() -> bool", &has_avx512);
+  m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
 }
