@@ -12,13 +12,15 @@ the exact dequantized weights, and the bounds are first-order rounding-error bou
   sum above.
 - q8 matrix: 16 chains of K/16 fused multiply-adds, a 4-level tree, one product with s:
   |y - y_exact| <= (K/16 + 6) u |s| sum_k |q_k x_k|.
-- Expert: the gate/up bound above (the BF16-dot one for q4, the larger); silu(h) u through the same exp polynomial in both code
-  paths, at most 16 u relative (exp ~2 ulp, then 1 + e, the division and the product), plus
-  the propagated error |silu'(h)| |u| dh + |silu(h)| du with |silu'| <= 1.1; the down bound on
-  the computed a plus sum_k |W_dk| da_k; then n - 1 roundings of the group sum, n u sum_j |p_j|.
+- Expert: the gate/up bound above (the BF16-dot one for q4, the larger); silu(h) u through
+  the same exp polynomial in every code path, at most 16 u relative (exp ~2 ulp, then 1 + e,
+  the division and the product), plus the propagated error |silu'(h)| |u| dh + |silu(h)| du
+  with |silu'| <= 1.1; the down bound on the computed a plus sum_k |W_dk| da_k; then n - 1
+  roundings of the group sum, n u sum_j |p_j|.
   Checked per element with 1% slack for second-order terms.
 Bit-exact: a whole expert vs a top segment + a bottom segment into the same y; 1 vs 2 threads;
-the scalar C++ code vs the AVX-512 code (the same IEEE operations in the same order).
+the scalar C++ code vs the AVX-512 float32 code, isa=2 (the same IEEE operations in the same
+order; the BF16-dot q4 kernel, isa=1 here, rounds differently and has its own bound).
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ about 30x slower), so ``partials`` casts x to bf16 once and returns x's dtype. F
 ``prefill_min_tokens`` tokens or more, a group is instead dequantized once to bf16 and multiplied
 with oneDNN's bf16 GEMM; thresholds come from ``bench/kernels.py``.
 
+Below ``native_below`` tokens, when ``native.available()``, ``accumulate`` runs instead: the
+native kernel of ``native.cpp`` adds a whole segment (all its groups) to y in one call, in
+float32, reading the same bytes in place (``docs/quantization.md``). ``expert_forward`` tries it
+first; the choice depends only on x and the format, so all segments of an expert agree.
+
 Importing this module registers ``FORMATS["q8"]`` and ``FORMATS["q4"]``.
 
 Legend: T tokens, D hidden, I intermediate, n groups, g neurons per group, b q4 block,
