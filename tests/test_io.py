@@ -487,6 +487,63 @@ def test_cancel_before_start_keeps_the_callers_reference(datafile, monkeypatch):
     assert pool.free_count == 2 and gate.order == [0]
 
 
+def test_prefetch_runs_only_while_no_demand_read_is_in_the_kernel(datafile, monkeypatch):
+    path, data = datafile
+    gate = Gate(monkeypatch)
+    pool = BufferPool(2, 16 * 1024)
+    with DirectReader(threads=4) as reader:
+        a, b = pool.lease(), pool.lease()
+        demand = reader.submit(path, 0, 100, a)
+        assert gate.entered.wait(10)
+        pre = reader.submit(path, 8192, 100, b, priority=PREFETCH)
+        time.sleep(0.2)  # three idle workers: none may start the prefetch beside the demand read
+        assert gate.order == [0] and not pre.done()
+        gate.opened.set()
+        assert bytes(pre.result(timeout=10).memoryview()) == data[8192:8292]
+        demand.result(timeout=10)
+        assert gate.order == [0, 8192]
+        assert reader.stats.busy_s > 0 and reader.stats.busy_bps > 0
+        a.release()
+        b.release()
+
+
+def test_promote_moves_a_queued_prefetch_ahead(datafile, monkeypatch):
+    path, data = datafile
+    gate = Gate(monkeypatch)
+    pool = BufferPool(3, 16 * 1024)
+    with DirectReader(threads=1) as reader:
+        leases = [pool.lease() for _ in range(3)]
+        demand = reader.submit(path, 0, 100, leases[0])
+        assert gate.entered.wait(10)
+        first = reader.submit(path, 16384, 100, leases[1], priority=PREFETCH)
+        needed = reader.submit(path, 32768, 100, leases[2], priority=PREFETCH)
+        reader.promote(needed)
+        gate.opened.set()
+        for f in (demand, first, needed):
+            f.result(timeout=10)
+        assert gate.order == [0, 32768, 16384]
+        for lease in leases:
+            lease.release()
+
+
+def test_abort_skips_the_chunks_of_a_running_read(datafile, monkeypatch):
+    path, data = datafile
+    gate = Gate(monkeypatch)
+    pool = BufferPool(1, 64 * 1024)
+    with DirectReader(threads=1, chunk_bytes=4096) as reader:
+        lease = pool.lease()
+        fut = reader.submit(path, 0, 4 * 4096, lease, priority=PREFETCH)
+        assert gate.entered.wait(10)  # its first chunk is in the kernel
+        reader.abort(fut)
+        lease.release()  # the read keeps the slot until its chunk is out of the kernel
+        assert pool.free_count == 0
+        gate.opened.set()
+        with pytest.raises(ReadError, match="aborted"):
+            fut.result(timeout=10)
+        assert gate.order == [0]  # the other three chunks never ran
+    assert pool.free_count == 1
+
+
 def test_close_cancels_queued_reads_and_closes_files(datafile, monkeypatch):
     path, data = datafile
     fds_before = len(os.listdir("/proc/self/fd"))
