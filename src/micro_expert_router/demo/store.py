@@ -10,21 +10,13 @@ reuses a stale store, and then streamed with a cache budget of a quarter of its 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
+from ..paths import cache_dir
 from . import demo_model_path
 
 DEMO_CACHE_FRACTION = 0.25  # default expert-cache budget, as a fraction of the expert bytes
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MER_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "micro-expert-router"
 
 
 def _fingerprint(folder: Path) -> str:

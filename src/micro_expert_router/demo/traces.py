@@ -28,7 +28,8 @@ SEED = 1234
 def record_demo_traces(out_dir: str | Path | None = None, force: bool = False) -> list[Path]:
     """Record (or find) the demo traces; returns their paths."""
     from ..engine import load
-    from .store import cache_dir, demo_store_path
+    from ..paths import cache_dir
+    from .store import demo_store_path
 
     store = demo_store_path()
     out = Path(out_dir) if out_dir is not None else cache_dir() / f"{store.name}-traces"

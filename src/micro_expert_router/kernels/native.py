@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from ..paths import cache_dir
+
 SOURCE = Path(__file__).with_name("native.cpp")
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers; the library
 # links torch's own libgomp (torch/lib), so the process keeps one OpenMP runtime.
@@ -48,14 +50,6 @@ class NativeInfo:
 
 
 INFO = NativeInfo()
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MER_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "micro-expert-router"
 
 
 def _command(out: Path) -> list[str]:
