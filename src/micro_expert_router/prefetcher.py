@@ -89,7 +89,7 @@ class Prefetcher:
             self.controller.drop_pending()
         else:
             self.backoff = 1
-        self._calls, self._cost_s = 0, 0.0
+        self._calls, self._cost_s, self._hits0 = 0, 0.0, p.stats.prefetch_hits
 
     def __call__(self, r: Routing) -> None:
         p = self.provider
@@ -99,7 +99,7 @@ class Prefetcher:
             self.paused -= 1
             self._last_t = None  # the period is measured again on resuming
             if not self.paused:
-                self._hits0 = p.stats.prefetch_hits
+                self._hits0 = p.stats.prefetch_hits  # hits while paused are not its own
             return
         t0 = time.perf_counter()
         self._prefetch(r)
@@ -107,7 +107,6 @@ class Prefetcher:
         self._calls += 1
         if self._calls == PAY_WINDOW:
             self._judge()
-            self._hits0 = p.stats.prefetch_hits
 
     def _prefetch(self, r: Routing) -> None:
         p = self.provider

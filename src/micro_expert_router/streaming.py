@@ -191,12 +191,7 @@ class _LayerFetch:
             return
         self.reading -= self.demand[i]
         fut = self.futures[i]
-        if not fut.done() and not fut.cancel():
-            # Already running (only on error or abandon paths): let it finish, so that every
-            # slot is back in the pool when the layer is left.
-            wait([fut])
-        complete = fut.done() and not fut.cancelled() and fut.exception() is None
-        if complete and cached is None and self.k:
+        if _completed(fut) and cached is None and self.k:
             self.p.offer(
                 self.keys[i], lease, fut.result(), self.top_bytes, self.protected, self.views[i]
             )
@@ -205,11 +200,7 @@ class _LayerFetch:
     def _settle_split_miss(self, i: int, top: Lease, bottom: Lease) -> None:
         """Admit the top slot of a split miss if both its reads completed; release both."""
         self.reading -= 1
-        futures = (self.top_futures[i], self.futures[i])
-        for fut in futures:
-            if not fut.done() and not fut.cancel():
-                wait([fut])  # only on error or abandon paths: the slot must come back whole
-        if all(f.done() and not f.cancelled() and f.exception() is None for f in futures):
+        if all([_completed(self.top_futures[i]), _completed(self.futures[i])]):  # both settle
             pool = self.p.top_pools[align_up(self.top_bytes)]
             entry = _Cached(top.retain(), self.views[i])
             if not self.p.cache.admit(self.keys[i], entry, pool.slot_bytes, self.protected):
@@ -221,6 +212,15 @@ class _LayerFetch:
         """Settle whatever the caller did not finish (an error, an abandoned generator)."""
         for i in range(len(self.keys)):
             self._settle(i)
+
+
+def _completed(fut: Future) -> bool:
+    """Settle a read: cancel it if it has not started; if it runs (only on error or abandon
+    paths), wait for it, so every slot is back in the pool when the layer is left. ``True`` if
+    it delivered its bytes."""
+    if not fut.done() and not fut.cancel():
+        wait([fut])
+    return not fut.cancelled() and fut.exception() is None
 
 
 def _per_layer(value, layers: list[int], name: str) -> dict[int, float]:
