@@ -15,6 +15,7 @@ Dh head dim, E experts, K top-k, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from .config import ModelArgs
 from .errors import BudgetError
 from .kernels import expert_forward
+from .kernels.dense import embedding, linear
 from .provider import ExpertProvider
 
 
@@ -49,7 +51,7 @@ def rope_tables(a: ModelArgs, n_pos: int, dtype: torch.dtype) -> tuple[torch.Ten
 def swiglu(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 @dataclass
@@ -105,11 +107,16 @@ class Transformer:
 
     # -- attention -------------------------------------------------------------------------
     def attention(self, i: int, x: torch.Tensor, kv: KVCache, pos: int) -> torch.Tensor:
+        q, k, v = self.qkv(i, x)
+        return self.o_proj(i, self.attend(i, q, k, v, kv, pos))
+
+    def qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected and normalized q ``[T, H, Dh]``, k and v ``[T, Hk, Dh]`` (before RoPE)."""
         a, w, p = self.args, self.w, f"model.layers.{i}.self_attn"
         t = x.shape[0]
-        q = F.linear(x, w[f"{p}.q_proj.weight"], w.get(f"{p}.q_proj.bias"))  # [T, H*Dh]
-        k = F.linear(x, w[f"{p}.k_proj.weight"], w.get(f"{p}.k_proj.bias"))  # [T, Hk*Dh]
-        v = F.linear(x, w[f"{p}.v_proj.weight"], w.get(f"{p}.v_proj.bias"))  # [T, Hk*Dh]
+        q = linear(x, w[f"{p}.q_proj.weight"], w.get(f"{p}.q_proj.bias"))  # [T, H*Dh]
+        k = linear(x, w[f"{p}.k_proj.weight"], w.get(f"{p}.k_proj.bias"))  # [T, Hk*Dh]
+        v = linear(x, w[f"{p}.v_proj.weight"], w.get(f"{p}.v_proj.bias"))  # [T, Hk*Dh]
         if a.qk_norm == "proj":
             q = rms_norm(q, w[f"{p}.q_norm.weight"], a.rms_norm_eps)
             k = rms_norm(k, w[f"{p}.k_norm.weight"], a.rms_norm_eps)
@@ -121,6 +128,14 @@ class Transformer:
         if a.qk_norm == "head":
             q = rms_norm(q, w[f"{p}.q_norm.weight"], a.rms_norm_eps)
             k = rms_norm(k, w[f"{p}.k_norm.weight"], a.rms_norm_eps)
+        return q, k, v
+
+    def attend(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCache, pos: int
+    ) -> torch.Tensor:
+        """RoPE, append k/v to the cache at ``pos``, causal attention: ``[T, H*Dh]``."""
+        a = self.args
+        t = q.shape[0]
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H|Hk, T, Dh]
         cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]  # [T, Dh]
         q = q * cos + rotate_half(q) * sin
@@ -142,13 +157,16 @@ class Transformer:
             scale=a.head_dim**-0.5,
             enable_gqa=a.n_heads != a.n_kv_heads,
         )  # [H, T, Dh]
-        out = out.transpose(0, 1).reshape(t, a.n_heads * a.head_dim)
-        return F.linear(out, w[f"{p}.o_proj.weight"], w.get(f"{p}.o_proj.bias"))
+        return out.transpose(0, 1).reshape(t, a.n_heads * a.head_dim)
+
+    def o_proj(self, i: int, o: torch.Tensor) -> torch.Tensor:
+        w, p = self.w, f"model.layers.{i}.self_attn"
+        return linear(o, w[f"{p}.o_proj.weight"], w.get(f"{p}.o_proj.bias"))
 
     # -- mixture of experts ----------------------------------------------------------------
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args
-        logits = F.linear(x, self.w[f"model.layers.{i}.{a.spec.moe_prefix}.gate.weight"])  # [T, E]
+        logits = linear(x, self.w[f"model.layers.{i}.{a.spec.moe_prefix}.gate.weight"])  # [T, E]
         probs = F.softmax(logits.float(), dim=-1)
         weights, experts = torch.topk(probs, a.top_k, dim=-1)  # [T, K]
         if a.norm_topk_prob:
@@ -185,7 +203,7 @@ class Transformer:
                             self.w[f"{p}.shared_expert.up_proj.weight"],
                             self.w[f"{p}.shared_expert.down_proj.weight"])  # fmt: skip
             out = (
-                out + torch.sigmoid(F.linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+                out + torch.sigmoid(linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
             )
         return out
 
@@ -208,7 +226,7 @@ class Transformer:
                 f"{kv.capacity}; raise max_context"
             )
         self.provider.begin_step()
-        x = F.embedding(tokens, w["model.embed_tokens.weight"])  # [T, D]
+        x = embedding(tokens, w["model.embed_tokens.weight"], self.dtype)  # [T, D]
         for i in range(a.n_layers):
             p = f"model.layers.{i}"
             h = rms_norm(x, w[f"{p}.input_layernorm.weight"], a.rms_norm_eps)
@@ -219,4 +237,41 @@ class Transformer:
         if last_only:
             x = x[-1:]
         x = rms_norm(x, w["model.norm.weight"], a.rms_norm_eps)
-        return F.linear(x, self.lm_head)  # [T, V]
+        return linear(x, self.lm_head)  # [T, V]
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
+        """One decode step of B independent sequences: ``tokens[b]`` is appended to
+        ``caches[b]``. Logits ``[B, V]``.
+
+        Attention runs per sequence (each has its own cache and position); the projections,
+        the router, the dense MLPs and the routed experts run over the whole batch, so each
+        layer fetches the union of the sequences' experts once.
+        """
+        a, w = self.args, self.w
+        if len(tokens) != len(caches) or not tokens:
+            raise ValueError("forward_batch needs one cache per token, and at least one")
+        if len({id(kv) for kv in caches}) != len(caches):
+            raise ValueError("forward_batch: each sequence needs its own KV cache")
+        for kv in caches:
+            if kv.length + 1 > kv.capacity:
+                raise BudgetError(
+                    f"context of {kv.length + 1} tokens exceeds the KV cache capacity of "
+                    f"{kv.capacity}; raise max_context"
+                )
+        self.provider.begin_step()
+        ids = torch.tensor([int(t) for t in tokens])
+        x = embedding(ids, w["model.embed_tokens.weight"], self.dtype)  # [B, D]
+        for i in range(a.n_layers):
+            p = f"model.layers.{i}"
+            h = rms_norm(x, w[f"{p}.input_layernorm.weight"], a.rms_norm_eps)
+            q, k, v = self.qkv(i, h)  # [B, H|Hk, Dh]
+            o = torch.cat([self.attend(i, q[b : b + 1], k[b : b + 1], v[b : b + 1], kv,
+                                       kv.length) for b, kv in enumerate(caches)])  # fmt: skip
+            x = x + self.o_proj(i, o)
+            h = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], a.rms_norm_eps)
+            x = x + self.mlp(i, h)
+        for kv in caches:
+            kv.length += 1
+        x = rms_norm(x, w["model.norm.weight"], a.rms_norm_eps)
+        return linear(x, self.lm_head)  # [B, V]
