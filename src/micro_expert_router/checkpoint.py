@@ -10,6 +10,7 @@ checked; it also parses safetensors headers itself, because the library exposes 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,45 +20,95 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelArgs
-from .errors import CheckpointError
+from .errors import CheckpointError, MERError
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
 }  # fmt: skip
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
+# bytes per element of the safetensors dtypes that take whole bytes (sub-byte ones are not sized)
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2,
+                "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+                "F64": 8, "C64": 8}  # fmt: skip
+
+
+def read_safetensors_header(
+    path: Path, error: type[MERError] = CheckpointError
+) -> dict[str, Any]:
     """The JSON header of a safetensors file, with ``data_offsets`` made absolute.
 
-    Raises ``CheckpointError`` naming the file for a truncated or malformed header, or for
-    tensors whose bytes lie beyond the end of the file.
+    Raises ``error`` (``CheckpointError``, or ``StoreError`` for a store's dense file) naming the
+    file for a truncated or malformed header: a header that is not an object, an entry without
+    dtype, shape or data offsets, offsets that run backwards, overlap, disagree with the shape,
+    or lie beyond the end of the file.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 << 20):
-            raise CheckpointError(f"{path}: corrupt safetensors header length {n}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise error(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 << 20):
+                raise error(f"{path}: corrupt safetensors header length {n}")
+            text = f.read(n)
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise error(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise error(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                    "not an object)")  # fmt: skip
     base = 8 + n
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        problem = _entry_problem(info)
+        if problem:
+            raise error(f"{path}: corrupt safetensors header: tensor {name} {problem}")
         a, b = info["data_offsets"]
         if base + b > size:
-            raise CheckpointError(
+            raise error(
                 f"{path}: tensor {name} ends at byte {base + b} but the file has {size} bytes "
                 "(truncated download or copy?)"
             )
         out[name] = {"dtype": info["dtype"], "shape": info["shape"], "offset": base + a,
                      "nbytes": b - a}  # fmt: skip
+    spans = sorted((t["offset"], t["offset"] + t["nbytes"], name) for name, t in out.items())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise error(f"{path}: corrupt safetensors header: tensors {first} and {second} "
+                        "overlap")  # fmt: skip
     return out
+
+
+def _entry_problem(info: Any) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict):
+        return "has no dtype, shape and data_offsets"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        return f"has no dtype (got {dtype!r})"
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        return f"has no valid shape (got {shape!r})"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+        return f"has no valid data_offsets [start, end] (got {offsets!r})"
+    if offsets[1] < offsets[0]:
+        return f"ends (byte {offsets[1]}) before it starts (byte {offsets[0]})"
+    if dtype in _DTYPE_BYTES:
+        want = _DTYPE_BYTES[dtype] * math.prod(shape)
+        if offsets[1] - offsets[0] != want:
+            return (f"spans {offsets[1] - offsets[0]} bytes but its shape {shape} of {dtype} "
+                    f"needs {want}")  # fmt: skip
+    return None
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class Checkpoint:

@@ -27,18 +27,19 @@ from typing import Any
 
 import xxhash
 
-from ..config import ModelArgs
-from ..errors import ConfigError, MERError, StoreError
-from ..kernels import ExpertFormat, get_format
+from ..errors import MERError, StoreError
+from ..kernels import ExpertFormat
+from .manifest import (  # noqa: F401 (the format constants are re-exported)
+    ALIGN,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    REQUIRED_KEYS,
+    check_manifest,
+)
 
-FORMAT_NAME = "mer-expert-store"
-FORMAT_VERSION = 1
-ALIGN = 4096
 DENSE_FILE = "dense.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "config.json", "chat_template.jinja")  # fmt: skip
-REQUIRED_KEYS = ("format", "version", "model", "expert_format", "layout", "group", "dense",
-                 "expert_files", "experts")  # fmt: skip
 
 
 def torch_version() -> str:
@@ -66,35 +67,25 @@ class Store:
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
+        m = check_manifest(path / "manifest.json", manifest)
         self.manifest = manifest
-        try:
-            self.args = ModelArgs.from_dict(manifest["model"])
-        except (TypeError, KeyError) as e:
-            raise StoreError(f"{path / 'manifest.json'}: model args are malformed ({e})") from None
-        try:
-            self.format: ExpertFormat = get_format(manifest["expert_format"])
-        except ConfigError as e:
-            raise StoreError(f"{path / 'manifest.json'}: {e}") from None
-        self.group = int(manifest["group"])
-        if hasattr(self.format, "layout_tag") and manifest["layout"] != self.format.layout_tag():
+        self.args = m.model
+        self.format: ExpertFormat = m.expert_format
+        self.group = m.group
+        if hasattr(self.format, "layout_tag") and m.layout != self.format.layout_tag():
             raise StoreError(
                 f"{path / 'manifest.json'}: the {self.format.name} experts were packed in layout "
-                f"{manifest['layout']!r}, but this machine's torch ({torch_version()}) uses "
+                f"{m.layout!r}, but this machine's torch ({torch_version()}) uses "
                 f"{self.format.layout_tag()!r}; reconvert the store here with `mer convert "
                 f"SRC {path} --dtype {self.format.name} --force`"
             )
-        self.dense_file = path / manifest["dense"]["file"]
-        self.dense_dtype: str = manifest["dense"]["dtype"]
-        self.experts: dict[tuple[int, int], ExpertEntry] = {}
-        for i, e in enumerate(manifest["experts"]):
-            try:
-                entry = ExpertEntry(int(e["layer"]), int(e["expert"]),
-                                    str(path / manifest["expert_files"][int(e["file"])]),
-                                    int(e["offset"]), int(e["length"]), str(e["xxh3"]))  # fmt: skip
-            except (KeyError, IndexError, TypeError, ValueError) as err:
-                raise StoreError(f"{path / 'manifest.json'}: expert entry {i} is malformed "
-                                 f"({err!r})") from None  # fmt: skip
-            self.experts[(entry.layer, entry.expert)] = entry
+        self.dense_file = path / m.dense["file"]
+        self.dense_dtype: str = m.dense["dtype"]
+        self.experts: dict[tuple[int, int], ExpertEntry] = {
+            (x.layer, x.expert): ExpertEntry(x.layer, x.expert, str(path / m.expert_files[x.file]),
+                                             x.offset, x.length, x.xxh3)
+            for x in m.experts
+        }  # fmt: skip
 
     @classmethod
     def open(cls, path: str | Path) -> Store:
@@ -106,31 +97,20 @@ class Store:
             raise StoreError(f"{path}: not an expert store (no manifest.json); create one with "
                              "`mer convert CHECKPOINT STORE`")  # fmt: skip
         try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            text = mpath.read_bytes()
+        except OSError as e:
+            raise StoreError(f"{mpath}: cannot read the manifest ({e.strerror or e})") from None
+        try:
+            manifest = json.loads(text)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
             raise StoreError(f"{mpath}: not valid JSON ({e}); reconvert the store") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise StoreError(
-                f"{mpath}: not an MER expert store manifest (format is "
-                f"{manifest.get('format') if isinstance(manifest, dict) else None!r})"
-            )
-        missing = [k for k in REQUIRED_KEYS if k not in manifest]
-        if missing:
-            raise StoreError(f"{mpath}: manifest is missing key(s) {', '.join(missing)}; the "
-                             "store is damaged: reconvert it")  # fmt: skip
-        version = manifest["version"]
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise StoreError(
-                f"{mpath}: store format version {version} is newer than this MER "
-                f"understands ({FORMAT_VERSION}); upgrade micro-expert-router"
-            )
-        if version < 1:
-            raise StoreError(f"{mpath}: bad store format version {version!r}")
         store = cls(path, manifest)
         store._check_files()
         return store
 
     def _check_files(self) -> None:
+        """The files the manifest names are there, and long enough for every extent (the
+        extents themselves were checked with the manifest)."""
         if not self.dense_file.is_file():
             raise StoreError(f"{self.dense_file}: dense weights file is missing; reconvert")
         sizes: dict[str, int] = {}
@@ -139,28 +119,7 @@ class Store:
             if not p.is_file():
                 raise StoreError(f"{p}: expert file is missing; reconvert the store")
             sizes[str(p)] = p.stat().st_size
-        a = self.args
-        want = {(layer, e) for layer in range(a.n_layers) if a.moe_layers[layer]
-                for e in range(a.n_experts)}  # fmt: skip
-        if set(self.experts) != want:
-            raise StoreError(
-                f"{self.path / 'manifest.json'}: expert table does not cover every "
-                f"expert of the model ({len(self.experts)} of {len(want)})"
-            )
-        expect_len = (a.expert_inter // self.group) * self.format.group_nbytes(
-            a.hidden_size, self.group
-        )
         for e in self.experts.values():
-            if e.offset % ALIGN:
-                raise StoreError(
-                    f"{e.file}: expert ({e.layer}, {e.expert}) starts at offset "
-                    f"{e.offset}, not on a {ALIGN}-byte boundary"
-                )
-            if e.length != expect_len:
-                raise StoreError(
-                    f"{e.file}: expert ({e.layer}, {e.expert}) has {e.length} "
-                    f"bytes, expected {expect_len}"
-                )
             if e.offset + e.length > sizes[e.file]:
                 raise StoreError(f"{e.file}: truncated: expert ({e.layer}, {e.expert}) ends at "
                                  f"byte {e.offset + e.length} but the file has {sizes[e.file]} "
@@ -221,7 +180,7 @@ class Store:
 
         from ..checkpoint import dense_tensor_shapes, read_safetensors_header
 
-        read_safetensors_header(self.dense_file)  # bounds check with a clear message
+        read_safetensors_header(self.dense_file, StoreError)  # bounds checks, clear messages
         out = {}
         try:
             with safe_open(str(self.dense_file), framework="pt") as f:
