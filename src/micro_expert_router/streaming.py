@@ -29,7 +29,15 @@ from typing import NamedTuple
 from .cache import ExpertCache
 from .config import EngineConfig
 from .errors import ConfigError, StoreError
-from .io import DEMAND, PREFETCH, BufferPool, DirectReader, Lease, align_up
+from .io import (
+    DEFAULT_LEASE_TIMEOUT_S,
+    DEMAND,
+    PREFETCH,
+    BufferPool,
+    DirectReader,
+    Lease,
+    align_up,
+)
 from .io.reader import DEFAULT_THREADS
 from .provider import ProviderStats
 from .store import Store
@@ -93,11 +101,14 @@ class _LayerFetch:
         provider.stats.misses += n - hits
 
     def _read(self, i: int, offset: int, length: int) -> None:
+        """Start the demand read of expert ``i``'s ``[offset, offset + length)`` into a read
+        slot. The slot is ours (``staging[i]``) as soon as it is leased, so ``_settle`` gives it
+        back whatever fails next (the lease waits and times out, ``submit`` refuses the read)."""
         p = self.p
         entry = p.store.experts[self.keys[i]]
-        lease = p.pool.lease()
-        self.staging[i] = lease
-        self.futures[i] = p.reader.submit(entry.file, offset, length, lease, priority=DEMAND)
+        self.staging[i] = p.pool.lease(p.lease_timeout_s)
+        self.futures[i] = p.reader.submit(entry.file, offset, length, self.staging[i],
+                                          priority=DEMAND)  # fmt: skip
         self.reading += 1
         self.demand[i] = True
         p.stats.bytes_read += length
@@ -175,7 +186,9 @@ class _LayerFetch:
         self._settle(i)
 
     def _settle(self, i: int) -> None:
-        """Expert ``i`` is finished: offer a completed miss to the cache, release the rest."""
+        """Expert ``i`` is finished: offer a completed miss that was computed (its view built,
+        so its bytes passed ``verify``) to the cache, release the rest. A read that was never
+        submitted has no future; its slot is simply released."""
         if self.settled[i]:
             return
         self.settled[i] = True
@@ -190,34 +203,51 @@ class _LayerFetch:
         if lease is None:
             return
         self.reading -= self.demand[i]
-        fut = self.futures[i]
-        if _completed(fut) and cached is None and self.k:
-            self.p.offer(
-                self.keys[i], lease, fut.result(), self.top_bytes, self.protected, self.views[i]
-            )
-        lease.release()
+        fut, view = self.futures[i], self.views[i]
+        try:
+            if _completed(fut) and cached is None and self.k and view is not None:
+                self.p.offer(self.keys[i], lease, fut.result(), self.top_bytes, self.protected,
+                             view)  # fmt: skip
+        finally:  # an interrupt while waiting for the read must not lose the slot
+            lease.release()
 
-    def _settle_split_miss(self, i: int, top: Lease, bottom: Lease) -> None:
-        """Admit the top slot of a split miss if both its reads completed; release both."""
-        self.reading -= 1
-        if all([_completed(self.top_futures[i]), _completed(self.futures[i])]):  # both settle
-            pool = self.p.top_pools[align_up(self.top_bytes)]
-            entry = _Cached(top.retain(), self.views[i])
-            if not self.p.cache.admit(self.keys[i], entry, pool.slot_bytes, self.protected):
-                top.release()
-        top.release()
-        bottom.release()
+    def _settle_split_miss(self, i: int, top: Lease, bottom: Lease | None) -> None:
+        """Admit the top slot of a split miss if both its reads completed and it was computed;
+        release both slots (the bottom one may never have been leased)."""
+        self.reading -= self.demand[i]
+        try:
+            reads = [f for f in (self.top_futures[i], self.futures[i]) if f is not None]
+            done = [_completed(f) for f in reads]  # every read settles, whatever the others did
+            if len(done) == 2 and all(done) and self.views[i] is not None:
+                pool = self.p.top_pools[align_up(self.top_bytes)]
+                entry = _Cached(top.retain(), self.views[i])
+                if not self.p.cache.admit(self.keys[i], entry, pool.slot_bytes, self.protected):
+                    top.release()
+        finally:
+            top.release()
+            if bottom is not None:
+                bottom.release()
 
     def close(self) -> None:
-        """Settle whatever the caller did not finish (an error, an abandoned generator)."""
+        """Settle whatever the caller did not finish (an error, an abandoned generator). Every
+        expert is settled even if one raises (a KeyboardInterrupt while waiting on a read);
+        the first exception is raised after."""
+        first: BaseException | None = None
         for i in range(len(self.keys)):
-            self._settle(i)
+            try:
+                self._settle(i)
+            except BaseException as e:
+                first = first or e
+        if first is not None:
+            raise first
 
 
-def _completed(fut: Future) -> bool:
+def _completed(fut: Future | None) -> bool:
     """Settle a read: cancel it if it has not started; if it runs (only on error or abandon
     paths), wait for it, so every slot is back in the pool when the layer is left. ``True`` if
-    it delivered its bytes."""
+    it delivered its bytes; ``False`` for a read that was never submitted (``None``)."""
+    if fut is None:
+        return False
     if not fut.done() and not fut.cancel():
         wait([fut])
     return not fut.cancelled() and fut.exception() is None
@@ -256,6 +286,7 @@ class StreamingProvider:
         self.stats = ProviderStats()
         self.window = window
         self.verify = verify
+        self.lease_timeout_s: float | None = DEFAULT_LEASE_TIMEOUT_S  # a demand read's wait
         self.verified: set[tuple[int, int]] = set()
         self.n_groups = a.expert_inter // store.group
         per_group = store.format.group_nbytes(a.hidden_size, store.group)
@@ -430,10 +461,14 @@ def load_store(path: Path, config: EngineConfig):
     provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.policy,
                                  verify=config.verify, split=split, layer_budgets=layer_budgets,
                                  prefetch_slots=slots)  # fmt: skip
-    model = Transformer(store.args, dense, provider, dtype, config.max_context)
-    if prefetch != "off":
-        from .prefetcher import Prefetcher
+    try:  # the provider owns threads, files and pools: closed if the engine is never built
+        model = Transformer(store.args, dense, provider, dtype, config.max_context)
+        if prefetch != "off":
+            from .prefetcher import Prefetcher
 
-        model.on_route.append(Prefetcher(model, prefetch))
-    tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
-    return Engine(store.args, model, tokenizer, config, path)
+            model.on_route.append(Prefetcher(model, prefetch))
+        tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
+        return Engine(store.args, model, tokenizer, config, path)
+    except BaseException:
+        provider.close()
+        raise

@@ -198,15 +198,21 @@ class Lease:
         self.release()
 
     def __del__(self) -> None:
-        if getattr(self, "_refs", 0) > 0:
+        pool = getattr(self, "pool", None)
+        if pool is None:  # __init__ never ran to the end
+            return
+        with pool._cond:  # the refcount is only ever read or written under the pool's lock
+            if getattr(self, "_refs", 0) <= 0:
+                return
             self._refs = 0
-            warnings.warn(
-                f"a lease of slot {self.index} of buffer pool '{self.pool.name}' was "
-                "garbage-collected without release(); the slot was returned to the pool",
-                ResourceWarning,
-                stacklevel=1,
-            )
-            self.pool._give_back(self.index, reclaimed=True)
+            pool._give_back(self.index, reclaimed=True)
+        # warned only after the slot is back: a warnings filter that raises cannot lose it
+        warnings.warn(
+            f"a lease of slot {self.index} of buffer pool '{pool.name}' was "
+            "garbage-collected without release(); the slot was returned to the pool",
+            ResourceWarning,
+            stacklevel=1,
+        )
 
     # Zero-copy views of the slot. They do not keep the lease alive: use them only while held.
 
