@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -576,3 +577,22 @@ def test_dropped_reader_closes_its_files(datafile):
     del reader
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_dropped_lease_is_returned_even_when_warnings_are_errors():
+    # the slot goes back (under the pool lock) before the ResourceWarning, so a filter that
+    # turns the warning into an exception (pytest -W error) cannot lose it
+    pool = BufferPool(2, 4096, name="strict")
+    raised, hook = [], sys.unraisablehook
+    sys.unraisablehook = lambda u: raised.append(u.exc_type)  # what __del__ raised
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            lease = pool.lease()
+            del lease
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert raised == [ResourceWarning]
+    assert pool.free_count == pool.total and pool.reclaimed == 1
+    assert any("reclaimed by the garbage collector" in line for line in leak_report())
