@@ -124,8 +124,9 @@ class _LayerFetch:
                 continue  # adopted from a prefetch
             if self.cached[i] is None:
                 top = None
-                if self.split and not self.p.verify:  # verify checks whole extents
-                    top = self.p.top_pools[align_up(self.top_bytes)].try_lease()
+                pool = self.p.top_pools.get(align_up(self.top_bytes))  # none: no cache room
+                if self.split and not self.p.verify and pool is not None:  # verify: whole reads
+                    top = pool.try_lease()
                 if top is None:
                     self._read(i, entry.offset, entry.length)  # miss: the whole extent
                     continue
@@ -359,8 +360,8 @@ class StreamingProvider:
                 return
             lease.release()
             return
-        pool = self.top_pools[align_up(top_bytes)]
-        top = pool.try_lease()
+        pool = self.top_pools.get(align_up(top_bytes))  # None: no cache room for tops
+        top = pool.try_lease() if pool is not None else None
         if top is None:
             return
         top.numpy(top_bytes)[:] = result.numpy()[:top_bytes]

@@ -110,6 +110,7 @@ def convert(
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed conversion
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     tmp.mkdir()
+    placed = False  # the folder was renamed to dst: on failure, dst is this run's to remove
     try:
         specs = list(dense_tensor_shapes(args))
         write_safetensors_streaming(tmp / DENSE_FILE, specs, dense_dtype, ckpt.get)
@@ -163,11 +164,15 @@ def convert(
         if dst.exists():
             shutil.rmtree(dst)
         os.rename(tmp, dst)
+        placed = True
         fsync_dir(dst.parent)
         os.rename(dst / "manifest.json.partial", dst / "manifest.json")
         fsync_dir(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(dst if placed else tmp, ignore_errors=True)  # a failed run leaves nothing
+        if isinstance(e, OSError):  # disk full, file too large, I/O error: the user's to fix
+            raise StoreError(f"{dst}: writing the store failed ({e.strerror or e}); nothing was "
+                             "left behind: free space and convert again") from e  # fmt: skip
         raise
     finally:
         ckpt.close()
