@@ -330,18 +330,41 @@ def read_trace(path: str | Path, num_experts: int | None = None) -> Trace:
                      "expert] pairs; not a routing trace (see docs/trace-format.md)")  # fmt: skip
 
 
-def _read_mer(path: Path, head: dict, lines, num_experts: int | None) -> Trace:
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_header(path: Path, head: dict, num_experts: int | None) -> dict[str, Any]:
+    """The checked fields of a mer-trace header line."""
     if head.get("version") != VERSION:
         raise TraceError(f"{path}: mer-trace version {head.get('version')!r} is not supported "
                          f"(this reader knows version {VERSION}); upgrade mer")  # fmt: skip
-    try:
-        layers = [int(x) for x in head["layers"]]
-        n_exp = int(num_experts or head["num_experts"])
-        k = int(head["top_k"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise TraceError(
-            f"{path}: bad header field {e}; expected layers, num_experts, top_k"
-        ) from None
+    layers, k = head.get("layers"), head.get("top_k")
+    n_exp = num_experts or head.get("num_experts")
+    if not (isinstance(layers, list) and all(map(_is_int, layers))) or not all(
+        _is_int(v) and v > 0 for v in (k, n_exp)
+    ):
+        raise TraceError(f"{path}: bad header: layers must be a list of layer ids, num_experts "
+                         "and top_k whole numbers > 0")  # fmt: skip
+    model, eb, hidden = head.get("model") or {}, head.get("expert_bytes"), head.get("hidden")
+    if not isinstance(model, dict) or not (eb is None or (_is_int(eb) and eb >= 0)):
+        raise TraceError(f"{path}: bad header: model must be an object, expert_bytes a whole "
+                         "number or null")  # fmt: skip
+    if hidden is not None and not (
+        isinstance(hidden, dict) and isinstance(hidden.get("file"), str)
+        and hidden["file"] not in ("", ".", "..") and "/" not in hidden["file"]
+        and "\0" not in hidden["file"]
+    ):  # fmt: skip
+        raise TraceError(f"{path}: bad header: hidden must be null or name a file next to the "
+                         "trace")  # fmt: skip
+    hidden_file = path.with_name(hidden["file"]) if hidden is not None else None
+    return {"layers": layers, "num_experts": n_exp, "top_k": k, "model": model,
+            "expert_bytes": eb or None, "hidden_file": hidden_file}  # fmt: skip
+
+
+def _read_mer(path: Path, head: dict, lines, num_experts: int | None) -> Trace:
+    h = _read_header(path, head, num_experts)
+    layers, k = h["layers"], h["top_k"]
     experts, weights, prefill, step, ids = [], [], [], [], []
     for n, d in lines:
         try:
@@ -361,26 +384,23 @@ def _read_mer(path: Path, head: dict, lines, num_experts: int | None) -> Trace:
             step.append(int(d.get("step", len(step))))
             tok = d.get("token")
             ids.append(-1 if tok is None else int(tok))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise TraceError(f"{path}: line {n} is not a mer-trace token line ({e!r})") from None
     has_w = bool(weights) and all(w is not None for w in weights)
-    hidden = head.get("hidden")
-    hidden_file = path.with_name(hidden["file"]) if isinstance(hidden, dict) else None
-    eb = head.get("expert_bytes")
+    try:
+        arrays = {
+            "experts": np.asarray(experts).reshape(len(experts), len(layers), k),
+            "weights": np.asarray(weights, dtype=np.float32) if has_w else None,
+            "step": np.asarray(step, dtype=np.int64),
+            "token_ids": np.asarray(ids, dtype=np.int64),
+        }
+    except (ValueError, TypeError, OverflowError) as e:
+        raise TraceError(f"{path}: token lines hold something other than numbers ({e})") from None
     return Trace.from_arrays(
-        np.asarray(experts).reshape(len(experts), len(layers), k),
-        n_exp,
-        layers=layers,
-        weights=np.asarray(weights, dtype=np.float32) if has_w else None,
-        prefill=prefill,
-        step=np.asarray(step, dtype=np.int64),
-        token_ids=np.asarray(ids, dtype=np.int64),
-        model=dict(head.get("model") or {}),
-        expert_bytes=int(eb) if eb else None,
-        hidden_file=hidden_file,
-        path=path,
-        format=FORMAT,
-    )
+        arrays.pop("experts"), h["num_experts"], layers=layers, prefill=prefill, **arrays,
+        model=dict(h["model"]), expert_bytes=h["expert_bytes"], hidden_file=h["hidden_file"],
+        path=path, format=FORMAT,
+    )  # fmt: skip
 
 
 def _read_pairs(path: Path, first: tuple[int, Any], lines, num_experts: int | None) -> Trace:
