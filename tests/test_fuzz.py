@@ -30,10 +30,10 @@ from micro_expert_router.streaming import StreamingProvider
 from micro_expert_router.trace import TraceWriter, read_trace
 
 EXAMPLES = {
-    "manifest_mutated": 250, "manifest_bytes": 100,
-    "dense_header_mutated": 200, "dense_header_bytes": 100,
+    "manifest_mutated": 200, "manifest_bytes": 100,
+    "dense_header_mutated": 150, "dense_header_bytes": 100,
     "plan_mutated": 300, "plan_text": 100,
-    "mer_trace_mutated": 200, "pairs_trace_mutated": 150, "trace_bytes": 100,
+    "mer_trace_mutated": 150, "pairs_trace_mutated": 100, "trace_bytes": 100,
 }  # fmt: skip
 
 
