@@ -279,6 +279,35 @@ def test_expert_file_removed_before_its_first_read(made, tmp_path, config):
         recovered(engine, ref)
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_corrupt_experts_are_never_cached(made, tmp_path, config):
+    # before the fix, a layer left by an error offered every read that had completed to the
+    # cache, computed or not: the corrupt expert itself was cached without a view, and the next
+    # call crashed on it (TypeError) instead of naming it again
+    root, _, ref = made
+    store = copy_store(root / "store", tmp_path)
+    extents = [e for (layer, _), e in Store.open(store).experts.items() if layer == 0]
+    original = {}
+    with open(extents[0].file, "r+b") as f:
+        for e in extents:  # one flipped byte in each expert of the first layer
+            f.seek(e.offset + 100)
+            original[e.offset] = f.read(1)
+            f.seek(e.offset + 100)
+            f.write(bytes([original[e.offset][0] ^ 0xFF]))
+    opts = {**options(made, config), "cache_bytes": None, "verify": True}
+    with engine_under_fault(store, **opts) as engine:
+        for _ in range(2):
+            with pytest.raises(StoreError, match=r"expert \(0, \d\) .* fails its checksum") as e:
+                run(engine)
+            named(e.value)
+            pools_settled(engine.provider)
+        with open(extents[0].file, "r+b") as f:
+            for offset, b in original.items():
+                f.seek(offset + 100)
+                f.write(b)
+        recovered(engine, ref)
+
+
 def test_expert_file_removed_after_it_was_opened_keeps_working(made, tmp_path):
     root, _, ref = made
     store = copy_store(root / "store", tmp_path)
