@@ -55,8 +55,13 @@ class Tokenizer:
         """A fresh incremental decoder: ``ds.step(self.tok, id)`` returns new text or None."""
         return DecodeStream(skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        if not self.chat_template:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], template: str | None = None
+    ) -> str:
+        """Render ``messages`` with the model's chat template, or ``template`` when the model
+        has none."""
+        template = self.chat_template or template
+        if not template:
             raise CheckpointError("this model's tokenizer_config.json has no chat_template")
         from jinja2 import StrictUndefined
         from jinja2.exceptions import TemplateError
@@ -70,7 +75,7 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent)
         try:
-            return env.from_string(self.chat_template).render(
+            return env.from_string(template).render(
                 messages=messages,
                 add_generation_prompt=True,
                 bos_token=self._special("bos_token") or "",
