@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import tempfile
 import threading
 import time
 
@@ -296,3 +297,32 @@ def test_cache_page_data(served):
     assert v["total"]["pool_total"] == served.engine.provider.pool.total
     page = httpx.get(served.url + "/").text
     assert "<canvas" in page and "/api/cache" in page and "http" not in page.split("<body")[0]
+
+
+def test_page_renders_in_headless_chromium(served):
+    """The page at / draws real data: headless Chromium runs its script (polling mode, since a
+    browser waiting for the network to go idle never sees an event stream end)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium (apt-get install chromium)")
+    served.client.completions.create(model="demo", prompt="Love is", max_tokens=8)
+    assert served.sched.telemetry.wait_newer(time.monotonic())
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu",
+                              f"--user-data-dir={profile}", "--virtual-time-budget=3000",
+                              "--dump-dom", served.url + "/?poll"],
+                             capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+    assert "4 MoE layers × 16 experts" in dom
+    assert dom.count('class="card"') >= 10 and "tokens / s" in dom
+    assert "waiting for data" not in dom
+
+
+def test_page_event_stream(served):
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        with client.stream("GET", "/api/cache/events") as r:
+            line = next(ln for ln in r.iter_lines() if ln.startswith("data:"))
+    v = json.loads(line[5:])
+    assert v["model"] == "demo" and v["experts"] == served.engine.args.n_experts

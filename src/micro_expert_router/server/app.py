@@ -281,13 +281,13 @@ def create_app(engine: Engine, max_batch: int = 8, max_queue: int = 16,
 
     @app.get("/api/cache")
     async def cache_view() -> dict[str, Any]:
-        return sched.telemetry.view()
+        return {**sched.telemetry.view(), "model": name}
 
     @app.get("/api/cache/events")
     async def cache_events(request: Request) -> EventSourceResponse:
         async def events() -> AsyncIterator[dict[str, str]]:
             while not await request.is_disconnected():
-                yield {"data": json.dumps(sched.telemetry.view())}
+                yield {"data": json.dumps({**sched.telemetry.view(), "model": name})}
                 await asyncio.sleep(PAGE_PUSH_S)
 
         return EventSourceResponse(events(), ping=15)
