@@ -243,6 +243,25 @@ def test_cancel_mid_stream_frees_kv_and_slots(served):
     assert served.sched.telemetry.tokens - tokens_before < 200  # it stopped early
 
 
+def test_disconnect_cancels_a_whole_response(served):
+    tokens_before = served.sched.telemetry.tokens
+    body = {"prompt": PROMPTS[3], "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.url + "/v1/completions", json=body, timeout=1.5)
+    h = served.settle()
+    assert h["kv_bytes"] == 0 and pool_whole(served.engine)
+    assert served.sched.telemetry.tokens - tokens_before < 200
+
+
+def test_stopped_engine_answers_503(served):
+    from micro_expert_router.server import Overloaded, Params, Scheduler
+
+    idle = Scheduler(served.engine)  # never started
+    with pytest.raises(Overloaded) as e:
+        idle.submit([1, 2], Params(max_tokens=2), lambda ev: None)
+    assert e.value.status == 503 and e.value.retry_after >= 1
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

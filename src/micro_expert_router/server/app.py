@@ -34,6 +34,7 @@ from .text import chat_prompt
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 PAGE_PUSH_S = 1.0  # the live page's SSE period
+DISCONNECT_CHECK_S = 0.5  # how often a non-streamed request looks for its client having left
 
 
 class ClientError(Exception):
@@ -103,6 +104,10 @@ def create_app(engine: Engine, max_batch: int = 8, max_queue: int = 16,
         return _error(exc.status, str(exc), kind, code=kind,
                       headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
 
+    @app.exception_handler(_ClientGone)
+    async def _gone(request: Request, exc: _ClientGone) -> JSONResponse:
+        return _error(499, "the client closed the request", code="client_closed_request")
+
     @app.exception_handler(_EngineFailed)
     async def _failed(request: Request, exc: _EngineFailed) -> JSONResponse:
         return _error(500, str(exc), "server_error")
@@ -149,14 +154,18 @@ def create_app(engine: Engine, max_batch: int = 8, max_queue: int = 16,
 
     async def collect(request: Request, req, queue: asyncio.Queue) -> tuple[str, Done]:
         """Wait for a whole generation, cancelling it if the client goes away."""
-        text = []
+        text, checked = [], time.monotonic()
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    ev = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)
                 except TimeoutError:
+                    ev = None
+                if time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
+                        raise _ClientGone
+                if ev is None:
                     continue
                 if isinstance(ev, Token):
                     text.append(ev.text)
@@ -293,6 +302,10 @@ def create_app(engine: Engine, max_batch: int = 8, max_queue: int = 16,
         return EventSourceResponse(events(), ping=15)
 
     return app
+
+
+class _ClientGone(Exception):
+    """The client of a non-streamed request disconnected: its generation is cancelled."""
 
 
 class _EngineFailed(Exception):
