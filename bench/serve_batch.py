@@ -111,8 +111,9 @@ def setting(path: Path, frac: float, args, options: dict) -> dict:
     union = statistics.median(r["union_per_layer"] for r in runs["batch"])
     k, e, b = a.top_k, a.n_experts, args.batch
     bound = (db + moe * k * eb) / ((db + moe * union * eb) / b)
-    return {"setting": name, "single_tok_s": single, "batch_tok_s": batch, "speedup": batch / single,
-            "union_per_layer": union, "union_random": e * (1 - (1 - k / e) ** b),
+    return {"setting": name, "single_tok_s": single, "batch_tok_s": batch,
+            "speedup": batch / single, "union_per_layer": union,
+            "union_random": e * (1 - (1 - k / e) ** b),
             "bound": bound, "of_bound": batch / single / bound, "dense_mb": db / 1e6,
             "expert_mb": eb / 1e6, "batch": b, "top_k": k, "experts": e}  # fmt: skip
 
