@@ -345,3 +345,39 @@ def test_page_event_stream(served):
             line = next(ln for ln in r.iter_lines() if ln.startswith("data:"))
     v = json.loads(line[5:])
     assert v["model"] == "demo" and v["experts"] == served.engine.args.n_experts
+
+
+def test_mer_serve_command(store, tmp_path):
+    """`mer serve` as users start it: up, answers, and exits 0 on Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "micro_expert_router.cli", "serve", "--model", str(store),
+           "--cache-mb", "10", "--port", str(port), "--max-context", "128", "--model-name", "m"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok":
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "mer serve did not come up"
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"prompt": "Love is", "max_tokens": 3, "model": "m"})  # fmt: skip
+        assert r.status_code == 200 and r.json()["model"] == "m"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert "live cache page" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
