@@ -103,3 +103,18 @@ def test_stop_matcher(pieces, stops, emitted, stopped):
     if not hit:
         out.append(m.flush())
     assert "".join(out) == emitted and hit == stopped
+
+
+def test_chat_template_from_jinja_file(tmp_path):
+    import shutil
+
+    from micro_expert_router.tokenizer import Tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model_path() / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok = Tokenizer(tmp_path)
+    text, stops = chat_prompt(tok, [{"role": "user", "content": "hi"}])
+    assert text == "<user>hi<assistant>" and stops == []

@@ -1,5 +1,6 @@
 """Tokenizer: ``tokenizer.json`` through the ``tokenizers`` library, the chat template from
-``tokenizer_config.json`` (Jinja2, sandboxed), and incremental detokenization for streaming."""
+``tokenizer_config.json`` or ``chat_template.jinja`` (Jinja2, sandboxed), and incremental
+detokenization for streaming."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class Tokenizer:
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
         self.chat_template: str | None = self.config.get("chat_template")
+        jinja = folder / "chat_template.jinja"  # where transformers >= 4.50 saves it
+        if not self.chat_template and jinja.is_file():
+            self.chat_template = jinja.read_text()
 
     def _special(self, key: str) -> str | None:
         v = self.config.get(key)

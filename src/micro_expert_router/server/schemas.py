@@ -46,6 +46,14 @@ class _Sampling(BaseModel):
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """``"temperature": null`` means the default, as in OpenAI's API."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
