@@ -99,7 +99,7 @@ class StepRecord:
     """One decode step of the batch (the bench and /metrics read these)."""
 
     batch: int
-    seconds: float
+    seconds: float  # forward_batch, sampling and handing each request its token
     experts_needed: int  # summed over MoE layers: the union of the batch's experts, per layer
     bytes_read: int
 
@@ -260,12 +260,12 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - the batch's KV is now inconsistent: fail it
             self._fail(batch, exc)
             return
-        d = stats.minus(before)
-        self.steps.append(StepRecord(len(batch), time.perf_counter() - t0, d.experts_needed,
-                                     d.bytes_read))  # fmt: skip
         for b, req in enumerate(batch):  # logits [B, V]
             p = req.params
             self._advance(req, sample(logits[b], p.temperature, p.top_p, p.top_k, req.gen))
+        d = stats.minus(before)  # the step's time includes sampling and sending the tokens
+        self.steps.append(StepRecord(len(batch), time.perf_counter() - t0, d.experts_needed,
+                                     d.bytes_read))  # fmt: skip
 
     def _advance(self, req: Request, token: int) -> None:
         """Account one sampled token of ``req``: emit its text, finish it if it is done."""
