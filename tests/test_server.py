@@ -7,11 +7,13 @@ data."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import tempfile
 import threading
 import time
+import weakref
 
 import httpx
 import pytest
@@ -238,9 +240,13 @@ def test_cancel_mid_stream_frees_kv_and_slots(served):
             while got < 3:
                 got += next(lines).startswith("data:")
             assert httpx.get(served.url + "/health").json()["kv_bytes"] > 0
+            running = list(served.sched._active)  # a peek at the engine thread's batch
+            kv = weakref.ref(running[0].kv.k[0])
     h = served.settle()
     assert h["kv_bytes"] == 0 and pool_whole(served.engine)
     assert served.sched.telemetry.tokens - tokens_before < 200  # it stopped early
+    gc.collect()
+    assert kv() is None  # nothing holds the cancelled request's KV tensors any more
 
 
 def test_disconnect_cancels_a_whole_response(served):
