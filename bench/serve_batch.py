@@ -7,7 +7,8 @@ reports per trial the decode tok/s and the experts read per MoE layer per step (
 the batch's experts). Final lines, per setting: the measured union vs what uniform random routing
 would give (E x (1 - (1 - K/E)^B)), the aggregate/single speed ratio, and the bound the bytes
 set: single-request bytes per token / (batch bytes per step / B), where a step's bytes are the
-dense weights (read once per step for the whole batch) plus the experts it reads.
+dense weights (read once per step for the whole batch) plus the experts it reads; under a cache,
+also the bound the measured disk bytes set (single MB read per token / batch MB read per token).
 
     python bench/serve_batch.py                          # the bundled demo store
     python bench/serve_batch.py --store DIR --batch 8 --tokens 32 --cache-fracs 1,0.5
@@ -111,10 +112,16 @@ def setting(path: Path, frac: float, args, options: dict) -> dict:
     union = statistics.median(r["union_per_layer"] for r in runs["batch"])
     k, e, b = a.top_k, a.n_experts, args.batch
     bound = (db + moe * k * eb) / ((db + moe * union * eb) / b)
+    # under a cache, the bytes that set the pace are the ones read from disk, as measured
+    mb1 = statistics.median(r["mb_read_per_token"] for r in runs["single"])
+    mbb = statistics.median(r["mb_read_per_token"] for r in runs["batch"])
+    read_bound = mb1 / mbb if mb1 > 0 and mbb > 0 else None
     return {"setting": name, "single_tok_s": single, "batch_tok_s": batch,
             "speedup": batch / single, "union_per_layer": union,
             "union_random": e * (1 - (1 - k / e) ** b),
-            "bound": bound, "of_bound": batch / single / bound, "dense_mb": db / 1e6,
+            "bound": bound, "of_bound": batch / single / bound, "read_bound": read_bound,
+            "of_read_bound": batch / single / read_bound if read_bound else None,
+            "mb_read_per_token_single": mb1, "mb_read_per_token_batch": mbb, "dense_mb": db / 1e6,
             "expert_mb": eb / 1e6, "batch": b, "top_k": k, "experts": e}  # fmt: skip
 
 
@@ -155,7 +162,11 @@ def main() -> None:
               f"(uniform random routing: {r['union_random']:.1f} of {r['experts']}) | aggregate "
               f"{r['batch_tok_s']:.2f} tok/s = {r['speedup']:.2f}x single "
               f"({r['single_tok_s']:.2f} tok/s) | bytes bound {r['bound']:.2f}x -> "
-              f"{r['of_bound']:.2f} of the bound")  # fmt: skip
+              f"{r['of_bound']:.2f} of the bound" + (
+                  "" if r["read_bound"] is None else
+                  f" | disk: {r['mb_read_per_token_single']:.2f} -> "
+                  f"{r['mb_read_per_token_batch']:.2f} MB/token, bound {r['read_bound']:.2f}x -> "
+                  f"{r['of_read_bound']:.2f} of it"))  # fmt: skip
 
 
 if __name__ == "__main__":
