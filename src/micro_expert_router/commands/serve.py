@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests waiting beyond the batch; more get 429 with Retry-After")
     p.add_argument("--model-name", default=None,
-                   help="the id /v1/models reports (default: the model folder's name)")
+                   help="the id /v1/models reports (default: the model folder's name, or "
+                   "'demo' for the bundled demo)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch < 1 or args.max_queue < 0:
         raise ConfigError("--max-batch must be >= 1 and --max-queue >= 0")
     with load_engine(args) as engine:
+        name = args.model_name or ("demo" if args.model is None else None)
         app = create_app(engine, max_batch=args.max_batch, max_queue=args.max_queue,
-                         model_name=args.model_name)  # fmt: skip
+                         model_name=name)  # fmt: skip
         print(f"mer serve: {engine.path} on http://{args.host}:{args.port}/v1 "
               f"(live cache page: http://{args.host}:{args.port}/)", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
