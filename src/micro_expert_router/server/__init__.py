@@ -9,13 +9,24 @@ requests and a live page of the expert cache.
 - ``text``: chat prompts and stop strings;
 - ``static/index.html``: the page (plain HTML and JS, no build step, nothing fetched from outside).
 
-Importing this package needs the ``serve`` extra (FastAPI, uvicorn, sse-starlette,
-prometheus-client). See ``docs/server.md``.
+``app`` and ``metrics`` need the ``serve`` extra (FastAPI, uvicorn, sse-starlette,
+prometheus-client); the names below load on first use, so ``text`` and ``scheduler`` (used by
+``mer chat`` and the benchmarks) import without it. See ``docs/server.md``.
 """
 
 from __future__ import annotations
 
-from .app import create_app
-from .scheduler import Done, Failed, Overloaded, Params, Scheduler, Token
+import importlib
+from typing import Any
 
-__all__ = ["create_app", "Scheduler", "Params", "Token", "Done", "Failed", "Overloaded"]
+_WHERE = {"create_app": "app", "Scheduler": "scheduler", "Params": "scheduler",
+          "Token": "scheduler", "Done": "scheduler", "Failed": "scheduler",
+          "Overloaded": "scheduler"}  # fmt: skip
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
