@@ -3,7 +3,9 @@
 
 ``load`` accepts a HuggingFace checkpoint folder (every expert packed in RAM) or an expert store
 (experts streamed from disk under a cache budget). Generation is a generator of ``Step`` records:
-the CLI, the server, the benchmarks and the tests all drive the same one.
+the CLI, ``mer chat``, the benchmarks and the tests all drive the same one. The server
+(``server/scheduler.py``) decodes many requests as one batch with ``Transformer.forward_batch``
+instead, with the same sampler and the same end-of-sequence rule.
 """
 
 from __future__ import annotations
