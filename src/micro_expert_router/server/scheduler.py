@@ -235,7 +235,7 @@ class Scheduler:
                 self._n_active -= 1
             return
         try:
-            kv = KVCache.empty(e.args, len(req.ids) + p.max_tokens, self.model.dtype)
+            kv = self.model.new_cache(len(req.ids) + p.max_tokens)
             with self._cond:
                 req.kv = kv
                 self._kv_bytes += _kv_nbytes(kv)
