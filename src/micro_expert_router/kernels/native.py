@@ -1,4 +1,5 @@
-"""Builds and loads the native q4/q8 decode kernels (``native.cpp``) as torch custom ops.
+"""Builds and loads the native q4/q8 decode kernels (``native.cpp`` for experts,
+``native_dense.cpp`` for the quantized dense weights) as torch custom ops.
 
 The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``)
 against the installed torch, into the project's cache directory (``$MER_CACHE_DIR``, else
@@ -35,7 +36,8 @@ import torch
 
 from ..paths import cache_dir
 
-SOURCE = Path(__file__).with_name("native.cpp")
+SOURCE = Path(__file__).with_name("native.cpp")  # the expert ops (q4/q8 SwiGLU)
+SOURCES = (SOURCE, Path(__file__).with_name("native_dense.cpp"))  # + the dense GEMV ops
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers; the library
 # links torch's own libgomp (torch/lib), so the process keeps one OpenMP runtime.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-w"]
@@ -60,7 +62,7 @@ def _command(out: Path) -> list[str]:
     libs = library_paths()
     cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     cmd += [f"-I{p}" for p in include_paths()]
-    cmd += [str(SOURCE), "-o", str(out)]
+    cmd += [str(src) for src in SOURCES] + ["-o", str(out)]
     cmd += [f"-L{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-lgomp"]
     cmd += [f"-Wl,-rpath,{p}" for p in libs]
     return cmd
@@ -68,7 +70,7 @@ def _command(out: Path) -> list[str]:
 
 def library_path() -> Path:
     """Where the built library for this source, compiler flags and torch lives."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
     cxx = os.environ.get("CXX", "g++")
     key = [torch.__version__, sys.platform, platform.machine(), cxx, *FLAGS]
     h.update("\0".join(key).encode())
@@ -119,6 +121,13 @@ def load() -> bool:
             stacklevel=2,
         )
         return False
+
+
+@functools.cache
+def dense_available() -> bool:
+    """Whether the dense q8/q4 GEMV ops should be used: loaded, and an AVX2+FMA CPU (their
+    scalar code is slower than dequantize + GEMM)."""
+    return load() and bool(torch.ops.mer.has_avx2())
 
 
 @functools.cache
