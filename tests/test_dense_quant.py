@@ -138,7 +138,7 @@ def test_gemm_path_matches_dequantized_weights(name):
 
 
 def test_bad_shapes_are_named_errors():
-    with pytest.raises(ConfigError, match="multiple of 64"):
+    with pytest.raises(ConfigError, match="a multiple of 64"):
         Q4Dense(torch.zeros(4, 16, dtype=torch.uint8), torch.zeros(4, 0, 2, dtype=torch.bfloat16))
     with pytest.raises(ConfigError, match="q8"):
         Q8Dense(torch.zeros(4, 32, dtype=torch.int8), torch.zeros(3, dtype=torch.bfloat16))

@@ -147,7 +147,7 @@ class Q4Dense(_Quantized):
                               f"{packed.dtype} {tuple(packed.shape)}, {sz.dtype}")  # fmt: skip
         if (2 * h) % Q4_BLOCK or tuple(sz.shape) != (n, 2 * h // Q4_BLOCK, 2):
             raise ConfigError(f"dense q4: (scale, zero) {tuple(sz.shape)} do not fit packed "
-                              f"weights {tuple(packed.shape)} (K must be a multiple of 64)")  # fmt: skip
+                              f"weights {tuple(packed.shape)} (K: a multiple of 64)")  # fmt: skip
         self.packed, self.sz = packed.contiguous(), sz.contiguous()
         self.shape = (int(n), int(2 * h))
 

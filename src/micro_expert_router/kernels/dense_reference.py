@@ -27,7 +27,7 @@ X_BLOCK = 32  # activations per int8 scale
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """Codes ``[N, K]`` in 0..15 -> bytes ``[N, K/2]``: per 64-block, byte i = q_i | q_{i+32} << 4."""
+    """Codes ``[N, K]`` (0..15) -> bytes ``[N, K/2]``; per 64-block byte i = q_i | q_{i+32} << 4."""
     n, k = q.shape
     qb = q.astype(np.uint8).reshape(n, k // Q4_BLOCK, Q4_BLOCK)
     return (qb[..., :32] | (qb[..., 32:] << 4)).reshape(n, k // 2)
