@@ -67,6 +67,11 @@ class _Quantized:
             y = torch.empty((t, n), dtype=torch.float32)  # [T, N]
             self._native(y, x.float().contiguous(), 1)
             return y.to(x.dtype)
+        return self.gemm(x)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """The large-T path: dequantize ``CHUNK_ROWS`` rows at a time to x's dtype, GEMM."""
+        t, n = x.shape[0], self.shape[0]
         y = torch.empty((t, n), dtype=x.dtype)  # [T, N]
         for r0 in range(0, n, CHUNK_ROWS):
             r1 = min(n, r0 + CHUNK_ROWS)
@@ -76,6 +81,9 @@ class _Quantized:
     def native_linear(self, x: torch.Tensor, isa: int = 1) -> torch.Tensor:
         """The native op alone, float32 ``[T, N]`` (tests and benchmarks; isa 0 = scalar)."""
         _check_x(x, self.shape[1], self.name)
+        if not native.load():
+            raise ConfigError(f"dense {self.name}: the native kernels are unavailable "
+                              f"({native.INFO.reason})")  # fmt: skip
         y = torch.empty((x.shape[0], self.shape[0]), dtype=torch.float32)
         self._native(y, x.float().contiguous(), isa)
         return y

@@ -55,17 +55,69 @@ inline float tree8(const float* a) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+#if MER_DX86
+// One block of 32 activations: the scalar code's IEEE operations (max, division, round half to
+// even, clip) with 8 lanes at a time, so the same bits. Returns sum(q).
+MER_AVX2 int32_t quantize_block_avx2(const float* v, float s, int8_t* q) {
+  const __m256 inv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  alignas(32) int32_t qi[32];
+  __m256i sum = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v + 8 * i), inv),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256i n = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(qi + 8 * i), n);
+    sum = _mm256_add_epi32(sum, n);
+  }
+  for (int i = 0; i < 32; ++i) q[i] = int8_t(qi[i]);
+  alignas(32) int32_t p[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(p), sum);
+  return p[0] + p[1] + p[2] + p[3] + p[4] + p[5] + p[6] + p[7];
+}
+
+MER_AVX2 float absmax32_avx2(const float* v) {
+  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 m = _mm256_and_ps(_mm256_loadu_ps(v), mask);
+  for (int i = 1; i < 4; ++i) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(v + 8 * i), mask));
+  alignas(32) float a[8];
+  _mm256_store_ps(a, m);
+  float r = 0.0f;
+  for (int i = 0; i < 8; ++i) r = std::fmax(r, a[i]);
+  return r;
+}
+#endif
+
+bool cpu_has_avx2();
+
 // x [T, K] -> qx int8 [T, K], sx [T, K/32]; q4 also c [T, K/64] (see the header comment).
 void quantize_x(const float* x, int64_t T, int64_t K, int8_t* qx, float* sx, float* c) {
+#if MER_DX86
+  static const bool simd = cpu_has_avx2();
+#else
+  const bool simd = false;
+#endif
   const int64_t nb = K / kXB;
   for (int64_t t = 0; t < T; ++t) {
     std::vector<int32_t> sums(nb);
     for (int64_t b = 0; b < nb; ++b) {
       const float* v = x + t * K + b * kXB;
+      int32_t sum = 0;
+#if MER_DX86
+      if (simd) {
+        float s = absmax32_avx2(v) / 127.0f;
+        if (s > 0.0f) {
+          sum = quantize_block_avx2(v, s, qx + t * K + b * kXB);
+        } else {
+          std::memset(qx + t * K + b * kXB, 0, kXB);
+        }
+        sx[t * nb + b] = s;
+        sums[b] = sum;
+        continue;
+      }
+#endif
       float m = 0.0f;
       for (int64_t k = 0; k < kXB; ++k) m = std::fmax(m, std::fabs(v[k]));
       float s = m / 127.0f;
-      int32_t sum = 0;
       for (int64_t k = 0; k < kXB; ++k) {
         float q = s > 0.0f ? std::nearbyint(v[k] / s) : 0.0f;
         q = std::fmin(std::fmax(q, -127.0f), 127.0f);
@@ -178,38 +230,68 @@ MER_AVX2 void q8_rows_avx2(const int8_t* w, const uint16_t* s, int64_t K, const 
     for (int t = 0; t < TT; ++t) out[t * os + r] = hsum8(acc[r][t]) * bf16f(s[r]);
 }
 
+// sxa / sxb: per token, the scales of the first and second 32-block of each 64-block ([T, K/64]
+// each). Per chunk of 8 blocks the scale products s sx and fl(z - 8 s) of each row are formed 8
+// at a time (the same per-element IEEE operations as the scalar code), then read back as
+// broadcasts in the block loop.
 template <int R, int TT>
 MER_AVX2 void q4_rows_avx2(const uint8_t* p, const uint16_t* sz, int64_t K, const int8_t* qx,
-                           const float* sx, const float* c, float* out, int64_t os) {
-  const int64_t nb = K / kWB4, nbx = K / kXB;
+                           const float* sxa, const float* sxb, const float* c, float* out,
+                           int64_t os) {
+  const int64_t nb = K / kWB4;
   const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
+  const __m256i mhi = _mm256_set1_epi32(int(0xFFFF0000u));
   __m256 acc[R][TT];
   float off[R][TT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps(), off[r][t] = 0.0f;
   const int64_t pf = std::max<int64_t>(R * K / 2, kPrefetch);
-  for (int64_t b = 0; b < nb; ++b) {
-    if ((b & 1) == 0)
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(p + r * K / 2 + b * 32 + pf), _MM_HINT_T1);
-    __m256i xa[TT], xb[TT];
-    for (int t = 0; t < TT; ++t) {
-      xa[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * K + b * kWB4));
-      xb[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * K + b * kWB4 + 32));
-    }
+  alignas(32) float da[R][TT][8], db[R][TT][8], zc[R][8];
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int64_t nk = std::min<int64_t>(8, nb - b0);
     for (int r = 0; r < R; ++r) {
-      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + r * K / 2 + b * 32));
-      __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      const uint16_t* e = sz + (r * nb + b) * 2;
-      float s = bf16f(e[0]), z = bf16f(e[1]);
-      float zc = std::fmaf(-8.0f, s, z);
+      const uint16_t* e = sz + (r * nb + b0) * 2;
+      if (nk == 8) {
+        __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e));  // (s | z << 16)
+        __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
+        __m256 zv = _mm256_castsi256_ps(_mm256_and_si256(d, mhi));
+        _mm256_store_ps(zc[r], _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sv, zv));
+        for (int t = 0; t < TT; ++t) {
+          _mm256_store_ps(da[r][t], _mm256_mul_ps(sv, _mm256_loadu_ps(sxa + t * nb + b0)));
+          _mm256_store_ps(db[r][t], _mm256_mul_ps(sv, _mm256_loadu_ps(sxb + t * nb + b0)));
+        }
+      } else {
+        for (int64_t i = 0; i < nk; ++i) {
+          float sv = bf16f(e[2 * i]), zv = bf16f(e[2 * i + 1]);
+          zc[r][i] = std::fmaf(-8.0f, sv, zv);
+          for (int t = 0; t < TT; ++t) {
+            da[r][t][i] = sv * sxa[t * nb + b0 + i];
+            db[r][t][i] = sv * sxb[t * nb + b0 + i];
+          }
+        }
+      }
+    }
+    for (int64_t i = 0; i < nk; ++i) {
+      const int64_t b = b0 + i;
+      if ((b & 1) == 0)
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(p + r * K / 2 + b * 32 + pf), _MM_HINT_T1);
+      __m256i xa[TT], xb[TT];
       for (int t = 0; t < TT; ++t) {
-        const float* st = sx + t * nbx + 2 * b;
-        __m256 fa = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xa[t]), ones));
-        __m256 fb = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb[t]), ones));
-        acc[r][t] = _mm256_fmadd_ps(fa, _mm256_set1_ps(s * st[0]), acc[r][t]);
-        acc[r][t] = _mm256_fmadd_ps(fb, _mm256_set1_ps(s * st[1]), acc[r][t]);
-        off[r][t] = std::fmaf(zc, c[t * nb + b], off[r][t]);
+        xa[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * K + b * kWB4));
+        xb[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * K + b * kWB4 + 32));
+      }
+      for (int r = 0; r < R; ++r) {
+        __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + r * K / 2 + b * 32));
+        __m256i lo = _mm256_and_si256(v, m4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int t = 0; t < TT; ++t) {
+          __m256 fa = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xa[t]), ones));
+          __m256 fb = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb[t]), ones));
+          acc[r][t] = _mm256_fmadd_ps(fa, _mm256_broadcast_ss(&da[r][t][i]), acc[r][t]);
+          acc[r][t] = _mm256_fmadd_ps(fb, _mm256_broadcast_ss(&db[r][t][i]), acc[r][t]);
+          off[r][t] = std::fmaf(zc[r][i], c[t * nb + b], off[r][t]);
+        }
       }
     }
   }
@@ -236,8 +318,8 @@ bool simd_for(int64_t isa) {
 // Rows [r0, r1) of one matrix, all T tokens, in tiles of 4 rows x up to 4 tokens.
 template <bool Q4>
 void rows_range(bool simd, const uint8_t* w, const uint16_t* s, int64_t r0, int64_t r1,
-                int64_t K, const int8_t* qx, const float* sx, const float* c, int64_t T,
-                float* out, int64_t N) {
+                int64_t K, const int8_t* qx, const float* sx, const float* sxa, const float* sxb,
+                const float* c, int64_t T, float* out, int64_t N) {
   const int64_t rb = Q4 ? K / 2 : K;                   // bytes per row
   const int64_t sr = Q4 ? (K / kWB4) * 2 : 1;          // scale entries per row
   const int64_t nbx = K / kXB, nb4 = K / kWB4;
@@ -255,12 +337,13 @@ void rows_range(bool simd, const uint8_t* w, const uint16_t* s, int64_t r0, int6
     const int64_t tt = std::min<int64_t>(4, T - t0);
     const int8_t* xq = qx + t0 * K;
     const float *xs = sx + t0 * nbx, *xc = Q4 ? c + t0 * nb4 : nullptr;
+    const float *xa = Q4 ? sxa + t0 * nb4 : nullptr, *xb = Q4 ? sxb + t0 * nb4 : nullptr;
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {
       float* o = out + t0 * N + r;
 #define MER_CASE(TT)                                                                            \
   if (Q4)                                                                                       \
-    q4_rows_avx2<4, TT>(w + r * rb, s + r * sr, K, xq, xs, xc, o, N);                           \
+    q4_rows_avx2<4, TT>(w + r * rb, s + r * sr, K, xq, xa, xb, xc, o, N);                       \
   else                                                                                          \
     q8_rows_avx2<4, TT>(reinterpret_cast<const int8_t*>(w) + r * rb, s + r * sr, K, xq, xs, o, N)
       switch (tt) {
@@ -275,8 +358,8 @@ void rows_range(bool simd, const uint8_t* w, const uint16_t* s, int64_t r0, int6
       for (int64_t t = 0; t < tt; ++t) {
         float* o = out + (t0 + t) * N + r;
         if (Q4)
-          q4_rows_avx2<1, 1>(w + r * rb, s + r * sr, K, xq + t * K, xs + t * nbx,
-                             xc + t * nb4, o, N);
+          q4_rows_avx2<1, 1>(w + r * rb, s + r * sr, K, xq + t * K, xa + t * nb4,
+                             xb + t * nb4, xc + t * nb4, o, N);
         else
           q8_rows_avx2<1, 1>(reinterpret_cast<const int8_t*>(w) + r * rb, s + r * sr, K,
                              xq + t * K, xs + t * nbx, o, N);
@@ -308,6 +391,8 @@ void dense_linear(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
   std::vector<float> sx(T * (K / kXB)), c(Q4 ? T * (K / kWB4) : 0);
   quantize_x(static_cast<const float*>(x.data_ptr()), T, K, qx.data(), sx.data(),
              Q4 ? c.data() : nullptr);
+  std::vector<float> sxa(Q4 ? T * (K / kWB4) : 0), sxb(sxa.size());  // q4: sx deinterleaved
+  for (size_t i = 0; i < sxa.size(); ++i) sxa[i] = sx[2 * i], sxb[i] = sx[2 * i + 1];
   const auto* W = static_cast<const uint8_t*>(w.data_ptr());
   const auto* S = static_cast<const uint16_t*>(s.data_ptr());
   float* Y = static_cast<float*>(y.data_ptr());
@@ -315,7 +400,7 @@ void dense_linear(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
   const int64_t chunks = (N + 63) / 64;
   at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
     rows_range<Q4>(simd, W, S, i0 * 64, std::min(N, i1 * 64), K, qx.data(), sx.data(),
-                   c.data(), T, Y, N);
+                   sxa.data(), sxb.data(), c.data(), T, Y, N);
   });
 }
 
