@@ -180,11 +180,24 @@ def _dense_tensors(v: Any) -> str | None:
     return None if ok else "must be a list of [name, shape] pairs"
 
 
+def _dense_format(v: Any) -> str | None:
+    from .dense import DENSE_CHOICES
+
+    return None if v in DENSE_CHOICES else f"must be one of {DENSE_CHOICES}"
+
+
+def _dense_quantized(v: Any) -> str | None:
+    ok = isinstance(v, list) and all(isinstance(n, str) for n in v)
+    return None if ok else "must be a list of tensor names"
+
+
 DENSE_FIELDS: dict[str, tuple[Callable[[Any], str | None], bool]] = {
     # field: (checker returning a problem or None, required)
     "file": (_dense_file, True),
     "dtype": (_dense_dtype, True),
     "tensors": (_dense_tensors, False),
+    "format": (_dense_format, False),  # absent in stores older than the dense format
+    "quantized": (_dense_quantized, False),
 }
 
 
