@@ -52,7 +52,7 @@ class NativeInfo:
 INFO = NativeInfo()
 
 
-def _command(out: Path) -> list[str]:
+def _command(out: Path, source: Path = SOURCE) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     cxx = os.environ.get("CXX", "g++")
@@ -60,29 +60,29 @@ def _command(out: Path) -> list[str]:
     libs = library_paths()
     cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     cmd += [f"-I{p}" for p in include_paths()]
-    cmd += [str(SOURCE), "-o", str(out)]
+    cmd += [str(source), "-o", str(out)]
     cmd += [f"-L{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-lgomp"]
     cmd += [f"-Wl,-rpath,{p}" for p in libs]
     return cmd
 
 
-def library_path() -> Path:
+def library_path(source: Path = SOURCE, stem: str = "mer_native") -> Path:
     """Where the built library for this source, compiler flags and torch lives."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(source.read_bytes())
     cxx = os.environ.get("CXX", "g++")
     key = [torch.__version__, sys.platform, platform.machine(), cxx, *FLAGS]
     h.update("\0".join(key).encode())
-    return cache_dir() / "native" / f"mer_native_{h.hexdigest()[:16]}.so"
+    return cache_dir() / "native" / f"{stem}_{h.hexdigest()[:16]}.so"
 
 
-def build(path: Path) -> float:
+def build(path: Path, source: Path = SOURCE) -> float:
     """Compile to ``path`` (atomically); returns the seconds it took. Raises on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     t = time.perf_counter()
     try:
-        run = subprocess.run(_command(Path(tmp)), capture_output=True, text=True)
+        run = subprocess.run(_command(Path(tmp), source), capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"compiler failed: {run.stderr.strip()[-2000:]}")
         os.replace(tmp, path)
@@ -92,33 +92,40 @@ def build(path: Path) -> float:
     return time.perf_counter() - t
 
 
+def load_library(source: Path, stem: str, info: NativeInfo, what: str) -> bool:
+    """Build (if needed) and load the torch-op library of C++ file ``source``; ``True`` if
+    loaded. Never raises: a failure is recorded in ``info`` and warned about once by the
+    caller's ``functools.cache``."""
+    if os.environ.get("MER_NATIVE", "1") == "0":
+        info.reason = "disabled by MER_NATIVE=0"
+        return False
+    try:
+        path = library_path(source, stem)
+        if not path.is_file():
+            info.build_seconds = build(path, source)
+        torch.ops.load_library(str(path))
+        info.path = path
+        return True
+    except Exception as e:  # no compiler, no headers, a link error: keep the torch path
+        info.reason = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"micro_expert_router: the native {what} could not be built or loaded "
+            f"({info.reason}); using the torch path instead, which is slower for decode. "
+            "Install a C++ compiler (e.g. `apt-get install g++`, or set $CXX), or set "
+            "MER_NATIVE=0 to skip the native kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+
+
 @functools.cache
 def load() -> bool:
     """Load the ops into ``torch.ops.mer`` (building them first if needed); ``True`` if loaded.
 
     Never raises: a failure leaves the torch-op path in use and warns once.
     """
-    if os.environ.get("MER_NATIVE", "1") == "0":
-        INFO.reason = "disabled by MER_NATIVE=0"
-        return False
-    try:
-        path = library_path()
-        if not path.is_file():
-            INFO.build_seconds = build(path)
-        torch.ops.load_library(str(path))
-        INFO.path = path
-        return True
-    except Exception as e:  # no compiler, no headers, a link error: keep the torch path
-        INFO.reason = f"{type(e).__name__}: {e}"
-        warnings.warn(
-            f"micro_expert_router: the native q4/q8 decode kernels could not be built or loaded "
-            f"({INFO.reason}); using torch's int4/int8 ops instead, which are slower for "
-            "decode. Install a C++ compiler (e.g. `apt-get install g++`, or set $CXX), or set "
-            "MER_NATIVE=0 to skip the native kernels.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
+    return load_library(SOURCE, "mer_native", INFO, "q4/q8 decode kernels")
 
 
 @functools.cache
