@@ -216,7 +216,12 @@ class Store:
         return bad
 
     def load_dense(self, dtype: Any) -> dict[str, Any]:
-        """Dense tensors, converted to ``dtype`` (a torch dtype)."""
+        """Dense tensors, converted to ``dtype`` (a torch dtype); a store converted from GGUF
+        keeps its quantized matrices in their GGUF types (``gguf_dense.py``)."""
+        if self.manifest["dense"].get("format") == "gguf":
+            from .gguf_dense import load_gguf_dense
+
+            return load_gguf_dense(self, dtype)
         from safetensors import safe_open
 
         from ..checkpoint import dense_tensor_shapes, read_safetensors_header
