@@ -76,8 +76,9 @@ class _Source:
 
         k = t.shape[-1]
         if k % 32:
-            raise GGUFError(f"{t.path}: tensor {t.name} ({t.type_name}) cannot be requantized to"
-                            f" Q8_0: its rows of {k} weights are not whole blocks of 32")  # fmt: skip
+            raise GGUFError(f"{t.path}: tensor {t.name} ({t.type_name}) cannot be requantized "
+                            f"to Q8_0: its rows of {k} weights are not whole blocks of "
+                            "32")  # fmt: skip
         qt = gguf.GGMLQuantizationType(t.type_id)
         raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, len(data) // (rows or 1))
         w = quants.dequantize(raw, qt).reshape(-1, k).astype(np.float32)
