@@ -55,6 +55,17 @@ PLANS = {
     "f32": {"gate": "F32", "up": "F32", "down": "F32", "attn": "F32", "attn_v": "F32",
             "embd": "F32", "output": "F32", "router": "F32", "dense": "F32", "norm": "F32"},
 }  # fmt: skip
+PLANS["q2up"] = dict(PLANS["kquant"], up="Q2_K")  # a type MER does not compute on
+
+
+def _q2k(w: np.ndarray) -> np.ndarray:
+    """Q2_K blocks (84 B per 256: scales, codes, f16 d, dmin) with random codes at the weights'
+    scale: gguf-py has no Q2_K encoder; tests of ``--requantize`` only need valid blocks."""
+    n = w.size // 256
+    raw = np.random.default_rng(0).integers(0, 256, (n, 84), dtype=np.uint8)
+    raw[:, 80:82] = np.float16(np.abs(w).max() / 48).reshape(1).view(np.uint8)
+    raw[:, 82:84] = 0
+    return raw.reshape(w.shape[0], -1)
 
 
 def _f16(x: np.ndarray) -> np.ndarray:
@@ -112,7 +123,12 @@ def quantize(w: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
 
     qt = gguf.GGMLQuantizationType[name]
     w = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, w.shape[-1])
-    raw = _kquant(w, name) if name.endswith("_K") else quants.quantize(w, qt).view(np.uint8)
+    if name == "Q2_K":
+        raw = _q2k(w)
+    elif name.endswith("_K"):
+        raw = _kquant(w, name)
+    else:
+        raw = quants.quantize(w, qt).view(np.uint8)
     raw = raw.reshape(w.shape[0], -1)
     deq = w.copy() if name == "F32" else quants.dequantize(raw, qt).astype(np.float32)
     return raw, deq.reshape(w.shape)
