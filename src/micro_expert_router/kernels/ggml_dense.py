@@ -52,7 +52,8 @@ class GGMLDense:
         if (x.shape[0] < self.native_below and self.type.name in ggml_native.NATIVE_TYPES
                 and ggml_native.available()):  # fmt: skip
             y = torch.empty((x.shape[0], n), dtype=torch.float32)
-            torch.ops.mer_ggml.linear_(y, x.float().contiguous(), self.raw, self.type.id, 1)
+            isa = ggml_native.isa_for(x.dtype, (self.type,))
+            torch.ops.mer_ggml.linear_(y, x.float().contiguous(), self.raw, self.type.id, isa)
             return y.to(x.dtype)  # [T, N]
         parts = [F.linear(x, dequantize(self.type, self.raw[r : r + ROWS], k).to(x.dtype))
                  for r in range(0, n, ROWS)]  # fmt: skip

@@ -245,34 +245,199 @@ bool cpu_has_avx2() { return false; }
 #define dot_q80_avx2 dot_q80_scalar
 #endif
 
-using Dot = float (*)(const uint8_t*, const float*, const float*, int64_t);
+// ---- int8 activations (bfloat16 mode, as llama.cpp's Q8_K): x ~ dx q per block of 256 --------
+// Row dot = sum over blocks of dx * (integer sums of weight codes x q, scaled per sub-block).
+// Only Q4_K and Q6_K have this path.
 
-struct Kind {
-  int64_t block, nbytes, chunk;  // chunk: length of the x sums the dot needs (0: none)
-  Dot dot;
+struct Q8Act {
+  const int8_t* q;    // [K] int8 codes
+  const float* d;     // [K / 256] scales
+  const int32_t* bs;  // [K / 16] sums of the codes per 16
 };
 
+float dot8_q4k_scalar(const uint8_t* row, const Q8Act& a, int64_t K) {
+  float sum = 0.0f;
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * 144;
+    float d = h2f(blk), dmin = h2f(blk + 2), sc[8], mn[8];
+    scale_min(blk + 4, sc, mn);
+    int32_t isum = 0, msum = 0;
+    for (int s = 0; s < 8; ++s) {
+      int32_t acc = 0;
+      for (int l = 0; l < 32; ++l) {
+        uint8_t v = blk[16 + (s / 2) * 32 + l];
+        acc += int32_t(s % 2 ? v >> 4 : v & 15) * a.q[b * 256 + s * 32 + l];
+      }
+      isum += int32_t(sc[s]) * acc;
+      msum += int32_t(mn[s]) * (a.bs[b * 16 + 2 * s] + a.bs[b * 16 + 2 * s + 1]);
+    }
+    sum += a.d[b] * (d * float(isum) - dmin * float(msum));
+  }
+  return sum;
+}
+
+float dot8_q6k_scalar(const uint8_t* row, const Q8Act& a, int64_t K) {
+  float sum = 0.0f;
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t *blk = row + b * 210, *ql = blk, *qh = blk + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    int32_t isum = 0;
+    for (int c = 0; c < 16; ++c) {
+      int32_t acc = 0;
+      for (int i = 0; i < 16; ++i) {
+        int w = c * 16 + i, h = w / 128, r = w % 128, qd = r / 32, l = r % 32;
+        uint8_t v = ql[h * 64 + (qd & 1) * 32 + l];
+        int q = (qd >= 2 ? v >> 4 : v & 15) | (((qh[h * 32 + l] >> (2 * qd)) & 3) << 4);
+        acc += q * a.q[b * 256 + w];
+      }
+      isum += int32_t(sc[c]) * (acc - 32 * a.bs[b * 16 + c]);
+    }
+    sum += a.d[b] * h2f(blk + 208) * float(isum);
+  }
+  return sum;
+}
+
+#if MERG_X86
+MERG_AVX2 float dot8_q4k_avx2(const uint8_t* row, const Q8Act& a, int64_t K) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * 144;
+    _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
+    float d = h2f(blk), dmin = h2f(blk + 2), sc[8], mn[8];
+    scale_min(blk + 4, sc, mn);
+    const int8_t* xq = a.q + b * 256;
+    __m256i isum = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + c * 32));
+      __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      __m256i plo = _mm256_maddubs_epi16(
+          lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 64)));
+      __m256i phi = _mm256_maddubs_epi16(
+          hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 64 + 32)));
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(plo, _mm256_set1_epi16(int16_t(sc[2 * c]))));
+      isum = _mm256_add_epi32(isum,
+                              _mm256_madd_epi16(phi, _mm256_set1_epi16(int16_t(sc[2 * c + 1]))));
+    }
+    int32_t msum = 0;
+    for (int s = 0; s < 8; ++s)
+      msum += int32_t(mn[s]) * (a.bs[b * 16 + 2 * s] + a.bs[b * 16 + 2 * s + 1]);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(a.d[b] * d), acc);
+    mins += a.d[b] * dmin * float(msum);
+  }
+  return hsum8(acc) - mins;
+}
+
+MERG_AVX2 float dot8_q6k_avx2(const uint8_t* row, const Q8Act& a, int64_t K) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t *blk = row + b * 210, *ql = blk, *qh = blk + 128;
+    _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    const int8_t* xq = a.q + b * 256;
+    __m256i isum = _mm256_setzero_si256();
+    int32_t off = 0;
+    for (int c = 0; c < 16; ++c) off += int32_t(sc[c]) * a.bs[b * 16 + c];
+    for (int h = 0; h < 2; ++h) {
+      __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + h * 64));
+      __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + h * 64 + 32));
+      __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + h * 32));
+      __m256i nib[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                        _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+      for (int qd = 0; qd < 4; ++qd) {
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * qd), m2);
+        __m256i q = _mm256_or_si256(nib[qd], _mm256_slli_epi16(hi, 4));
+        const int w = h * 128 + qd * 32;
+        __m256i p = _mm256_maddubs_epi16(
+            q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + w)));
+        __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[w / 16 + 1]), _mm_set1_epi16(sc[w / 16]));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, s));
+      }
+    }
+    const float dd = a.d[b] * h2f(blk + 208);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dd), acc);
+    acc = _mm256_sub_ps(acc, _mm256_setr_ps(dd * 32.0f * float(off), 0, 0, 0, 0, 0, 0, 0));
+  }
+  return hsum8(acc);
+}
+#else
+#define dot8_q4k_avx2 dot8_q4k_scalar
+#define dot8_q6k_avx2 dot8_q6k_scalar
+#endif
+
+// ---- dispatch and activations -----------------------------------------------------------
+
+using Dot = float (*)(const uint8_t*, const float*, const float*, int64_t);
+using Dot8 = float (*)(const uint8_t*, const Q8Act&, int64_t);
+
+struct Kind {
+  int64_t block, nbytes, chunk;  // chunk: length of the x sums the f32 dot needs (0: none)
+  Dot dot;
+  Dot8 dot8;  // nullptr: no int8-activation path
+};
+
+// isa: 0 scalar f32, 1 AVX2 f32, 2 AVX2 with int8 activations (Q4_K/Q6_K), 3 scalar int8
 Kind kind(int64_t type, int64_t isa) {
   static const bool avx2 = cpu_has_avx2();
-  const bool v = avx2 && isa != 0;
+  const bool v = avx2 && (isa == 1 || isa == 2);
   switch (type) {
-    case kQ4_K: return {256, 144, 32, v ? dot_q4k_avx2 : dot_q4k_scalar};
-    case kQ5_K: return {256, 176, 32, dot_q5k_scalar};
-    case kQ6_K: return {256, 210, 16, v ? dot_q6k_avx2 : dot_q6k_scalar};
-    case kQ8_0: return {32, 34, 0, v ? dot_q80_avx2 : dot_q80_scalar};
+    case kQ4_K: return {256, 144, 32, v ? dot_q4k_avx2 : dot_q4k_scalar,
+                        v ? dot8_q4k_avx2 : dot8_q4k_scalar};
+    case kQ5_K: return {256, 176, 32, dot_q5k_scalar, nullptr};
+    case kQ6_K: return {256, 210, 16, v ? dot_q6k_avx2 : dot_q6k_scalar,
+                        v ? dot8_q6k_avx2 : dot8_q6k_scalar};
+    case kQ8_0: return {32, 34, 0, v ? dot_q80_avx2 : dot_q80_scalar, nullptr};
   }
   TORCH_CHECK(false, "mer_ggml: GGML type ", type, " has no native kernel");
 }
 
-// sums of x over consecutive chunks of `chunk` (none when chunk == 0)
-void chunk_sums(const float* x, int64_t K, int64_t chunk, float* out) {
-  if (chunk == 0) return;
-  for (int64_t c = 0; c < K / chunk; ++c) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < chunk; ++i) s += x[c * chunk + i];
-    out[c] = s;
+// One activation vector of length K, prepared for the dots of one Kind.
+struct Act {
+  std::vector<float> xs;   // f32 path: sums per chunk
+  std::vector<int8_t> q;   // int8 path
+  std::vector<float> d;
+  std::vector<int32_t> bs;
+  const float* x = nullptr;
+  bool i8 = false;
+
+  void prepare(const float* v, int64_t K, const Kind& k, bool int8) {
+    x = v;
+    i8 = int8 && k.dot8 != nullptr;
+    if (i8) {
+      q.resize(K);
+      d.resize(K / 256);
+      bs.resize(K / 16);
+      for (int64_t b = 0; b < K / 256; ++b) {
+        float amax = 0.0f;
+        for (int i = 0; i < 256; ++i) amax = std::fmax(amax, std::fabs(v[b * 256 + i]));
+        const float s = amax / 127.0f, inv = s > 0 ? 1.0f / s : 0.0f;
+        d[b] = s;
+        for (int i = 0; i < 256; ++i)
+          q[b * 256 + i] = int8_t(std::nearbyint(std::fmin(127.0f, v[b * 256 + i] * inv)));
+      }
+      for (int64_t c = 0; c < K / 16; ++c) {
+        int32_t t = 0;
+        for (int i = 0; i < 16; ++i) t += q[c * 16 + i];
+        bs[c] = t;
+      }
+    } else if (k.chunk) {
+      xs.resize(K / k.chunk);
+      for (int64_t c = 0; c < K / k.chunk; ++c) {
+        float t = 0.0f;
+        for (int64_t i = 0; i < k.chunk; ++i) t += v[c * k.chunk + i];
+        xs[c] = t;
+      }
+    }
   }
-}
+
+  float dot(const Kind& k, const uint8_t* row, int64_t K) const {
+    if (i8) return k.dot8(row, Q8Act{q.data(), d.data(), bs.data()}, K);
+    return k.dot(row, x, xs.data(), K);
+  }
+};
 
 inline float silu_mul(float h, float u) { return h / (1.0f + std::exp(-h)) * u; }
 
@@ -291,6 +456,7 @@ void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D
   TORCH_CHECK(x.size(1) == D && y.numel() == T * D && buf.numel() == n * per && n > 0,
               "mer_ggml::swiglu_: shapes disagree");
   const Kind kg = kind(tg, isa), ku = kind(tu, isa), kd = kind(td, isa);
+  const bool i8 = isa >= 2;
   TORCH_CHECK(D % kg.block == 0 && D % ku.block == 0 && g % kd.block == 0,
               "mer_ggml::swiglu_: rows are not whole blocks");
   const int64_t rg = D / kg.block * kg.nbytes, ru = D / ku.block * ku.nbytes;
@@ -298,12 +464,10 @@ void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const uint8_t* bp = buf.data_ptr<uint8_t>();
-  // x sums for gate and up (chunk 32 or 16 or none), per token
-  const int64_t cg = kg.chunk ? D / kg.chunk : 0, cu = ku.chunk ? D / ku.chunk : 0;
-  std::vector<float> xsg(T * cg + 1), xsu(T * cu + 1);
+  std::vector<Act> ag(T), au(T);
   for (int64_t t = 0; t < T; ++t) {
-    chunk_sums(xp + t * D, D, kg.chunk, xsg.data() + t * cg);
-    chunk_sums(xp + t * D, D, ku.chunk, xsu.data() + t * cu);
+    ag[t].prepare(xp + t * D, D, kg, i8);
+    au[t].prepare(xp + t * D, D, ku, i8);
   }
   std::vector<float> h(n * T * g), u(n * T * g);  // [n, T, g]
   at::parallel_for(0, n * 2 * g, 8, [&](int64_t b, int64_t e) {
@@ -313,26 +477,24 @@ void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D
       const uint8_t* row = bp + j * per + (gate ? og + i * rg : ou + (i - g) * ru);
       for (int64_t t = 0; t < T; ++t) {
         if (gate)
-          h[(j * T + t) * g + i] = kg.dot(row, xp + t * D, xsg.data() + t * cg, D);
+          h[(j * T + t) * g + i] = ag[t].dot(kg, row, D);
         else
-          u[(j * T + t) * g + i - g] = ku.dot(row, xp + t * D, xsu.data() + t * cu, D);
+          u[(j * T + t) * g + i - g] = au[t].dot(ku, row, D);
       }
     }
   });
-  const int64_t cd = kd.chunk ? g / kd.chunk : 0;
-  std::vector<float> a(n * T * g), as(n * T * cd + 1);
+  std::vector<float> a(n * T * g);
+  std::vector<Act> ad(n * T);
   for (int64_t k = 0; k < n * T; ++k) {
     for (int64_t i = 0; i < g; ++i) a[k * g + i] = silu_mul(h[k * g + i], u[k * g + i]);
-    chunk_sums(a.data() + k * g, g, kd.chunk, as.data() + k * cd);
+    ad[k].prepare(a.data() + k * g, g, kd, i8);
   }
   at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
     for (int64_t dr = b; dr < e; ++dr)
       for (int64_t t = 0; t < T; ++t) {
         float acc = yp[t * D + dr];
-        for (int64_t j = 0; j < n; ++j) {
-          const uint8_t* row = bp + j * per + od + dr * rd;
-          acc += kd.dot(row, a.data() + (j * T + t) * g, as.data() + (j * T + t) * cd, g);
-        }
+        for (int64_t j = 0; j < n; ++j)
+          acc += ad[j * T + t].dot(kd, bp + j * per + od + dr * rd, g);
         yp[t * D + dr] = acc;
       }
   });
@@ -348,13 +510,12 @@ void linear_(at::Tensor y, const at::Tensor& x, const at::Tensor& w, int64_t typ
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t c = k.chunk ? K / k.chunk : 0, rb = w.size(1);
-  std::vector<float> xs(T * c + 1);
-  for (int64_t t = 0; t < T; ++t) chunk_sums(xp + t * K, K, k.chunk, xs.data() + t * c);
+  const int64_t rb = w.size(1);
+  std::vector<Act> acts(T);
+  for (int64_t t = 0; t < T; ++t) acts[t].prepare(xp + t * K, K, k, isa >= 2);
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)
-      for (int64_t t = 0; t < T; ++t)
-        yp[t * N + r] = k.dot(wp + r * rb, xp + t * K, xs.data() + t * c, K);
+      for (int64_t t = 0; t < T; ++t) yp[t * N + r] = acts[t].dot(k, wp + r * rb, K);
   });
 }
 

@@ -3,8 +3,13 @@
 matrix), by the same compile-on-first-use mechanism as ``native.py``.
 
 Native kernels exist for Q4_K, Q6_K and Q8_0 (AVX2 + FMA, chosen at run time) and Q5_K (portable
-scalar code); the other block types use the dequantize + torch path. ``available()`` is
-``False`` when ``MER_NATIVE=0``, when the build fails (one warning), or when the CPU lacks AVX2.
+scalar code); the other block types use the dequantize + torch path. With float32 activations
+(the engine's float32 mode) the kernels compute in float32. With bfloat16 activations, Q4_K and
+Q6_K round the activations to int8 per block of 256 (one float scale each, as llama.cpp's Q8_K)
+and multiply with integer dot products (``isa_for`` picks): bf16 activations already carry 8
+significant bits, and float FMAs cannot decode 4-6-bit weights as fast as DRAM delivers them.
+``available()`` is ``False`` when ``MER_NATIVE=0``, when the build fails (one warning), or when
+the CPU lacks AVX2.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from .native import NativeInfo, load_library
 
 SOURCE = Path(__file__).with_name("ggml_native.cpp")
 NATIVE_TYPES = frozenset({"Q4_K", "Q5_K", "Q6_K", "Q8_0"})
+INT8_TYPES = frozenset({"Q4_K", "Q6_K"})  # types with an int8-activation path
 INFO = NativeInfo()
 
 
@@ -36,3 +42,11 @@ def available() -> bool:
         INFO.reason = "this CPU has no AVX2 (the scalar code is slower than torch's matmul)"
         return False
     return True
+
+
+def isa_for(dtype: torch.dtype, types) -> int:
+    """The kernel variant for activations of ``dtype`` over these block types: 1 (AVX2,
+    float32 activations) or 2 (AVX2, int8 activations: bfloat16 mode, Q4_K/Q6_K only)."""
+    if dtype == torch.bfloat16 and all(t.name in INT8_TYPES for t in types):
+        return 2
+    return 1
