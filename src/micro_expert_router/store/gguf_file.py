@@ -176,7 +176,8 @@ class GGUFFile:
             infos.append(TensorInfo(name, type_id, _type_name(type_id), tuple(reversed(dims)),
                                     path, offset, nbytes))  # fmt: skip
         infos.sort(key=lambda t: t.offset)
-        for t, nxt in zip(infos, infos[1:] + [None], strict=True):
+        for k, t in enumerate(infos):
+            nxt = infos[k + 1] if k + 1 < len(infos) else None
             end = nxt.offset if nxt is not None else size
             if t.offset + t.nbytes > size:
                 raise GGUFError(f"{path}: truncated: tensor {t.name} ({t.type_name}, shape "
