@@ -31,6 +31,7 @@ import functools
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -102,7 +103,7 @@ class GGUFExperts:
         return HEADER, HEADER + a, HEADER + a + b
 
     # -- bytes -----------------------------------------------------------------------------
-    def pack_blocks(self, parts: tuple[bytes, bytes, bytes], types: tuple[str, str, str],
+    def pack_blocks(self, parts: tuple, types: tuple[str, str, str],
                     hidden: int, inter: int, group: int) -> torch.Tensor:  # fmt: skip
         """One expert from its GGUF bytes (gate ``[I, D]``, up ``[I, D]``, down ``[D, I]`` in
         their block types) into n groups, 1-D uint8; the blocks are copied unchanged."""
@@ -113,19 +114,17 @@ class GGUFExperts:
                 raise ConfigError(f"{self.name}: {role} type {t.name} is not one of {allowed}")
         n, g, d, per = inter // group, group, hidden, self.group_nbytes(hidden, group)
         og, ou, od = self.offsets(hidden, group)
-        src = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in parts]
-        gate = src[0].view(n, g * tg.row_bytes(d))  # [n, g rows]
-        up = src[1].view(n, g * tu.row_bytes(d))
-        down = src[2].view(d, n, td.row_bytes(g))  # [D, n, g-slice bytes]
-        out = torch.zeros((n, per), dtype=torch.uint8)
-        out[:, :4] = torch.frombuffer(bytearray(MAGIC), dtype=torch.uint8)
-        ids = torch.tensor([tg.id, tu.id, td.id], dtype=torch.int16).view(torch.uint8)
-        out[:, 4:10] = ids
+        gate = np.frombuffer(parts[0], dtype=np.uint8).reshape(n, g * tg.row_bytes(d))
+        up = np.frombuffer(parts[1], dtype=np.uint8).reshape(n, g * tu.row_bytes(d))
+        down = np.frombuffer(parts[2], dtype=np.uint8).reshape(d, n, td.row_bytes(g))
+        out = np.zeros((n, per), dtype=np.uint8)
+        out[:, :4] = np.frombuffer(MAGIC, dtype=np.uint8)
+        out[:, 4:10] = np.array([tg.id, tu.id, td.id], dtype="<i2").view(np.uint8)
         out[:, og : og + gate.shape[1]] = gate
         out[:, ou : ou + up.shape[1]] = up
-        dn = down.transpose(0, 1).reshape(n, -1)  # [n, D x g-slice bytes]
-        out[:, od : od + dn.shape[1]] = dn
-        return out.view(-1)
+        dn = out[:, od : od + d * td.row_bytes(g)].reshape(n, d, -1)  # [n, D, g-slice bytes]
+        dn[...] = down.transpose(1, 0, 2)  # each down row's blocks of group j, unchanged
+        return torch.from_numpy(out).view(-1)
 
     def pack(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int):
         raise ConfigError(f"{self.name} holds a GGUF file's blocks as they are; create such a "

@@ -161,8 +161,8 @@ def convert_gguf(
                 tensors = expert_tensors(gf, layer, e, args)
                 parts = tuple(source.read(t, off, n, rows=t.shape[-2]) for t, off, n in tensors)
                 types = tuple(source.type_of(t).name for t, _, _ in tensors)
-                data = fmt.pack_blocks(parts, types, args.hidden_size, args.expert_inter,
-                                       group).numpy().tobytes()  # fmt: skip
+                data = memoryview(fmt.pack_blocks(parts, types, args.hidden_size,
+                                                   args.expert_inter, group).numpy())  # fmt: skip
                 if len(data) != per_expert:
                     raise StoreError(f"expert ({layer}, {e}) packed into {len(data)} bytes, "
                                      f"expected {per_expert}")  # fmt: skip
@@ -202,6 +202,8 @@ def convert_gguf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        gf.close()
     store = Store.open(dst)
     if log is not None:
         s = store.summary()

@@ -126,6 +126,7 @@ class GGUFFile:
         self.parts = self._find_parts(self.path)
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        self._files: dict[Path, Any] = {}
         for i, part in enumerate(self.parts):
             self._read_part(part, first=i == 0)
 
@@ -198,14 +199,24 @@ class GGUFFile:
         return t
 
     def read(self, t: TensorInfo, start: int = 0, length: int | None = None) -> bytes:
-        """Bytes ``[start, start + length)`` of tensor ``t``'s data."""
+        """Bytes ``[start, start + length)`` of tensor ``t``'s data (one open file per part)."""
         length = t.nbytes - start if length is None else length
-        with open(t.path, "rb") as f:
-            f.seek(t.offset + start)
-            data = f.read(length)
+        f = self._files.get(t.path)
+        if f is None:
+            f = self._files[t.path] = open(t.path, "rb")  # noqa: SIM115 (closed in close())
+        f.seek(t.offset + start)
+        data = f.read(length)
         if len(data) != length:
             raise GGUFError(f"{t.path}: short read of tensor {t.name} (file changed?)")
         return data
+
+    def close(self) -> None:
+        for f in getattr(self, "_files", {}).values():
+            f.close()
+        getattr(self, "_files", {}).clear()
+
+    def __del__(self) -> None:
+        self.close()
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
