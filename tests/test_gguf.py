@@ -59,6 +59,17 @@ def test_logits_match_transformers_on_dequantized_weights(case):
     assert rel_err(out, ref) <= 1e-3
 
 
+def test_bfloat16_mode_stays_close(case):
+    """bfloat16 mode (int8 activations in the Q4_K/Q6_K decode kernels) against float32."""
+    _, _, _, store, _, ids = case
+    with mer.load(store) as f32, mer.load(store, dtype="bfloat16") as bf16:
+        ref = f32.logits(ids)
+        out = bf16.logits(ids)
+        steps = [s.token for s in bf16.generate(ids[:4], max_tokens=4, temperature=0,
+                                                stop_at_eos=False)]  # fmt: skip
+    assert rel_err(out, ref) <= 5e-2 and len(steps) == 4
+
+
 def test_greedy_32_tokens_match_transformers(case):
     _, _, _, store, hf, ids = case
     prompt = ids[:8]
