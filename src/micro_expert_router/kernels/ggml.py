@@ -7,6 +7,9 @@ along K, each block ``nbytes`` bytes (``b = 1`` for the plain float types). Bloc
 
 - ``Q4_0``  32 weights, 18 B: f16 d, 16 B of nibbles (low = weights 0-15, high = 16-31);
   ``w = d (q - 8)``.
+- ``Q4_1``  32 weights, 20 B: f16 d, f16 m, nibbles as Q4_0; ``w = d q + m``.
+- ``Q5_0``  32 weights, 22 B: f16 d, 32 high bits (u32, bit i = weight i), nibbles as Q4_0;
+  ``w = d (q - 16)``.  ``Q5_1`` 24 B: f16 d, f16 m, then as Q5_0; ``w = d q + m``.
 - ``Q8_0``  32 weights, 34 B: f16 d, 32 int8 q; ``w = d q``.
 - ``Q4_K`` 256 weights, 144 B: f16 d, f16 dmin, 12 B of 6-bit (scale, min) for 8 sub-blocks of
   32, 128 B of nibbles (32-byte chunk c: low = sub-block 2c, high = 2c+1);
@@ -47,6 +50,7 @@ class BlockType(NamedTuple):
 
 TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("F32", 0, 1, 4), BlockType("F16", 1, 1, 2), BlockType("Q4_0", 2, 32, 18),
+    BlockType("Q4_1", 3, 32, 20), BlockType("Q5_0", 6, 32, 22), BlockType("Q5_1", 7, 32, 24),
     BlockType("Q8_0", 8, 32, 34), BlockType("Q4_K", 12, 256, 144),
     BlockType("Q5_K", 13, 256, 176), BlockType("Q6_K", 14, 256, 210),
     BlockType("BF16", 30, 1, 2), BlockType("MXFP4", 39, 32, 17),
@@ -103,6 +107,20 @@ def dequantize(t: BlockType, raw: torch.Tensor, k: int) -> torch.Tensor:
         d = _f16(blk[..., 0:2].unsqueeze(-2))  # [R, B, 1]
         q = _nibbles(blk[..., 2:]).reshape(r, -1, 32).to(torch.int8) - 8
         return (d * q.float()).reshape(r, k)
+    if t.name in ("Q4_1", "Q5_0", "Q5_1"):
+        d = _f16(blk[..., 0:2].unsqueeze(-2))  # [R, B, 1]
+        m = _f16(blk[..., 2:4].unsqueeze(-2)) if t.name != "Q5_0" else None
+        qs = blk[..., -16:]
+        q = _nibbles(qs).reshape(r, -1, 32)  # [R, B, 32] low nibbles
+        if t.name != "Q4_1":
+            at = 2 if t.name == "Q5_0" else 4
+            hb = blk[..., at : at + 4].to(torch.int64)  # little-endian u32 of high bits
+            qh = hb[..., 0] | hb[..., 1] << 8 | hb[..., 2] << 16 | hb[..., 3] << 24  # [R, B]
+            bits = (qh[..., None] >> torch.arange(32)) & 1  # [R, B, 32]
+            q = q | (bits.to(torch.uint8) << 4)
+        if t.name == "Q5_0":
+            return (d * (q.to(torch.int8) - 16).float()).reshape(r, k)
+        return (d * q.float() + m).reshape(r, k)
     if t.name == "MXFP4":
         e = blk[..., 0:1].to(torch.int32)  # [R, B, 1]
         bits = torch.where(e < 2, torch.full_like(e, 0x00200000) << e, (e - 1) << 23)
