@@ -67,7 +67,8 @@ def _close(y, ref, bound=BOUND):
 
 
 TYPE_SETS = [("Q4_K", "Q4_K", "Q6_K"), ("Q6_K", "Q5_K", "Q4_K"), ("Q8_0", "Q4_0", "MXFP4"),
-             ("F16", "BF16", "F32"), ("Q4_K", "Q8_0", "Q8_0"), ("Q5_0", "Q4_1", "Q5_1")]  # fmt: skip
+             ("F16", "BF16", "F32"), ("Q4_K", "Q8_0", "Q8_0"),
+             ("Q5_0", "Q4_1", "Q5_1")]  # fmt: skip
 
 
 @pytest.mark.parametrize("types", TYPE_SETS, ids="-".join)
