@@ -144,9 +144,12 @@ def _role(hf_name: str, plan: dict) -> str:
     return "norm"
 
 
-def write_gguf(name: str, folder: Path, plan: str, seed: int = 0, split: int = 1):
+def write_gguf(name: str, folder: Path, plan: str, seed: int = 0, split: int = 1,
+               per_expert: bool = False):  # fmt: skip
     """Write ``folder/model.gguf`` (or split parts) for tiny config ``name`` in block-type plan
-    ``plan``, and ``folder/ref`` (the dequantized HF checkpoint). Returns (gguf path, ref)."""
+    ``plan``, and ``folder/ref`` (the dequantized HF checkpoint). Returns (gguf path, ref).
+    ``per_expert``: one tensor per expert (``blk.N.ffn_gate.E.weight``, older Mixtral files)
+    instead of stacked ``ffn_gate_exps``."""
     import gguf
     import hf_models
     import safetensors.torch as st
@@ -219,8 +222,12 @@ def write_gguf(name: str, folder: Path, plan: str, seed: int = 0, split: int = 1
                 raw, deq = quantize(ck.get(hf).float().numpy(), ty)
                 ref[hf] = torch.from_numpy(deq)
                 raws.append(raw)
-            w.add_tensor(f"blk.{layer}.ffn_{role}_exps.weight", np.stack(raws),
-                         raw_dtype=gguf.GGMLQuantizationType[ty])  # fmt: skip
+            qt = gguf.GGMLQuantizationType[ty]
+            if per_expert:
+                for e, raw in enumerate(raws):
+                    w.add_tensor(f"blk.{layer}.ffn_{role}.{e}.weight", raw, raw_dtype=qt)
+            else:
+                w.add_tensor(f"blk.{layer}.ffn_{role}_exps.weight", np.stack(raws), raw_dtype=qt)
     ck.close()
     w.write_header_to_file()
     w.write_kv_data_to_file()

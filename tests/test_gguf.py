@@ -135,3 +135,17 @@ def test_split_gguf_file_and_cli_convert_and_generate(tmp_path):
     p = run_cli("generate", "--model", path, "--prompt-ids", "3,4,5", "--max-tokens", "4",
                 "--temperature", "0", "--json", env=env)  # fmt: skip
     assert p.returncode == 0 and "converting" not in p.stderr  # converted once, reused
+
+
+def test_per_expert_tensors_of_older_mixtral_files(tmp_path):
+    import transformers
+
+    path, ref = write_gguf("mixtral-k", tmp_path, "kquant", per_expert=True)
+    assert "blk.0.ffn_gate.3.weight" in GGUFFile(path).tensors
+    convert_gguf(path, tmp_path / "store", progress=False, log=None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref).eval()
+    ids = list(range(7, 31))
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    with mer.load(tmp_path / "store") as engine:
+        assert rel_err(engine.logits(ids), want) <= 1e-3
