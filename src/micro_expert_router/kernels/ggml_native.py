@@ -15,6 +15,7 @@ the CPU lacks AVX2.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -30,7 +31,16 @@ INFO = NativeInfo()
 @functools.cache
 def load() -> bool:
     """Load the ops into ``torch.ops.mer_ggml`` (building first if needed); never raises."""
-    return load_library(SOURCE, "mer_ggml", INFO, "GGUF block kernels")
+    if os.environ.get("MER_NATIVE", "1") == "0":
+        INFO.reason = "disabled by MER_NATIVE=0"
+        return False
+    info = load_library((SOURCE,), "GGUF block kernels",
+                        "dequantize + torch matmul, which is slower for decode")  # fmt: skip
+    if info is None:
+        INFO.reason = "the build or load failed (see the warning)"
+        return False
+    INFO.path, INFO.build_seconds = info.path, info.build_seconds
+    return True
 
 
 @functools.cache
