@@ -117,13 +117,17 @@ class GGUFExperts:
         gate = np.frombuffer(parts[0], dtype=np.uint8).reshape(n, g * tg.row_bytes(d))
         up = np.frombuffer(parts[1], dtype=np.uint8).reshape(n, g * tu.row_bytes(d))
         down = np.frombuffer(parts[2], dtype=np.uint8).reshape(d, n, td.row_bytes(g))
-        out = np.zeros((n, per), dtype=np.uint8)
+        out = np.empty((n, per), dtype=np.uint8)  # every byte is written once below
+        out[:, :HEADER] = 0
         out[:, :4] = np.frombuffer(MAGIC, dtype=np.uint8)
         out[:, 4:10] = np.array([tg.id, tu.id, td.id], dtype="<i2").view(np.uint8)
-        out[:, og : og + gate.shape[1]] = gate
-        out[:, ou : ou + up.shape[1]] = up
-        dn = out[:, od : od + d * td.row_bytes(g)].reshape(n, d, -1)  # [n, D, g-slice bytes]
+        ends = (og + gate.shape[1], ou + up.shape[1], od + d * td.row_bytes(g))
+        out[:, og : ends[0]] = gate
+        out[:, ou : ends[1]] = up
+        dn = out[:, od : ends[2]].reshape(n, d, -1)  # [n, D, g-slice bytes]
         dn[...] = down.transpose(1, 0, 2)  # each down row's blocks of group j, unchanged
+        for end, nxt in zip(ends, (ou, od, per), strict=True):
+            out[:, end:nxt] = 0  # section padding
         return torch.from_numpy(out).view(-1)
 
     def pack(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int):
