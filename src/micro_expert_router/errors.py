@@ -43,3 +43,8 @@ class ReadError(MERError):
     """A disk read that failed after its retries (names file and offset)."""
 
     exit_code = 1
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file that is truncated, malformed, of an unknown version or type, or missing a
+    part (names the file and the problem)."""

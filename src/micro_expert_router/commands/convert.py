@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "convert a HuggingFace MoE checkpoint folder into an expert store"
+HELP = "convert a HuggingFace MoE checkpoint folder or a GGUF file into an expert store"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint folder (config.json + *.safetensors)")
+    p.add_argument("src", help="checkpoint folder (config.json + *.safetensors), or a GGUF "
+                   "file (the first part of a split one), converted losslessly")  # fmt: skip
     p.add_argument("dst", help="store folder to create")
     p.add_argument("--dtype", default="f32",
                    help="expert format: f32, bf16 (and q8, q4 where available)")  # fmt: skip
@@ -18,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "norms stay exact")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--requantize", choices=["q8"], default=None,
+                   help="GGUF only: turn tensors of block types MER does not compute on into "
+                   "Q8_0 (lossy; the error is reported per tensor)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +29,14 @@ def run(args: argparse.Namespace) -> int:
     from ..kernels import FORMATS
     from ..store import convert
     from ..store.dense import choose_dense
+    from ..store.gguf_convert import convert_gguf, is_gguf
 
+    if is_gguf(args.src) or str(args.src).endswith(".gguf"):
+        convert_gguf(args.src, args.dst, force=args.force, progress=not args.quiet,
+                     requantize=args.requantize)  # fmt: skip
+        return 0
+    if args.requantize is not None:
+        raise ConfigError("--requantize applies to GGUF files only")
     if args.dtype not in FORMATS:
         raise ConfigError(f"--dtype {args.dtype!r} is not a known expert format; choose one of "
                           f"{', '.join(sorted(FORMATS))}")  # fmt: skip

@@ -10,8 +10,9 @@ HELP = "generate text from a model folder or expert store, streaming tokens to s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF checkpoint folder or expert store (default: the bundled "
-                   "demo model, streamed with a cache of 1/4 of its experts)")  # fmt: skip
+    p.add_argument("--model", help="HF checkpoint folder, expert store, or GGUF file (converted "
+                   "once into the cache directory; default: the bundled demo model, streamed "
+                   "with a cache of 1/4 of its experts)")  # fmt: skip
     p.add_argument("--prompt", default=None, help="prompt text (default: a demo prompt)")
     p.add_argument("--prompt-ids", default=None,
                    help="prompt as comma-separated token ids instead of text")  # fmt: skip
@@ -81,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         model = demo_store_path()
         if args.cache_mb is None and args.plan is None:
             options["cache_bytes"] = default_cache_bytes(model)
+    elif str(model).endswith(".gguf"):
+        from ..store.gguf_cache import gguf_store_path
+
+        model = gguf_store_path(model)
     if args.cache_mb is not None:
         if args.cache_mb < 0:
             raise ConfigError("--cache-mb must be >= 0")

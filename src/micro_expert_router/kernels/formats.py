@@ -21,7 +21,7 @@ Legend: T tokens, D hidden, I intermediate, n groups, g neurons per group.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import ClassVar, Protocol
 
 import torch
@@ -139,9 +139,14 @@ class BF16(_FloatFormat):
 
 
 FORMATS: dict[str, ExpertFormat] = {"f32": F32(), "bf16": BF16()}
+# Families of formats named "prefix:parameters" (e.g. "gguf:q4_k/q4_k/q6_k"): prefix -> factory.
+PARAMETRIC: dict[str, Callable[[str], ExpertFormat]] = {}
 
 
 def get_format(name: str) -> ExpertFormat:
+    prefix = name.split(":", 1)[0]
+    if ":" in name and prefix in PARAMETRIC:
+        return PARAMETRIC[prefix](name)
     try:
         return FORMATS[name]
     except KeyError:

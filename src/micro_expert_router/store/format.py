@@ -183,9 +183,15 @@ class Store:
 
     def load_dense(self, dtype: Any) -> dict[str, Any]:
         """Dense tensors: float ones converted to ``dtype`` (a torch dtype), quantized ones as
-        ``kernels.dense.DenseWeight`` objects (``store/dense.py``)."""
+        ``kernels.dense.DenseWeight`` objects (``store/dense.py``; a store converted from GGUF
+        keeps its matrices in their GGUF types: ``store/gguf_dense.py``)."""
         from ..checkpoint import dense_tensor_shapes
         from .dense import load_dense
+
+        if self.manifest["dense"].get("format") == "gguf":
+            from .gguf_dense import load_gguf_dense
+
+            return load_gguf_dense(self, dtype)
 
         shapes = list(dense_tensor_shapes(self.args))
         return load_dense(self.dense_file, self.args, self.manifest["dense"], shapes, dtype)

@@ -1,0 +1,62 @@
+"""Builds and loads the native GGUF block kernels (``ggml_native.cpp``) as the torch ops
+``torch.ops.mer_ggml.swiglu_`` (a segment of a ``gguf:`` expert) and ``linear_`` (a dense GGUF
+matrix), by the same compile-on-first-use mechanism as ``native.py``.
+
+Native kernels exist for Q4_K, Q6_K and Q8_0 (AVX2 + FMA, chosen at run time) and Q5_K (portable
+scalar code); the other block types use the dequantize + torch path. With float32 activations
+(the engine's float32 mode) the kernels compute in float32. With bfloat16 activations, Q4_K and
+Q6_K round the activations to int8 per block of 256 (one float scale each, as llama.cpp's Q8_K)
+and multiply with integer dot products (``isa_for`` picks): bf16 activations already carry 8
+significant bits, and float FMAs cannot decode 4-6-bit weights as fast as DRAM delivers them.
+``available()`` is ``False`` when ``MER_NATIVE=0``, when the build fails (one warning), or when
+the CPU lacks AVX2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from .native import NativeInfo, load_library
+
+SOURCE = Path(__file__).with_name("ggml_native.cpp")
+NATIVE_TYPES = frozenset({"Q4_K", "Q5_K", "Q6_K", "Q8_0"})
+INT8_TYPES = frozenset({"Q4_K", "Q6_K"})  # types with an int8-activation path
+INFO = NativeInfo()
+
+
+@functools.cache
+def load() -> bool:
+    """Load the ops into ``torch.ops.mer_ggml`` (building first if needed); never raises."""
+    if os.environ.get("MER_NATIVE", "1") == "0":
+        INFO.reason = "disabled by MER_NATIVE=0"
+        return False
+    info = load_library((SOURCE,), "GGUF block kernels",
+                        "dequantize + torch matmul, which is slower for decode")  # fmt: skip
+    if info is None:
+        INFO.reason = "the build or load failed (see the warning)"
+        return False
+    INFO.path, INFO.build_seconds = info.path, info.build_seconds
+    return True
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the formats should use the native ops: loaded, and an AVX2 + FMA CPU."""
+    if not load():
+        return False
+    if not bool(torch.ops.mer_ggml.has_avx2()):
+        INFO.reason = "this CPU has no AVX2 (the scalar code is slower than torch's matmul)"
+        return False
+    return True
+
+
+def isa_for(dtype: torch.dtype, types) -> int:
+    """The kernel variant for activations of ``dtype`` over these block types: 1 (AVX2,
+    float32 activations) or 2 (AVX2, int8 activations: bfloat16 mode, Q4_K/Q6_K only)."""
+    if dtype == torch.bfloat16 and all(t.name in INT8_TYPES for t in types):
+        return 2
+    return 1

@@ -1,0 +1,218 @@
+"""Converting a GGUF model into an expert store, losslessly.
+
+Routed experts keep their GGUF blocks byte for byte, rearranged into the bundled groups of a
+``gguf:GATE/UP/DOWN`` expert format (``kernels/ggml_formats.py``); stacked expert tensors are
+split per expert. Dense tensors keep their GGUF type too: they are written, under their
+HuggingFace names, to ``dense.gguf`` (a GGUF file; q/k rows of ``llama`` files un-permuted, whole
+rows at a time), and the manifest's dense section says ``"format": "gguf"`` so that
+``Store.load_dense`` hands them to ``gguf_dense.load_gguf_dense``. The tokenizer is rebuilt from
+the ``tokenizer.ggml.*`` metadata (``gguf_tokenizer.py``).
+
+A tensor of a type MER cannot compute on is an error naming it; with ``requantize="q8"`` it is
+dequantized by gguf-py and requantized to Q8_0, and its error (relative L2) goes into
+``conversion_report.json``. The folder is written as ``convert.py`` writes one: a hidden partial
+folder, fsynced, renamed into place, the manifest renamed last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import GGUFError, StoreError
+from ..kernels import choose_group
+from ..kernels.ggml import TYPES, BlockType
+from ..kernels.ggml_formats import GGUFExperts
+from .convert import EXPERT_FILE, _progress, _rel_l2
+from .format import ALIGN, FORMAT_NAME, FORMAT_VERSION, Store, checksum, fsync_dir
+from .gguf_file import GGUFFile, TensorInfo
+from .gguf_model import dense_tensors, expert_tensors, model_args, unpermute_rows
+
+DENSE_GGUF = "dense.gguf"
+REQUANTIZE = ("q8",)
+
+
+def is_gguf(path: str | Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+class _Source:
+    """Reads tensors from the GGUF, requantizing unsupported types when asked."""
+
+    def __init__(self, gf: GGUFFile, requantize: str | None) -> None:
+        if requantize is not None and requantize not in REQUANTIZE:
+            raise StoreError(f"--requantize {requantize!r}: only {', '.join(REQUANTIZE)} is "
+                             "supported")  # fmt: skip
+        self.gf, self.requantize = gf, requantize
+        self.report: list[dict[str, Any]] = []
+
+    def type_of(self, t: TensorInfo) -> BlockType:
+        if t.block is not None:
+            return t.block
+        if self.requantize is None:
+            t.supported()  # raises the named error
+        return TYPES["Q8_0"]
+
+    def read(self, t: TensorInfo, start: int = 0, length: int | None = None,
+             rows: int | None = None) -> bytes:  # fmt: skip
+        """Bytes of ``t`` (a slice of it), in ``type_of(t)``."""
+        data = self.gf.read(t, start, length)
+        if t.block is not None:
+            return data
+        import gguf
+        from gguf import quants
+
+        k = t.shape[-1]
+        if k % 32:
+            raise GGUFError(f"{t.path}: tensor {t.name} ({t.type_name}) cannot be requantized "
+                            f"to Q8_0: its rows of {k} weights are not whole blocks of "
+                            "32")  # fmt: skip
+        qt = gguf.GGMLQuantizationType(t.type_id)
+        raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, len(data) // (rows or 1))
+        w = quants.dequantize(raw, qt).reshape(-1, k).astype(np.float32)
+        q = quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+        back = quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
+        self.report.append({"tensor": t.name, "from": t.type_name, "to": "Q8_0", "offset": start,
+                            "rel_l2": _rel_l2(torch.from_numpy(w), torch.from_numpy(back))})
+        return q.tobytes()
+
+
+def _write_dense(src: _Source, path: Path, items) -> list[list[Any]]:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch="mer-dense")
+    index = []
+    for name, shape, t, perm in items:
+        bt = src.type_of(t)
+        n = shape[0] if len(shape) == 2 else 1
+        raw = np.frombuffer(src.read(t, rows=n), dtype=np.uint8).reshape(n, -1)
+        if perm is not None:
+            raw = raw[perm]  # whole rows of blocks: lossless
+        byte_shape = list(raw.shape) if len(shape) == 2 else [raw.shape[1]]
+        w.add_tensor(name, np.ascontiguousarray(raw).reshape(byte_shape),
+                     raw_dtype=gguf.GGMLQuantizationType(bt.id))  # fmt: skip
+        index.append([name, list(shape), bt.name])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return index
+
+
+def _expert_format(src: _Source, args) -> GGUFExperts:
+    roles: list[set[str]] = [set(), set(), set()]
+    for layer in range(args.n_layers):
+        if args.moe_layers[layer]:
+            for r, (t, _, _) in enumerate(expert_tensors(src.gf, layer, 0, args)):
+                roles[r].add(src.type_of(t).name)
+    return GGUFExperts(tuple(tuple(r) for r in roles))  # type: ignore[arg-type]
+
+
+def convert_gguf(
+    src: str | Path,
+    dst: str | Path,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    requantize: str | None = None,
+) -> Store:
+    """Convert GGUF file ``src`` (the first part of a split file) into a store at ``dst``."""
+    from .gguf_tokenizer import write_tokenizer
+
+    src, dst = Path(src), Path(dst)
+    t0 = time.perf_counter()
+    gf = GGUFFile(src)
+    args = model_args(gf)
+    if dst.exists() and not force:
+        raise StoreError(f"{dst}: already exists; choose another destination or pass --force "
+                         "to replace it")  # fmt: skip
+    source = _Source(gf, requantize)
+    fmt = _expert_format(source, args)
+    group = choose_group(fmt, args.expert_inter)
+    dense_items = [(n, s, t, unpermute_rows(gf, args, n)) for n, s, t in dense_tensors(gf, args)]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dst.parent.glob(f".{dst.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed conversion
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        dense_index = _write_dense(source, tmp / DENSE_GGUF, dense_items)
+        keys = [(layer, e) for layer in range(args.n_layers) if args.moe_layers[layer]
+                for e in range(args.n_experts)]  # fmt: skip
+        per_expert = (args.expert_inter // group) * fmt.group_nbytes(args.hidden_size, group)
+        entries = []
+        bar = _progress(per_expert * len(keys), f"converting {src.name}", progress)
+        with open(tmp / EXPERT_FILE, "wb") as f, bar:
+            for layer, e in keys:
+                tensors = expert_tensors(gf, layer, e, args)
+                parts = tuple(source.read(t, off, n, rows=t.shape[-2]) for t, off, n in tensors)
+                types = tuple(source.type_of(t).name for t, _, _ in tensors)
+                data = memoryview(fmt.pack_blocks(parts, types, args.hidden_size,
+                                                   args.expert_inter, group).numpy())  # fmt: skip
+                if len(data) != per_expert:
+                    raise StoreError(f"expert ({layer}, {e}) packed into {len(data)} bytes, "
+                                     f"expected {per_expert}")  # fmt: skip
+                offset = f.tell()
+                f.write(data)
+                f.write(b"\0" * (-len(data) % ALIGN))
+                entries.append({"layer": layer, "expert": e, "file": 0, "offset": offset,
+                                "length": len(data), "xxh3": checksum(data)})  # fmt: skip
+                bar.update(len(data))
+            f.flush()
+            os.fsync(f.fileno())
+        copied = write_tokenizer(gf, tmp, log)
+        lossless = not source.report
+        (tmp / "conversion_report.json").write_text(json.dumps(
+            {"expert_format": fmt.name, "lossless": lossless, "requantized": source.report},
+            indent=1))  # fmt: skip
+        manifest = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "model": args.to_dict(),
+            "expert_format": fmt.name, "layout": fmt.name, "group": group,
+            "dense": {"file": DENSE_GGUF, "format": "gguf", "dtype": "gguf",
+                      "tensors": dense_index},
+            "expert_files": [EXPERT_FILE], "experts": entries,
+            "source": str(src.resolve()), "source_format": "gguf",
+            "torch_version": torch.__version__,
+        }  # fmt: skip
+        with open(tmp / "manifest.json.partial", "w") as mf:
+            json.dump(manifest, mf, indent=1)
+            mf.flush()
+            os.fsync(mf.fileno())
+        fsync_dir(tmp)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+        fsync_dir(dst.parent)
+        os.rename(dst / "manifest.json.partial", dst / "manifest.json")
+        fsync_dir(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        gf.close()
+    store = Store.open(dst)
+    if log is not None:
+        s = store.summary()
+        log(f"wrote {dst}: {s['architecture']}, {len(entries)} experts x "
+            f"{s['expert_bytes'] / 1e6:.2f} MB ({fmt.name}, {s['groups_per_expert']} groups of "
+            f"{group} neurons, GGUF blocks unchanged); dense {s['dense_bytes'] / 1e6:.1f} MB in "
+            f"their GGUF types; tokenizer: {', '.join(copied) or 'none'}; "
+            f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+        for r in source.report:
+            log(f"requantized {r['tensor']} {r['from']} -> {r['to']}: relative L2 error "
+                f"{r['rel_l2']:.2e} (lossy)")  # fmt: skip
+    return store
