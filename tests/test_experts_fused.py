@@ -16,7 +16,7 @@ from micro_expert_router.kernels.quant import Q4, _offsets, int4_layout
 if not native.load():
     pytest.skip(f"native kernels unavailable: {native.INFO.reason}", allow_module_level=True)
 
-ISAS = [0, 1] if native.has_avx512() else [0]
+ISAS = [0, 1] if native.has_avx512() or native.has_avx2_fma() else [0]
 D, N_GROUPS = 128, 4
 
 
@@ -40,7 +40,7 @@ def op(name: str, ys, x, bufs, group: int, isa: int, fused: bool) -> None:
             for y, b in zip(ys, bufs, strict=True):
                 torch.ops.mer.q8_swiglu_(y, x, b, D, group, offs, per, isa)
         return
-    layout = int4_layout() if isa == 0 else "n64"
+    layout = int4_layout()
     bn, split = ref.INT4_LAYOUTS[layout]
     blk = Q4.block_size(D, group)
     if fused:
@@ -59,7 +59,7 @@ def test_fused_equals_one_call_per_expert(name, t, dtype):
     per = fmt.group_nbytes(D, group)
     x = torch.randn(t, D)
     for isa in ISAS:
-        if name == "q4" and isa and int4_layout() != "n64":
+        if name == "q4" and isa and native.q4_block_rows() is None:
             continue
         sep = [torch.zeros(t, D, dtype=dtype) for _ in bufs]
         op(name, sep, x, bufs, group, isa, fused=False)

@@ -45,7 +45,8 @@ QFORMATS = ["q8", "q4"]
 if not native.load():
     pytest.skip(f"native kernels unavailable: {native.INFO.reason}", allow_module_level=True)
 
-ISAS = [0, 1, 2] if native.has_avx512() else [0]  # scalar, best (BF16 dots for q4), AVX-512 f32
+# scalar, best (BF16 dots for q4 on AVX-512), AVX-512 f32, AVX2 + FMA f32
+ISAS = [0] + ([1, 2] if native.has_avx512() else []) + ([3] if native.has_avx2_fma() else [])
 BF16 = native.has_avx512() and bool(torch.ops.mer.has_avx512_bf16())
 X_SPLIT = 2.0**-17  # |x - hi - lo| <= 2^-17 |x| for hi = bf16(x), lo = bf16(x - hi)
 
@@ -221,6 +222,22 @@ def test_scalar_and_avx512_f32_agree_bit_for_bit(name, d, t):
     assert torch.equal(ys[0], ys[1])
 
 
+@pytest.mark.skipif(not native.has_avx2_fma(), reason="no AVX2 + FMA on this CPU")
+@pytest.mark.parametrize("name", QFORMATS)
+@pytest.mark.parametrize(("d", "t"), [(128, 1), (96, 5), (2048, 2), (256, 3)])
+def test_scalar_and_avx2_agree_bit_for_bit(name, d, t):
+    n, group = 2, 64
+    fmt = FORMATS[name]
+    buf = fmt.pack(*weights(d, n * group, seed=d), group)
+    x = torch.randn(t, d) * 4  # wide range for silu: saturated and negative h
+    ys = []
+    for isa in (0, 3):
+        y = torch.zeros(t, d)
+        swiglu_op(name, y, x, buf, d, group, isa)
+        ys.append(y)
+    assert torch.equal(ys[0], ys[1])
+
+
 @pytest.mark.parametrize("name", QFORMATS)
 def test_result_does_not_depend_on_thread_count(name):
     d, n, group = 256, 4, 64
@@ -246,7 +263,7 @@ def test_decode_uses_native_and_prefill_does_not(name):
     d, group = 128, 64
     fmt = FORMATS[name]
     w = fmt.view(fmt.pack(*weights(d, group, seed=2), group), d, group)
-    use = native.available() and (name == "q8" or int4_layout() == "n64")
+    use = native.available() and (name == "q8" or native.q4_block_rows() is not None)
     y = fmt.accumulate(torch.randn(1, d), w, None)
     assert (y is not None) == use
     assert fmt.accumulate(torch.randn(fmt.native_below, d), w, None) is None

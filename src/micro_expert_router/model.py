@@ -26,6 +26,7 @@ from .errors import BudgetError
 from .kernels import expert_forward
 from .kernels.attention import decode_attention
 from .kernels.dense import embedding, linear
+from .kernels.experts import experts_forward
 from .provider import ExpertProvider
 
 
@@ -245,11 +246,12 @@ class Transformer:
             for cb in self.on_route:
                 cb(Routing(i, experts, weights, x))
             segs = [h.segments() for h in handles]
-            started = [False] * len(needed)
-            for j, h in enumerate(handles):  # in RAM first, while the reads run
-                if h.resident:
-                    ys[j] = expert_forward(fmt, x, [next(segs[j])])[0]
-                    started[j] = True
+            started = [h.resident for h in handles]
+            first = [j for j in range(len(needed)) if started[j]]
+            # in RAM first, while the reads run: every resident segment in one native call
+            outs = experts_forward(fmt, x, [next(segs[j]) for j in first])  # [1, D] each
+            for j, y in zip(first, outs, strict=True):
+                ys[j] = y[0]
             for j in range(len(needed)):
                 if started[j]:
                     expert_forward(fmt, x, segs[j], out=ys[j : j + 1])

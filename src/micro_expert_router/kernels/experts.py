@@ -25,8 +25,9 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import ConfigError
+from . import native
 from .formats import ExpertFormat, expert_forward
-from .quant import Q4View, Q8View, _native_out, _native_x, _offsets, int4_layout
+from .quant import Q4View, Q8View, _native_out, _native_x, _offsets
 
 
 def _dims(view: object) -> tuple[int, int] | None:
@@ -54,8 +55,9 @@ def experts_forward(
         raise ConfigError(f"experts_forward: {len(views)} views but {len(outs)} outputs")
     dims = {_dims(v) for v in views}
     fused = getattr(fmt, "name", None) in ("q8", "q4") and len(dims) == 1 and None not in dims
-    if fused and fmt.name == "q4" and int4_layout() != "n64":
-        fused = False  # the native q4 kernel runs only on torch's AVX-512 packing
+    bn = native.q4_block_rows()
+    if fused and fmt.name == "q4" and bn is None:
+        fused = False  # the native q4 kernel decodes torch's AVX-512 and AVX2 packings only
     xf = None
     if fused:
         d, g = next(iter(dims))  # type: ignore[misc]
@@ -69,5 +71,5 @@ def experts_forward(
         torch.ops.mer.q8_experts_swiglu_(ys, xf, bufs, d, g, offs, per, 1)
     else:
         block = views[0].block  # type: ignore[attr-defined]
-        torch.ops.mer.q4_experts_swiglu_(ys, xf, bufs, d, g, block, offs, per, 64, True, 1)
+        torch.ops.mer.q4_experts_swiglu_(ys, xf, bufs, d, g, block, offs, per, bn, True, 1)
     return ys

@@ -311,6 +311,110 @@ MER_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int64_t K, co
 }
 #endif
 
+// ---- AVX2 + FMA kernels (x86-64 without AVX-512) ---------------------------------------------
+//
+// The same arithmetic as the scalar reference, lane by lane, so the bits match it: q4 keeps one
+// accumulator per row (rows across lanes, k in order), q8 the 16 partial sums k mod 16 in two
+// 8-lane vectors, reduced in tree16's order.
+
+#if MER_X86
+#define MER_AVX2 __attribute__((target("avx2,fma")))
+
+// A full 32-row "n32" block (torch's AVX2 packing: [K, 16] bytes, byte j = row j low nibble,
+// row j + 16 high nibble), TT tokens: 4 vectors of 8 rows per token.
+template <int TT>
+MER_AVX2 void q4_block32_avx2(const uint8_t* blk, const uint16_t* sz, int64_t N, int64_t K,
+                              int64_t b, const float* x, int64_t xst, const float* xs,
+                              int64_t xsst, float* out, int64_t os) {
+  const __m256i m4 = _mm256_set1_epi32(15), mhi = _mm256_set1_epi32(int(0xFFFF0000u));
+  __m256 o[TT][4];
+  for (int t = 0; t < TT; ++t)
+    for (int i = 0; i < 4; ++i) o[t][i] = _mm256_setzero_ps();
+  for (int64_t kb = 0; kb < K / b; ++kb) {
+    __m256 acc[TT][4];
+    for (int t = 0; t < TT; ++t)
+      for (int i = 0; i < 4; ++i) acc[t][i] = _mm256_setzero_ps();
+    const uint8_t* p = blk + kb * b * 16;
+    for (int64_t k = kb * b; k < (kb + 1) * b; ++k, p += 16) {
+      if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch4), _MM_HINT_T0);
+      __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      __m256i v0 = _mm256_cvtepu8_epi32(bytes);                    // bytes 0-7
+      __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));  // bytes 8-15
+      __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(v0, m4)),   // rows 0-7
+                     _mm256_cvtepi32_ps(_mm256_and_si256(v1, m4)),   // rows 8-15
+                     _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),   // rows 16-23
+                     _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4))};  // rows 24-31
+      for (int t = 0; t < TT; ++t) {
+        __m256 xb = _mm256_set1_ps(x[t * xst + k]);
+        for (int i = 0; i < 4; ++i) acc[t][i] = _mm256_fmadd_ps(w[i], xb, acc[t][i]);
+      }
+    }
+    const uint32_t* szp = reinterpret_cast<const uint32_t*>(sz + kb * N * 2);  // (s | z << 16)
+    for (int i = 0; i < 4; ++i) {
+      __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szp + 8 * i));
+      __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
+      __m256 z = _mm256_castsi256_ps(_mm256_and_si256(d, mhi));
+      __m256 zc = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z);
+      for (int t = 0; t < TT; ++t) {
+        o[t][i] = _mm256_fmadd_ps(s, acc[t][i], o[t][i]);
+        o[t][i] = _mm256_fmadd_ps(zc, _mm256_set1_ps(xs[t * xsst + kb]), o[t][i]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + t * os + 8 * i, o[t][i]);
+}
+
+// tree16 of the 16 lanes (a0 = lanes 0-7, a1 = lanes 8-15).
+MER_AVX2 inline float tree16_avx2(__m256 a0, __m256 a1) {
+  __m256 s8 = _mm256_add_ps(a0, a1);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));  // [s4_0 + s4_2, s4_1 + s4_3]
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// R int8 rows, TT tokens.
+template <int R, int TT>
+MER_AVX2 void q8_rows_avx2(const int8_t* w, const uint16_t* s, int64_t K, const float* x,
+                           int64_t xst, float* out, int64_t os) {
+  __m256 acc[R][TT][2];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
+  const int64_t pf = std::max<int64_t>(R * K, kPrefetch8);
+  for (int64_t k = 0; k < K; k += 16) {
+    if ((k & 63) == 0)
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + pf), _MM_HINT_T1);
+    __m256 xv[TT][2];
+    for (int t = 0; t < TT; ++t) {
+      xv[t][0] = _mm256_loadu_ps(x + t * xst + k);
+      xv[t][1] = _mm256_loadu_ps(x + t * xst + k + 8);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k));
+      __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(by));
+      __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(by, 8)));
+      for (int t = 0; t < TT; ++t) {
+        acc[r][t][0] = _mm256_fmadd_ps(w0, xv[t][0], acc[r][t][0]);
+        acc[r][t][1] = _mm256_fmadd_ps(w1, xv[t][1], acc[r][t][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t)
+      out[t * os + r] = tree16_avx2(acc[r][t][0], acc[r][t][1]) * bf16_bits(s[r]);
+}
+#endif
+
+bool cpu_has_avx2_fma() {
+#if MER_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx512_bf16() {
 #if MER_X86
   __builtin_cpu_init();
@@ -333,7 +437,8 @@ bool cpu_has_avx512() {
 
 // ---- dispatch over token tiles ---------------------------------------------------------------
 
-// Kernel modes: 0 scalar, 1 AVX-512 float32, 2 AVX-512 with BF16 dot products (q4 only).
+// Kernel modes: 0 scalar, 1 AVX-512 float32, 2 AVX-512 with BF16 dot products (q4 only),
+// 3 AVX2 + FMA float32 (q4 in torch's AVX2 packing "n32").
 // xp / xps: x as bf16 (hi, lo) pairs and the block sums of hi + lo (mode 2 only).
 void q4_block(int mode, const uint8_t* mat, const uint16_t* sz, int64_t N, int64_t K, int64_t b,
               int64_t r0, int64_t rows, int64_t bn, bool split, const float* x, int64_t xst,
@@ -371,15 +476,47 @@ void q4_block(int mode, const uint8_t* mat, const uint16_t* sz, int64_t N, int64
     }
     return;
   }
+  if (mode == 3 && bn == 32 && split && rows == 32) {
+    const uint8_t* blk = mat + r0 * K / 2;
+    const uint16_t* szr = sz + r0 * 2;
+    for (int64_t t0 = 0; t0 < T; t0 += 2) {
+      const float *xt = x + t0 * xst, *xst_ = xs + t0 * xsst;
+      float* ot = out + t0 * os;
+      if (T - t0 == 1)
+        q4_block32_avx2<1>(blk, szr, N, K, b, xt, xst, xst_, xsst, ot, os);
+      else
+        q4_block32_avx2<2>(blk, szr, N, K, b, xt, xst, xst_, xsst, ot, os);
+    }
+    return;
+  }
 #endif
   q4_block_scalar(mat, sz, N, K, b, r0, rows, bn, split, x, xst, xs, xsst, T, out, os);
 }
 
 // rows [0, rows) starting at w (row-major, K per row), scales s
-void q8_rows(bool simd, const int8_t* w, const uint16_t* s, int64_t rows, int64_t K,
+void q8_rows(int mode, const int8_t* w, const uint16_t* s, int64_t rows, int64_t K,
              const float* x, int64_t xst, int64_t T, float* out, int64_t os) {
 #if MER_X86
-  if (simd) {
+  if (mode == 3) {
+    int64_t r = 0;
+    if (T == 1)
+      for (; r + 4 <= rows; r += 4) q8_rows_avx2<4, 1>(w + r * K, s + r, K, x, xst, out + r, os);
+    for (; r + 2 <= rows; r += 2)
+      for (int64_t t0 = 0; t0 < T; t0 += 2) {
+        const int8_t* wr = w + r * K;
+        const float* xt = x + t0 * xst;
+        float* ot = out + t0 * os + r;
+        if (T - t0 == 1)
+          q8_rows_avx2<2, 1>(wr, s + r, K, xt, xst, ot, os);
+        else
+          q8_rows_avx2<2, 2>(wr, s + r, K, xt, xst, ot, os);
+      }
+    for (; r < rows; ++r)
+      for (int64_t t = 0; t < T; ++t)
+        q8_rows_avx2<1, 1>(w + r * K, s + r, K, x + t * xst, xst, out + t * os + r, os);
+    return;
+  }
+  if (mode == 1 || mode == 2) {
     int64_t r = 0;
     if (T == 1)  // decode: more independent chains per x load (a row's sum is the same)
       for (; r + 8 <= rows; r += 8) q8_rows_avx512<8, 1>(w + r * K, s + r, K, x, xst, out + r, os);
@@ -456,12 +593,19 @@ void add_rows(const at::Tensor& y, int64_t D, int64_t T, int64_t r0, int64_t row
   }
 }
 
-// isa: 0 scalar, 1 the best this CPU has, 2 AVX-512 without BF16 dot products -> kernel mode
+// isa: 0 scalar, 1 the best this CPU has, 2 AVX-512 without BF16 dot products, 3 AVX2 + FMA
+// -> kernel mode
 int kernel_mode(int64_t isa) {
-  static const bool has = cpu_has_avx512(), bf16 = has && cpu_has_avx512_bf16();
-  TORCH_CHECK(isa >= 0 && isa <= 2, "mer: isa must be 0 (scalar), 1 (best) or 2 (avx512 f32)");
-  TORCH_CHECK(isa == 0 || has, "mer: isa=", isa, " asked for AVX-512, which this CPU lacks");
-  return isa == 0 ? 0 : (isa == 1 && bf16) ? 2 : 1;
+  static const bool has = cpu_has_avx512(), bf16 = has && cpu_has_avx512_bf16(),
+                    avx2 = cpu_has_avx2_fma();
+  TORCH_CHECK(isa >= 0 && isa <= 3,
+              "mer: isa must be 0 (scalar), 1 (best), 2 (avx512 f32) or 3 (avx2)");
+  TORCH_CHECK(isa != 2 || has, "mer: isa=2 asked for AVX-512, which this CPU lacks");
+  TORCH_CHECK(isa != 3 || avx2, "mer: isa=3 asked for AVX2 + FMA, which this CPU lacks");
+  TORCH_CHECK(isa != 1 || has || avx2, "mer: this CPU has neither AVX-512 nor AVX2 + FMA");
+  if (isa == 0) return 0;
+  if (isa == 3 || (isa == 1 && !has)) return 3;
+  return (isa == 1 && bf16) ? 2 : 1;
 }
 
 void check_common(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf, int64_t D,
@@ -525,7 +669,7 @@ void q4_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList b
   TORCH_CHECK(offs.size() == 4 && D % b == 0 && g % b == 0 && (2 * g) % bn == 0 && b % 2 == 0,
               "mer: bad q4 dimensions");
   const int mode = kernel_mode(isa);
-  const bool simd = mode != 0;
+  const bool simd = mode == 1 || mode == 2;  // AVX-512 silu (AVX2 keeps the scalar one)
   const int64_t T = x.size(0), N1 = 2 * g, nb1 = N1 / bn, K = bufs.size();
   const Segs S = segments(ys, x, bufs, D, per, N1, nb1);
   if (T == 0) return;
@@ -579,7 +723,8 @@ constexpr int64_t kRows = 64;  // q8 rows per work item
 void q8_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList bufs, int64_t D,
                         int64_t g, at::IntArrayRef offs, int64_t per, int64_t isa) {
   TORCH_CHECK(offs.size() == 4 && D % 16 == 0 && g % 16 == 0, "mer: bad q8 dimensions");
-  const bool simd = kernel_mode(isa) != 0;
+  const int mode = kernel_mode(isa);
+  const bool simd = mode == 1 || mode == 2;  // AVX-512 silu (AVX2 keeps the scalar one)
   const int64_t T = x.size(0), N1 = 2 * g, nb1 = (N1 + kRows - 1) / kRows, K = bufs.size();
   const Segs S = segments(ys, x, bufs, D, per, N1, nb1);
   if (T == 0) return;
@@ -591,7 +736,7 @@ void q8_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList b
       locate1(S, it, nb1, i, j, rb);
       const int64_t r0 = rb * kRows, rows = std::min(kRows, N1 - r0);
       const uint8_t* grp = S.base[i] + j * per;
-      q8_rows(simd, reinterpret_cast<const int8_t*>(grp + offs[0]) + r0 * D,
+      q8_rows(mode, reinterpret_cast<const int8_t*>(grp + offs[0]) + r0 * D,
               reinterpret_cast<const uint16_t*>(grp + offs[2]) + r0, rows, D, X, D, T,
               gu.data() + S.gu_off[i] + j * T * N1 + r0, N1);
     }
@@ -612,7 +757,7 @@ void q8_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList b
       }
       for (int64_t j = 0; j < S.n[i]; ++j) {
         const uint8_t* grp = S.base[i] + j * per;
-        q8_rows(simd, reinterpret_cast<const int8_t*>(grp + offs[1]) + r0 * g,
+        q8_rows(mode, reinterpret_cast<const int8_t*>(grp + offs[1]) + r0 * g,
                 reinterpret_cast<const uint16_t*>(grp + offs[3]) + r0, rows, g, &a[j * T * g], g,
                 T, p.data(), kRows);
         add_rows(ys[i], D, T, r0, rows, p.data(), kRows);
@@ -663,12 +808,13 @@ void q8_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
                   w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == K &&
                   s.scalar_type() == at::kBFloat16 && s.numel() == N && K % 16 == 0,
               "mer: bad q8_linear arguments");
-  q8_rows(kernel_mode(isa) != 0, static_cast<const int8_t*>(w.data_ptr()),
+  q8_rows(kernel_mode(isa), static_cast<const int8_t*>(w.data_ptr()),
           static_cast<const uint16_t*>(s.data_ptr()), N, K,
           static_cast<const float*>(x.data_ptr()), K, T, static_cast<float*>(y.data_ptr()), N);
 }
 
 bool has_avx512() { return cpu_has_avx512(); }
+bool has_avx2_fma() { return cpu_has_avx2_fma(); }
 bool has_avx512_bf16() { return cpu_has_avx512() && cpu_has_avx512_bf16(); }
 
 }  // namespace
@@ -691,5 +837,6 @@ TORCH_LIBRARY(mer, m) {
         &q4_linear_);
   m.def("q8_linear_(Tensor(a!) y, Tensor x, Tensor w, Tensor s, int isa) -> ()", &q8_linear_);
   m.def("has_avx512() -> bool", &has_avx512);
+  m.def("has_avx2_fma() -> bool", &has_avx2_fma);
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
 }

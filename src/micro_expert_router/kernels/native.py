@@ -158,11 +158,28 @@ def has_avx512() -> bool:
     return load() and bool(torch.ops.mer.has_avx512())
 
 
+@functools.cache
+def has_avx2_fma() -> bool:
+    return load() and bool(torch.ops.mer.has_avx2_fma())
+
+
 def available() -> bool:
-    """Whether the formats should use the native ops: loaded, and an AVX-512 CPU."""
+    """Whether the formats should use the native expert ops: loaded, and an AVX-512 or
+    AVX2 + FMA CPU (elsewhere the scalar C++ code is slower than torch's ops)."""
     if not load():
         return False
-    if not has_avx512():
-        INFO.reason = "this CPU has no AVX-512 (the scalar C++ code is slower than torch's ops)"
+    if not (has_avx512() or has_avx2_fma()):
+        INFO.reason = (
+            "this CPU has neither AVX-512 nor AVX2 + FMA (the scalar C++ code is slower "
+            "than torch's ops)"
+        )
         return False
     return True
+
+
+def q4_block_rows() -> int | None:
+    """Rows per block of torch's int4 packing on this CPU that the native q4 code decodes with
+    SIMD ("n64": 64 on AVX-512, "n32": 32 on AVX2), or None (another packing: torch's ops)."""
+    from .quant import int4_layout
+
+    return {"n64": 64, "n32": 32}.get(int4_layout())

@@ -437,16 +437,18 @@ class Q4:
     def accumulate(self, x: torch.Tensor, w: Q4View, y: torch.Tensor | None) -> torch.Tensor | None:
         """Add the segment's SwiGLU ``[T, D]`` to y (new when ``None``) with the native decode
         kernel and return it; ``None`` when the torch-op path (``partials``) applies. Native
-        only in torch's AVX-512 packing ("n64"), the one its SIMD code decodes."""
+        only in torch's AVX-512 ("n64") and AVX2 ("n32") packings, the ones its SIMD code
+        decodes."""
         d, g = w.dn[0].shape[0], w.dn[0].shape[1] * 2
-        if int4_layout() != "n64":
+        bn = native.q4_block_rows()
+        if bn is None:
             return None
         xf = _native_x(self, x, d)
         if xf is None:
             return None
         y = _native_out(y, x, d)
         offs, per = _offsets(self.name, d, g)
-        torch.ops.mer.q4_swiglu_(y, xf, w.buf, d, g, w.block, offs, per, 64, True, 1)
+        torch.ops.mer.q4_swiglu_(y, xf, w.buf, d, g, w.block, offs, per, bn, True, 1)
         return y
 
     def partials(self, x: torch.Tensor, w: Q4View) -> Iterator[torch.Tensor]:
