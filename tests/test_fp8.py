@@ -134,14 +134,18 @@ def test_fp8_store_and_resident_folder_match_transformers(folders, tmp_path):
     with torch.no_grad():
         expected = hf(ids[None]).logits[0].numpy()
     store = convert(fp8, tmp_path / "store", progress=False, log=None).path
-    resident = mer.load(fp8).logits(ids.tolist())  # an FP8 folder runs resident too
-    streamed = mer.load(store).logits(ids.tolist())
-    reference = mer.load(ref).logits(ids.tolist())
+
+    def logits(path):
+        with mer.load(path) as engine:
+            return engine.logits(ids.tolist())
+
+    resident, streamed, reference = logits(fp8), logits(store), logits(ref)  # FP8 runs resident
     assert np.array_equal(resident, reference)  # the same dequantized weights, the same math
     assert np.array_equal(streamed, reference)
     assert rel_err(streamed, expected) <= 1e-4
-    tokens = [s.token for s in mer.load(fp8).generate(ids.tolist(), max_tokens=16, temperature=0,
-                                                     stop_at_eos=False)]  # fmt: skip
+    with mer.load(fp8) as engine:
+        tokens = [s.token for s in engine.generate(ids.tolist(), max_tokens=16, temperature=0,
+                                                   stop_at_eos=False)]  # fmt: skip
     with torch.no_grad():
         want = hf.generate(ids[None], do_sample=False, max_new_tokens=16)[0, 24:].tolist()
     assert tokens == want
