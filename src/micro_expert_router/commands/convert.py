@@ -14,6 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="expert format: f32, bf16 (and q8, q4 where available)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=None,
+                   help="expert packing threads (default: one per core, at most 4); the output "
+                        "is the same for any value")  # fmt: skip
+    p.add_argument("--error-every", type=int, default=None, metavar="N",
+                   help="measure the conversion error of every N-th expert (default: about 32 "
+                        "experts over all layers; 1: every expert)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,5 +30,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype not in FORMATS:
         raise ConfigError(f"--dtype {args.dtype!r} is not a known expert format; choose one of "
                           f"{', '.join(sorted(FORMATS))}")  # fmt: skip
-    convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    for flag, value in (("--workers", args.workers), ("--error-every", args.error_every)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.quiet,
+            workers=args.workers, error_every=args.error_every)  # fmt: skip
     return 0
