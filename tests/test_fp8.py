@@ -126,6 +126,9 @@ def test_fp8_folder_converts_to_the_same_store_as_its_dequantized_copy(folders, 
     fp8_notes = [n for n in notes if "FP8" in n]
     assert len(fp8_notes) == 2 and "dequantizes them to float32" in fp8_notes[0]  # one per run
     assert "e4m3, 128x128 blocks" in fp8_notes[0]
+    p = run_cli("convert", fp8, tmp_path / "cli", "--quiet", "--dtype", "bf16")
+    assert p.returncode == 0, p.stderr
+    assert (p.stdout + p.stderr).count("FP8") == 1  # one note, not one per tensor
 
 
 def test_fp8_store_and_resident_folder_match_transformers(folders, tmp_path):
