@@ -52,7 +52,7 @@ class NativeInfo:
 INFO = NativeInfo()
 
 
-def _command(out: Path) -> list[str]:
+def _command(out: Path, source: Path = SOURCE) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     cxx = os.environ.get("CXX", "g++")
@@ -60,29 +60,29 @@ def _command(out: Path) -> list[str]:
     libs = library_paths()
     cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     cmd += [f"-I{p}" for p in include_paths()]
-    cmd += [str(SOURCE), "-o", str(out)]
+    cmd += [str(source), "-o", str(out)]
     cmd += [f"-L{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-lgomp"]
     cmd += [f"-Wl,-rpath,{p}" for p in libs]
     return cmd
 
 
-def library_path() -> Path:
+def library_path(source: Path = SOURCE) -> Path:
     """Where the built library for this source, compiler flags and torch lives."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(source.read_bytes())
     cxx = os.environ.get("CXX", "g++")
     key = [torch.__version__, sys.platform, platform.machine(), cxx, *FLAGS]
     h.update("\0".join(key).encode())
-    return cache_dir() / "native" / f"mer_native_{h.hexdigest()[:16]}.so"
+    return cache_dir() / "native" / f"mer_{source.stem}_{h.hexdigest()[:16]}.so"
 
 
-def build(path: Path) -> float:
+def build(path: Path, source: Path = SOURCE) -> float:
     """Compile to ``path`` (atomically); returns the seconds it took. Raises on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     t = time.perf_counter()
     try:
-        run = subprocess.run(_command(Path(tmp)), capture_output=True, text=True)
+        run = subprocess.run(_command(Path(tmp), source), capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"compiler failed: {run.stderr.strip()[-2000:]}")
         os.replace(tmp, path)
@@ -93,32 +93,54 @@ def build(path: Path) -> float:
 
 
 @functools.cache
-def load() -> bool:
-    """Load the ops into ``torch.ops.mer`` (building them first if needed); ``True`` if loaded.
+def load_library(source: Path, what: str, fallback: str) -> NativeInfo | None:
+    """Build (if needed) and load the ops of ``source``; the ``NativeInfo`` when loaded.
 
-    Never raises: a failure leaves the torch-op path in use and warns once.
+    Never raises: a failure (or ``MER_NATIVE=0``) returns ``None`` and warns once, naming
+    ``what`` the library holds and the ``fallback`` the engine uses instead.
+    """
+    info = NativeInfo()
+    if os.environ.get("MER_NATIVE", "1") == "0":
+        return None
+    try:
+        path = library_path(source)
+        if not path.is_file():
+            info.build_seconds = build(path, source)
+        torch.ops.load_library(str(path))
+        info.path = path
+        return info
+    except Exception as e:  # no compiler, no headers, a link error: keep the torch path
+        warnings.warn(
+            f"micro_expert_router: the native {what} could not be built or loaded "
+            f"({type(e).__name__}: {e}); using {fallback} instead. Install a C++ compiler "
+            "(e.g. `apt-get install g++`, or set $CXX), or set MER_NATIVE=0 to skip the "
+            "native kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+@functools.cache
+def load() -> bool:
+    """Load the q4/q8 ops into ``torch.ops.mer`` (building them first if needed); ``True`` if
+    loaded. Never raises: a failure leaves the torch-op path in use and warns once.
     """
     if os.environ.get("MER_NATIVE", "1") == "0":
         INFO.reason = "disabled by MER_NATIVE=0"
         return False
-    try:
-        path = library_path()
-        if not path.is_file():
-            INFO.build_seconds = build(path)
-        torch.ops.load_library(str(path))
-        INFO.path = path
-        return True
-    except Exception as e:  # no compiler, no headers, a link error: keep the torch path
-        INFO.reason = f"{type(e).__name__}: {e}"
-        warnings.warn(
-            f"micro_expert_router: the native q4/q8 decode kernels could not be built or loaded "
-            f"({INFO.reason}); using torch's int4/int8 ops instead, which are slower for "
-            "decode. Install a C++ compiler (e.g. `apt-get install g++`, or set $CXX), or set "
-            "MER_NATIVE=0 to skip the native kernels.",
-            RuntimeWarning,
-            stacklevel=2,
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = load_library(
+            SOURCE, "q4/q8 decode kernels", "torch's int4/int8 ops, which are slower for decode"
         )
+    for w in caught:
+        INFO.reason = str(w.message)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if info is None:
         return False
+    INFO.path, INFO.build_seconds = info.path, info.build_seconds
+    return True
 
 
 @functools.cache
