@@ -91,6 +91,11 @@ def dequantize_blockwise(
         raise CheckpointError(
             f"{name}{SCALE_SUFFIX} has dtype {scale_inv.dtype}; expected float32 or bfloat16"
         )
-    s = scale_inv.float()  # [sn, sk]
-    s = s.repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]  # [N, K]
-    return q.float().mul_(s)  # [N, K]
+    s = scale_inv.float().repeat_interleave(bn, dim=0)[:n]  # [N, sk]: each row's factors
+    w = q.float()  # [N, K]
+    kf = (k // bk) * bk  # columns in whole blocks; the rest is the short edge block
+    if kf:
+        w[:, :kf].unflatten(1, (k // bk, bk)).mul_(s[:, : k // bk, None])  # [N, K/bk, bk] view
+    if kf < k:
+        w[:, kf:].mul_(s[:, -1:])
+    return w
