@@ -26,7 +26,7 @@ import torch
 from ..checkpoint import Checkpoint, dense_tensor_shapes
 from ..errors import StoreError
 from ..kernels import choose_group, get_format
-from .experts import default_workers, sample_every, write_experts
+from .experts import default_workers, fsync_file, sample_every, start_writeback, write_experts
 from .format import (
     DENSE_FILE,
     FORMAT_NAME,
@@ -49,8 +49,10 @@ def write_safetensors_streaming(
     specs: list[tuple[str, tuple[int, ...]]],
     dtype: torch.dtype,
     get: Callable[[str, tuple[int, ...]], torch.Tensor],
+    sync: bool = True,
 ) -> None:
-    """A safetensors file written one tensor at a time (the header is known up front)."""
+    """A safetensors file written one tensor at a time (the header is known up front); with
+    ``sync=False`` the caller fsyncs it later (the converter does, after the experts)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
     for name, shape in specs:
@@ -71,7 +73,8 @@ def write_safetensors_streaming(
         for name, shape in specs:
             f.write(_tensor_bytes(get(name, shape).to(dtype)))
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -115,7 +118,8 @@ def convert(
     tmp.mkdir()
     try:
         specs = list(dense_tensor_shapes(args))
-        write_safetensors_streaming(tmp / DENSE_FILE, specs, dense_dtype, ckpt.get)
+        write_safetensors_streaming(tmp / DENSE_FILE, specs, dense_dtype, ckpt.get, sync=False)
+        start_writeback(tmp / DENSE_FILE)  # on disk while the experts are packed; fsync below
         keys = [(layer, e) for layer in range(args.n_layers) if args.moe_layers[layer]
                 for e in range(args.n_experts)]  # fmt: skip
         per_expert = (args.expert_inter // group) * fmt.group_nbytes(args.hidden_size, group)
@@ -128,6 +132,7 @@ def convert(
             )  # fmt: skip
             f.flush()
             os.fsync(f.fileno())
+        fsync_file(tmp / DENSE_FILE)
         copied = []
         for name in TOKENIZER_FILES:
             if (src / name).is_file():

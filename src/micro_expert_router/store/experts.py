@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -82,6 +83,25 @@ def _sync_file_range() -> Callable[[int, int, int], None] | None:
         fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a hint: failures change nothing
 
     return start
+
+
+def start_writeback(path: Path) -> None:
+    """Ask the kernel to start writing ``path``'s dirty pages to disk now (no wait)."""
+    writeback = _sync_file_range()
+    if writeback is not None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            writeback(fd, 0, 0)  # 0 bytes: to the end of the file
+        finally:
+            os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Packed:
