@@ -3,7 +3,8 @@
 ``write_experts`` runs a small pipeline over the experts in store order (layer, then expert):
 
 - one reader thread reads each expert's tensors from the checkpoint with positional reads
-  (``Checkpoint.expert``; the GIL is released while reading), a few experts ahead of the packers;
+  (``Checkpoint.expert``; the GIL is released while reading), up to ``2 * workers`` experts ahead
+  of the writer, so a packer that finishes early finds the next expert read;
 - ``workers`` threads pack experts into the store format (``ExpertFormat.pack``: torch ops, which
   release the GIL) and hash the packed bytes (xxh3); torch's own intra-op threads are set to one
   meanwhile, so that the workers, not torch, share out the cores;
@@ -191,7 +192,7 @@ def write_experts(
             for i, key in enumerate(keys):
                 read = reader.submit(ckpt.expert, *key)
                 pending.append((key, packers.submit(pack_after_read, i, key, read)))
-                if len(pending) > workers:  # keep every packer busy, and no more in memory
+                if len(pending) >= 2 * workers:  # slack for a slow (measured) expert
                     done_key, fut = pending.popleft()
                     write(done_key, fut.result())
             while pending:
