@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from hf_models import ARCH_CONFIGS
+from hf_models import ARCH_CONFIGS, run_cli
 from safetensors.torch import load_file, save_file
 
 from micro_expert_router.checkpoint import Checkpoint
@@ -84,3 +84,10 @@ def test_a_bad_expert_midway_stops_every_thread_and_leaves_no_store(ckpt, tmp_pa
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
     assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("mer-")]
     assert torch.get_num_threads() == torch_threads  # restored, not left at the pipeline's 1
+
+
+def test_cli_refuses_zero_workers_or_sampling(ckpt, tmp_path):
+    for flag in ("--workers", "--error-every"):
+        p = run_cli("convert", ckpt, tmp_path / "out", "--quiet", flag, "0")
+        assert p.returncode == 2 and f"{flag} must be at least 1" in p.stderr
+    assert not (tmp_path / "out").exists()
