@@ -79,7 +79,7 @@ def test_a_bad_expert_midway_stops_every_thread_and_leaves_no_store(ckpt, tmp_pa
     tensors["model.layers.1.mlp.experts.4.up_proj.weight"][3, 5] = float("nan")
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     before, torch_threads = set(threading.enumerate()), torch.get_num_threads()
-    with pytest.raises(ConfigError, match="NaN or Inf"):
+    with pytest.raises(ConfigError, match="expert 4 of layer 1: q4: up weights contain NaN"):
         convert(bad, tmp_path / "out", dtype="q4", progress=False, log=None, workers=2)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
     assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("mer-")]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..errors import StoreError
+from ..errors import MERError, StoreError
 from ..kernels import ExpertFormat
 from ..kernels.quality import expert_error
 from .format import ALIGN, checksum
@@ -123,7 +123,10 @@ def _pack(
     measure: bool,
 ) -> _Packed:
     gate, up, down = weights  # [I, D], [I, D], [D, I]
-    packed = fmt.pack(gate, up, down, group)  # [bytes] uint8
+    try:
+        packed = fmt.pack(gate, up, down, group)  # [bytes] uint8
+    except MERError as e:  # say which expert: the format's message cannot
+        raise type(e)(f"expert {key[1]} of layer {key[0]}: {e}") from None
     if packed.numel() != per_expert:
         raise StoreError(f"format {fmt.name} packed expert {key} into {packed.numel()} bytes, "
                          f"expected {per_expert}")  # fmt: skip
