@@ -1,30 +1,45 @@
 """Reading HuggingFace checkpoint folders: config.json plus safetensors shards.
 
 ``Checkpoint`` finds the shards (``model.safetensors.index.json`` or a single
-``model.safetensors``), opens each shard once, and hands out tensors by name with their shapes
-checked; it also parses safetensors headers itself, because the library exposes no byte offsets
-(the store converter streams tensors by offset). ``tensor_names`` maps the engine's view of a model
-(dense weights, routed experts) to each architecture's checkpoint names.
+``model.safetensors``), parses each shard's safetensors header itself (names, dtypes, shapes and
+byte offsets, all bounds-checked) and reads tensors with positional reads (``os.preadv``) into
+fresh tensors. The reads release the GIL and are safe from several threads at once, which is what
+lets the store converter read the next expert while others are being quantized. Block-wise FP8
+weights (``fp8.py``) are dequantized to float32 as they are read, with one note printed per
+checkpoint. ``tensor_names`` maps the engine's view of a model (dense weights, routed experts) to
+each architecture's checkpoint names.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .config import ModelArgs
 from .errors import CheckpointError, MERError
+from .fp8 import FP8_DTYPES, SCALE_SUFFIX, BlockFp8, dequantize_blockwise, parse_quantization
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
 }  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+
+def _warn(msg: str) -> None:
+    log.warning(msg)
 
 
 # bytes per element of the safetensors dtypes that take whole bytes (sub-byte ones are not sized)
@@ -112,9 +127,13 @@ def _is_count(v: object) -> bool:
 
 
 class Checkpoint:
-    """A HuggingFace model folder: config.json and safetensors weights."""
+    """A HuggingFace model folder: config.json and safetensors weights.
 
-    def __init__(self, folder: str | Path) -> None:
+    ``note`` receives one line when the checkpoint needs a conversion the user should know about
+    (block-wise FP8 weights); by default it goes to the ``logging`` warning channel (stderr).
+    """
+
+    def __init__(self, folder: str | Path, note: Callable[[str], None] | None = _warn) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(
@@ -122,23 +141,31 @@ class Checkpoint:
                 "with config.json and *.safetensors)"
             )
         self.args = ModelArgs.from_file(self.folder / "config.json")
-        self._handles: dict[str, Any] = {}
+        self.fp8: BlockFp8 | None = parse_quantization(
+            json.loads((self.folder / "config.json").read_text()), str(self.folder / "config.json")
+        )
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()  # guards _fds and _headers (reads come from threads)
         self._headers: dict[str, dict[str, Any]] = {}
         self.weight_map = self._weight_map()
+        if self.fp8 is not None and note is not None:
+            note(self.fp8.note(self.folder))
 
     def _weight_map(self) -> dict[str, str]:
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             try:
                 wm = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if not isinstance(wm, dict):
+                    raise TypeError("weight_map is not an object")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: malformed index ({e})") from None
             for shard in sorted(set(wm.values())):
-                if not (self.folder / shard).is_file():
+                if not (self.folder / str(shard)).is_file():
                     raise CheckpointError(
-                        f"{self.folder / shard}: shard named by {index.name} is missing"
+                        f"{self.folder / str(shard)}: shard named by {index.name} is missing"
                     )
-            return dict(wm)
+            return {str(k): str(v) for k, v in wm.items()}
         single = self.folder / "model.safetensors"
         files = [single] if single.is_file() else sorted(self.folder.glob("*.safetensors"))
         if len(files) != 1:
@@ -150,66 +177,148 @@ class Checkpoint:
         return {name: files[0].name for name in self.header(files[0].name)}
 
     def header(self, shard: str) -> dict[str, Any]:
-        if shard not in self._headers:
-            self._headers[shard] = read_safetensors_header(self.folder / shard)
-        return self._headers[shard]
+        with self._lock:
+            if shard not in self._headers:
+                self._headers[shard] = read_safetensors_header(self.folder / shard)
+            return self._headers[shard]
 
-    def _handle(self, shard: str) -> Any:
-        h = self._handles.get(shard)
-        if h is None:
-            self.header(shard)  # validates size and bounds with a clear message first
-            try:
-                h = safe_open(str(self.folder / shard), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{self.folder / shard}: cannot open ({e})") from None
-            self._handles[shard] = h
-        return h
+    def _fd(self, shard: str) -> int:
+        with self._lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                try:
+                    fd = os.open(self.folder / shard, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointError(
+                        f"{self.folder / shard}: cannot open ({e.strerror or e})"
+                    ) from None
+                self._fds[shard] = fd
+            return fd
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Tensor ``name`` as stored (dtype unchanged), its shape checked against ``shape``."""
+    def _info(self, name: str) -> tuple[str, dict[str, Any]]:
         shard = self.weight_map.get(name)
         if shard is None:
             raise CheckpointError(f"{self.folder}: tensor {name} is missing from the checkpoint")
-        try:
-            t = self._handle(shard).get_tensor(name)
-        except Exception as e:
+        info = self.header(shard).get(name)
+        if info is None:
             raise CheckpointError(
-                f"{self.folder / shard}: cannot read tensor {name} ({e})"
-            ) from None
+                f"{self.folder / shard}: tensor {name} is named by the index but not in the shard"
+            )
+        return shard, info
+
+    def _pread(self, shard: str, out: torch.Tensor, offset: int, name: str) -> None:
+        """Fill ``out`` (contiguous) from ``offset`` of ``shard`` (GIL released while reading)."""
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        fd, done = self._fd(shard), 0
+        while done < len(buf):
+            try:
+                got = os.preadv(fd, [buf[done:]], offset + done)
+            except OSError as e:
+                raise CheckpointError(
+                    f"{self.folder / shard}: cannot read tensor {name} ({e.strerror or e})"
+                ) from None
+            if got == 0:
+                raise CheckpointError(
+                    f"{self.folder / shard}: tensor {name} is cut short (file shrank while read)"
+                )
+            done += got
+
+    def raw(self, name: str, index: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` exactly as stored (dtype unchanged, FP8 included); with ``index``,
+        only ``tensor[index]`` is read (one expert of a fused ``[E, ...]`` tensor)."""
+        shard, info = self._info(name)
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(
+                f"{self.folder / shard}: tensor {name} has dtype {info['dtype']}, which MER "
+                f"cannot read (known: {', '.join(SAFETENSORS_DTYPES)})"
+            )
+        shape, offset = list(info["shape"]), info["offset"]
+        if index is not None:
+            if not shape or not 0 <= index < shape[0]:
+                raise CheckpointError(f"{self.folder / shard}: tensor {name} {shape} has no "
+                                      f"row {index}")  # fmt: skip
+            shape = shape[1:]
+            offset += index * math.prod(shape) * dtype.itemsize
+        out = torch.empty(shape, dtype=dtype)
+        if out.numel():
+            self._pread(shard, out, offset, name)
+        return out
+
+    def get(
+        self, name: str, shape: tuple[int, ...] | None = None, index: int | None = None
+    ) -> torch.Tensor:
+        """Tensor ``name`` (``tensor[index]`` with ``index``) as stored, except that block-wise
+        FP8 weights come back dequantized to float32; its shape checked against ``shape``."""
+        t = self.raw(name, index)
+        if t.dtype in FP8_DTYPES:
+            t = self._dequantize(name, t, index)
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(
-                f"{self.folder / shard}: tensor {name} has shape "
-                f"{list(t.shape)}, expected {list(shape)} from config.json"
+                f"{self.folder / self.weight_map[name]}: tensor {name}"
+                f"{'' if index is None else f'[{index}]'} has shape {list(t.shape)}, expected "
+                f"{list(shape)} from config.json"
             )
         return t
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise CheckpointError(f"{self.folder}: tensor {name} is missing from the checkpoint")
-        return tuple(self.header(shard)[name]["shape"])
+    def _dequantize(self, name: str, q: torch.Tensor, index: int | None) -> torch.Tensor:
+        where = self.folder / self.weight_map[name]
+        if self.fp8 is None:
+            raise CheckpointError(
+                f"{where}: tensor {name} is {q.dtype} but config.json has no "
+                "quantization_config with quant_method fp8 to say how to scale it"
+            )
+        if name + SCALE_SUFFIX not in self.weight_map:
+            raise CheckpointError(
+                f"{where}: FP8 tensor {name} has no {name}{SCALE_SUFFIX}; only block-wise FP8 "
+                "with per-block weight_scale_inv (DeepSeek-V3 style) is supported"
+            )
+        scale = self.raw(name + SCALE_SUFFIX, index)
+        return dequantize_blockwise(q, scale, self.fp8.block, name)
 
-    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate [I, D], up [I, D], down [D, I]) of one routed expert, as stored."""
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._info(name)[1]["shape"])
+
+    def expert_names(self, layer: int, expert: int) -> list[tuple[str, int | None]]:
+        """Where one routed expert's (gate, up, down) live: (tensor name, index into a fused
+        ``[E, ...]`` tensor or ``None``), for ``expert`` to read."""
         a = self.args
-        d, i = a.hidden_size, a.expert_inter
         prefix = f"model.layers.{layer}.{a.spec.moe_prefix}.experts"
         g, u, dn = a.spec.expert_names
         per_expert = f"{prefix}.{expert}.{g}.weight"
         if per_expert in self.weight_map:
-            return (self.get(per_expert, (i, d)), self.get(f"{prefix}.{expert}.{u}.weight", (i, d)),
-                    self.get(f"{prefix}.{expert}.{dn}.weight", (d, i)))  # fmt: skip
-        fused = f"{prefix}.gate_up_proj"
-        if fused in self.weight_map:  # transformers' in-memory fused layout, if saved as such
-            gu = self.get(fused, (a.n_experts, 2 * i, d))[expert]
-            return gu[:i], gu[i:], self.get(f"{prefix}.down_proj", (a.n_experts, d, i))[expert]
+            return [(per_expert, None), (f"{prefix}.{expert}.{u}.weight", None),
+                    (f"{prefix}.{expert}.{dn}.weight", None)]  # fmt: skip
+        if f"{prefix}.gate_up_proj" in self.weight_map:  # transformers' in-memory fused layout
+            return [(f"{prefix}.gate_up_proj", expert), (f"{prefix}.down_proj", expert)]
         raise CheckpointError(f"{self.folder}: tensor {per_expert} is missing from the checkpoint")
 
+    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [I, D], up [I, D], down [D, I]) of one routed expert, as stored (FP8
+        dequantized); safe to call from several threads at once."""
+        d, i = self.args.hidden_size, self.args.expert_inter
+        names = self.expert_names(layer, expert)
+        if len(names) == 3:
+            (g, _), (u, _), (dn, _) = names
+            return self.get(g, (i, d)), self.get(u, (i, d)), self.get(dn, (d, i))
+        (gu_name, e), (dn_name, _) = names
+        gu = self.get(gu_name, (2 * i, d), index=e)  # [2I, D]
+        return gu[:i], gu[i:], self.get(dn_name, (d, i), index=e)
+
     def close(self) -> None:
-        self._handles.clear()
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def dense_tensor_shapes(a: ModelArgs) -> Iterator[tuple[str, tuple[int, ...]]]:

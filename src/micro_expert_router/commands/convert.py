@@ -22,6 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requantize", choices=["q8"], default=None,
                    help="GGUF only: turn tensors of block types MER does not compute on into "
                    "Q8_0 (lossy; the error is reported per tensor)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=None,
+                   help="expert packing threads (default: one per core, at most 4); the output "
+                        "is the same for any value")  # fmt: skip
+    p.add_argument("--error-every", type=int, default=None, metavar="N",
+                   help="measure the conversion error of every N-th expert (default: about 32 "
+                        "experts over all layers; 1: every expert)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype not in FORMATS:
         raise ConfigError(f"--dtype {args.dtype!r} is not a known expert format; choose one of "
                           f"{', '.join(sorted(FORMATS))}")  # fmt: skip
+    for flag, value in (("--workers", args.workers), ("--error-every", args.error_every)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     choose_dense(args.dense, args.dtype)  # a bad --dense fails before any work
     convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.quiet,
-            dense=args.dense)  # fmt: skip
+            dense=args.dense, workers=args.workers, error_every=args.error_every)  # fmt: skip
     return 0

@@ -461,7 +461,7 @@ void q4_block(int mode, const uint8_t* mat, const uint16_t* sz, int64_t N, int64
     }
     return;
   }
-  if (mode >= 1 && bn == 64 && split && rows == 64) {
+  if ((mode == 1 || mode == 2) && bn == 64 && split && rows == 64) {
     const uint8_t* blk = mat + r0 * K / 2;
     const uint16_t* szr = sz + r0 * 2;
     for (int64_t t0 = 0; t0 < T; t0 += 4) {

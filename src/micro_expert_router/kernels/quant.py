@@ -56,10 +56,12 @@ _int4_pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
 
 def _group_rows(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int):
     """Per group: gate+up rows ``[2g, D]`` and the down slice ``[D, g]``, as float32."""
-    inter = gate.shape[0]
+    inter, hidden = gate.shape
     for j in range(inter // group):
         rows = slice(j * group, (j + 1) * group)
-        yield torch.cat([gate[rows], up[rows]]).float(), down[:, rows].float().contiguous()
+        gu = torch.empty((2 * group, hidden))  # [2g, D], filled and converted in one pass each
+        gu[:group], gu[group:] = gate[rows], up[rows]
+        yield gu, torch.empty((hidden, group)).copy_(down[:, rows])  # [D, g]
 
 
 def _bf16_rows(x: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -336,12 +338,15 @@ class Q4:
         zero); the same arithmetic as reference.quantize_q4."""
         n, k = w.shape
         wb = w.float().reshape(n, k // block, block)  # [N, K/b, b]
-        lo, hi = wb.amin(dim=2), wb.amax(dim=2)
+        lo, hi = wb.amin(dim=2), wb.amax(dim=2)  # [N, K/b] each (faster than aminmax here)
         s = ((hi - lo) / 15).to(torch.bfloat16).float()  # [N, K/b]
         z = (lo + s * 8).to(torch.bfloat16).float()
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        q = (torch.round((wb - z[..., None]) / safe[..., None]) + 8).clamp_(0, 15)
-        q = torch.where(s[..., None] > 0, q, torch.full_like(q, 8))
+        constant = not bool((s > 0).all())  # a block of equal weights: code 8 (then q = z)
+        safe = torch.where(s > 0, s, torch.ones_like(s)) if constant else s
+        # in place, the same operations in the same order as reference.quantize_q4
+        q = (wb - z[..., None]).div_(safe[..., None]).round_().add_(8).clamp_(0, 15)
+        if constant:
+            q = torch.where(s[..., None] > 0, q, torch.full_like(q, 8))
         sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16)  # [K/b, N, 2]
         return q.reshape(n, k).to(torch.int32), sz.contiguous()
 

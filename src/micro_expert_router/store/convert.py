@@ -1,10 +1,13 @@
 """Converting a HuggingFace checkpoint folder into an expert store.
 
-Streams one tensor (one expert) at a time, so peak memory stays near the largest tensor rather
-than the model. Writes into a hidden partial folder, fsyncs every file, renames the folder into
-place and only then renames the manifest into place: a conversion killed at any moment leaves no
-folder that ``Store.open`` (and so ``load``) accepts. Reports each expert tensor's conversion error
-(relative L2 against the checkpoint's float values) in ``conversion_report.json`` and a summary.
+Streams one tensor at a time for the dense weights, and a few experts at a time for the experts
+(``experts.py`` packs them on all cores and writes them in order), so peak memory stays near the
+largest tensor rather than the model. Writes into a hidden partial folder, fsyncs every file,
+renames the folder into place and only then renames the manifest into place: a conversion killed
+at any moment leaves no folder that ``Store.open`` (and so ``load``) accepts. Reports the
+conversion error (relative L2 against the checkpoint's float values) of a sample of experts,
+every N-th in store order, in ``conversion_report.json`` and a summary line that states the
+sample.
 """
 
 from __future__ import annotations
@@ -24,14 +27,13 @@ from ..checkpoint import Checkpoint, dense_tensor_shapes
 from ..errors import StoreError
 from ..kernels import choose_group, get_format
 from .dense import choose_dense, write_dense
+from .experts import default_workers, fsync_file, sample_every, start_writeback, write_experts
 from .format import (
-    ALIGN,
     DENSE_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
     TOKENIZER_FILES,
     Store,
-    checksum,
     fsync_dir,
 )
 
@@ -48,8 +50,10 @@ def write_safetensors_streaming(
     specs: list[tuple[str, tuple[int, ...]]],
     dtype: torch.dtype,
     get: Callable[[str, tuple[int, ...]], torch.Tensor],
+    sync: bool = True,
 ) -> None:
-    """A safetensors file written one tensor at a time (the header is known up front)."""
+    """A safetensors file written one tensor at a time (the header is known up front); with
+    ``sync=False`` the caller fsyncs it later (the converter does, after the experts)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
     for name, shape in specs:
@@ -70,13 +74,8 @@ def write_safetensors_streaming(
         for name, shape in specs:
             f.write(_tensor_bytes(get(name, shape).to(dtype)))
         f.flush()
-        os.fsync(f.fileno())
-
-
-def _rel_l2(ref: torch.Tensor, got: torch.Tensor) -> float:
-    ref = ref.double()
-    den = float(torch.linalg.vector_norm(ref))
-    return float(torch.linalg.vector_norm(got.double() - ref)) / den if den else 0.0
+        if sync:
+            os.fsync(f.fileno())
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -94,14 +93,21 @@ def convert(
     dense: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    workers: int | None = None,
+    error_every: int | None = None,
 ) -> Store:
     """Convert checkpoint folder ``src`` into a store at ``dst`` with experts in ``dtype`` and
-    dense weights in ``dense`` (``store.dense.DENSE_CHOICES``; default: ``DEFAULT_DENSE``)."""
+    dense weights in ``dense`` (``store.dense.DENSE_CHOICES``; default: ``DEFAULT_DENSE``).
+
+    ``workers`` packing threads (default: one per core, at most four; the output does not
+    depend on it); the error report measures every ``error_every``-th expert (default: about
+    32 experts spread over the layers; 1 measures all).
+    """
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
     fmt = get_format(dtype)
     dense = choose_dense(dense, dtype)
-    ckpt = Checkpoint(src)
+    ckpt = Checkpoint(src, note=log)
     args = ckpt.args
     if dst.exists() and not force:
         raise StoreError(f"{dst}: already exists; choose another destination or pass --force "
@@ -119,31 +125,20 @@ def convert(
         specs = list(dense_tensor_shapes(args))
         dense_entry, dense_errors = write_dense(tmp / DENSE_FILE, args, specs, ckpt.get, dense,
                                                 dense_dtype)  # fmt: skip
+        start_writeback(tmp / DENSE_FILE)  # on disk while the experts are packed; fsync below
         keys = [(layer, e) for layer in range(args.n_layers) if args.moe_layers[layer]
                 for e in range(args.n_experts)]  # fmt: skip
         per_expert = (args.expert_inter // group) * fmt.group_nbytes(args.hidden_size, group)
-        entries, errors = [], []
+        every = error_every or sample_every(len(keys))
         bar = _progress(per_expert * len(keys), f"converting experts to {dtype}", progress)
         with open(tmp / EXPERT_FILE, "wb") as f, bar:
-            for layer, e in keys:
-                gate, up, down = ckpt.expert(layer, e)
-                packed = fmt.pack(gate, up, down, group)
-                data = packed.numpy().tobytes()
-                if len(data) != per_expert:
-                    raise StoreError(f"format {dtype} packed expert ({layer}, {e}) into "
-                                     f"{len(data)} bytes, expected {per_expert}")  # fmt: skip
-                offset = f.tell()
-                f.write(data)
-                f.write(b"\0" * (-len(data) % ALIGN))
-                entries.append({"layer": layer, "expert": e, "file": 0, "offset": offset,
-                                "length": len(data), "xxh3": checksum(data)})  # fmt: skip
-                g2, u2, d2 = fmt.unpack(packed, args.hidden_size, args.expert_inter, group)
-                errors.append({"layer": layer, "expert": e,
-                               "gate": _rel_l2(gate, g2), "up": _rel_l2(up, u2),
-                               "down": _rel_l2(down, d2)})  # fmt: skip
-                bar.update(len(data))
+            entries, errors = write_experts(
+                ckpt, fmt, group, keys, f, workers=workers or default_workers(),
+                error_every=every, progress=bar.update,
+            )  # fmt: skip
             f.flush()
             os.fsync(f.fileno())
+        fsync_file(tmp / DENSE_FILE)
         copied = []
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
@@ -151,8 +146,19 @@ def convert(
                 copied.append(name)
         report = _error_summary(errors)
         (tmp / "conversion_report.json").write_text(
-            json.dumps({"expert_format": dtype, "summary": report, "experts": errors,
-                        "dense_format": dense, "dense": dense_errors}, indent=1)  # fmt: skip
+            json.dumps(
+                {
+                    "expert_format": dtype,
+                    "summary": report,
+                    "sampled_every": every,
+                    "sampled": len(errors),
+                    "of": len(keys),
+                    "experts": errors,
+                    "dense_format": dense,
+                    "dense": dense_errors,
+                },
+                indent=1,
+            )
         )
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "model": args.to_dict(),
@@ -192,7 +198,8 @@ def convert(
             f"{', '.join(copied) or 'none'}; {time.perf_counter() - t0:.1f} s"
         )
         log(
-            "conversion error (relative L2 vs checkpoint), mean / max over experts: "
+            f"conversion error (relative L2 vs checkpoint), mean / max over {len(errors)} "
+            f"experts (1 in {every} of {len(keys)}): "
             + "; ".join(f"{k} {v['mean']:.2e} / {v['max']:.2e}" for k, v in report.items())
         )
         if dense_errors:
