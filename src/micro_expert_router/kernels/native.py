@@ -54,7 +54,7 @@ class NativeInfo:
 INFO = NativeInfo()
 
 
-def _command(out: Path) -> list[str]:
+def _command(out: Path, sources: tuple[Path, ...] = SOURCES) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     cxx = os.environ.get("CXX", "g++")
@@ -62,29 +62,29 @@ def _command(out: Path) -> list[str]:
     libs = library_paths()
     cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     cmd += [f"-I{p}" for p in include_paths()]
-    cmd += [str(src) for src in SOURCES] + ["-o", str(out)]
+    cmd += [str(src) for src in sources] + ["-o", str(out)]
     cmd += [f"-L{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-lgomp"]
     cmd += [f"-Wl,-rpath,{p}" for p in libs]
     return cmd
 
 
-def library_path() -> Path:
-    """Where the built library for this source, compiler flags and torch lives."""
-    h = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
+def library_path(sources: tuple[Path, ...] = SOURCES) -> Path:
+    """Where the built library for these sources, compiler flags and torch lives."""
+    h = hashlib.sha256(b"".join(src.read_bytes() for src in sources))
     cxx = os.environ.get("CXX", "g++")
     key = [torch.__version__, sys.platform, platform.machine(), cxx, *FLAGS]
     h.update("\0".join(key).encode())
-    return cache_dir() / "native" / f"mer_native_{h.hexdigest()[:16]}.so"
+    return cache_dir() / "native" / f"mer_{sources[0].stem}_{h.hexdigest()[:16]}.so"
 
 
-def build(path: Path) -> float:
+def build(path: Path, sources: tuple[Path, ...] = SOURCES) -> float:
     """Compile to ``path`` (atomically); returns the seconds it took. Raises on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     t = time.perf_counter()
     try:
-        run = subprocess.run(_command(Path(tmp)), capture_output=True, text=True)
+        run = subprocess.run(_command(Path(tmp), sources), capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"compiler failed: {run.stderr.strip()[-2000:]}")
         os.replace(tmp, path)
@@ -95,32 +95,55 @@ def build(path: Path) -> float:
 
 
 @functools.cache
-def load() -> bool:
-    """Load the ops into ``torch.ops.mer`` (building them first if needed); ``True`` if loaded.
+def load_library(sources: tuple[Path, ...], what: str, fallback: str) -> NativeInfo | None:
+    """Build (if needed) and load the ops of ``sources`` (one library); the ``NativeInfo`` when
+    loaded.
 
-    Never raises: a failure leaves the torch-op path in use and warns once.
+    Never raises: a failure (or ``MER_NATIVE=0``) returns ``None`` and warns once, naming
+    ``what`` the library holds and the ``fallback`` the engine uses instead.
+    """
+    info = NativeInfo()
+    if os.environ.get("MER_NATIVE", "1") == "0":
+        return None
+    try:
+        path = library_path(sources)
+        if not path.is_file():
+            info.build_seconds = build(path, sources)
+        torch.ops.load_library(str(path))
+        info.path = path
+        return info
+    except Exception as e:  # no compiler, no headers, a link error: keep the torch path
+        warnings.warn(
+            f"micro_expert_router: the native {what} could not be built or loaded "
+            f"({type(e).__name__}: {e}); using {fallback} instead. Install a C++ compiler "
+            "(e.g. `apt-get install g++`, or set $CXX), or set MER_NATIVE=0 to skip the "
+            "native kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+@functools.cache
+def load() -> bool:
+    """Load the q4/q8 ops into ``torch.ops.mer`` (building them first if needed); ``True`` if
+    loaded. Never raises: a failure leaves the torch-op path in use and warns once.
     """
     if os.environ.get("MER_NATIVE", "1") == "0":
         INFO.reason = "disabled by MER_NATIVE=0"
         return False
-    try:
-        path = library_path()
-        if not path.is_file():
-            INFO.build_seconds = build(path)
-        torch.ops.load_library(str(path))
-        INFO.path = path
-        return True
-    except Exception as e:  # no compiler, no headers, a link error: keep the torch path
-        INFO.reason = f"{type(e).__name__}: {e}"
-        warnings.warn(
-            f"micro_expert_router: the native q4/q8 decode kernels could not be built or loaded "
-            f"({INFO.reason}); using torch's int4/int8 ops instead, which are slower for "
-            "decode. Install a C++ compiler (e.g. `apt-get install g++`, or set $CXX), or set "
-            "MER_NATIVE=0 to skip the native kernels.",
-            RuntimeWarning,
-            stacklevel=2,
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = load_library(
+            SOURCES, "q4/q8 kernels", "torch's int4/int8 ops, which are slower for decode"
         )
+    for w in caught:
+        INFO.reason = str(w.message)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if info is None:
         return False
+    INFO.path, INFO.build_seconds = info.path, info.build_seconds
+    return True
 
 
 @functools.cache
