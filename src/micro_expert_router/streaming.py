@@ -427,7 +427,7 @@ def load_store(path: Path, config: EngineConfig):
     slots = config.prefetch_slots
     if prefetch != "off" and slots == 0:
         slots = 2 * store.args.top_k
-    provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.policy,
+    provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.cache_policy,
                                  verify=config.verify, split=split, layer_budgets=layer_budgets,
                                  prefetch_slots=slots)  # fmt: skip
     model = Transformer(store.args, dense, provider, dtype, config.max_context)
