@@ -4,7 +4,8 @@ Streams one tensor (one expert) at a time, so peak memory stays near the largest
 than the model. Writes into a hidden partial folder, fsyncs every file, renames the folder into
 place and only then renames the manifest into place: a conversion killed at any moment leaves no
 folder that ``Store.open`` (and so ``load``) accepts. Reports each expert tensor's conversion error
-(relative L2 against the checkpoint's float values) in ``conversion_report.json`` and a summary.
+(relative L2 against the checkpoint's float values, ``kernels/quality.py``) in
+``conversion_report.json`` and a summary.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from ..checkpoint import Checkpoint, dense_tensor_shapes
 from ..errors import StoreError
 from ..kernels import choose_group, get_format
+from ..kernels.quality import error_stats, error_summary, expert_error
 from .format import (
     ALIGN,
     DENSE_FILE,
@@ -72,12 +74,6 @@ def write_safetensors_streaming(
         os.fsync(f.fileno())
 
 
-def _rel_l2(ref: torch.Tensor, got: torch.Tensor) -> float:
-    ref = ref.double()
-    den = float(torch.linalg.vector_norm(ref))
-    return float(torch.linalg.vector_norm(got.double() - ref)) / den if den else 0.0
-
-
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -116,7 +112,7 @@ def convert(
         keys = [(layer, e) for layer in range(args.n_layers) if args.moe_layers[layer]
                 for e in range(args.n_experts)]  # fmt: skip
         per_expert = (args.expert_inter // group) * fmt.group_nbytes(args.hidden_size, group)
-        entries, errors = [], []
+        entries, errors = [], {}
         bar = _progress(per_expert * len(keys), f"converting experts to {dtype}", progress)
         with open(tmp / EXPERT_FILE, "wb") as f, bar:
             for layer, e in keys:
@@ -131,10 +127,8 @@ def convert(
                 f.write(b"\0" * (-len(data) % ALIGN))
                 entries.append({"layer": layer, "expert": e, "file": 0, "offset": offset,
                                 "length": len(data), "xxh3": checksum(data)})  # fmt: skip
-                g2, u2, d2 = fmt.unpack(packed, args.hidden_size, args.expert_inter, group)
-                errors.append({"layer": layer, "expert": e,
-                               "gate": _rel_l2(gate, g2), "up": _rel_l2(up, u2),
-                               "down": _rel_l2(down, d2)})  # fmt: skip
+                errors[f"layer {layer} expert {e}"] = expert_error(fmt, packed, gate, up, down,
+                                                                   group)  # fmt: skip
                 bar.update(len(data))
             f.flush()
             os.fsync(f.fileno())
@@ -143,9 +137,11 @@ def convert(
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
                 copied.append(name)
-        report = _error_summary(errors)
+        report = error_stats(errors)
+        rows = [{"layer": layer, "expert": e, **q._asdict()}
+                for (layer, e), q in zip(keys, errors.values(), strict=True)]  # fmt: skip
         (tmp / "conversion_report.json").write_text(
-            json.dumps({"expert_format": dtype, "summary": report, "experts": errors}, indent=1)
+            json.dumps({"expert_format": dtype, "summary": report, "experts": rows}, indent=1)
         )
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "model": args.to_dict(),
@@ -181,17 +177,5 @@ def convert(
             f"{s['dense_bytes'] / 1e6:.1f} MB ({s['dense_dtype']}); tokenizer files: "
             f"{', '.join(copied) or 'none'}; {time.perf_counter() - t0:.1f} s"
         )
-        log(
-            "conversion error (relative L2 vs checkpoint), mean / max over experts: "
-            + "; ".join(f"{k} {v['mean']:.2e} / {v['max']:.2e}" for k, v in report.items())
-        )
+        log("conversion error against the checkpoint:\n  " + "\n  ".join(error_summary(errors)))
     return store
-
-
-def _error_summary(errors: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    errors = list(errors)
-    out = {}
-    for k in ("gate", "up", "down"):
-        vals = [e[k] for e in errors] or [0.0]
-        out[k] = {"mean": sum(vals) / len(vals), "max": max(vals)}
-    return out
