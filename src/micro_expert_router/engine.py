@@ -3,7 +3,7 @@
 
 ``load`` accepts a HuggingFace checkpoint folder (every expert packed in RAM) or an expert store
 (experts streamed from disk under a cache budget). Generation is a generator of ``Step`` records:
-the CLI, the server, the benchmarks and the tests all drive the same one.
+the CLI, the benchmarks and the tests all drive the same one.
 """
 
 from __future__ import annotations
@@ -268,8 +268,15 @@ def _torch_threads(config: EngineConfig) -> None:
 def load(path: str | Path, **engine_options: Any) -> Engine:
     """Load a model folder (HuggingFace checkpoint, or an expert store) into an ``Engine``.
 
-    Options are ``EngineConfig`` fields: ``dtype`` ("float32" | "bfloat16"), ``threads``,
-    ``max_context``, ``cache_bytes``, ``io_threads``, ``policy``, ``verify``.
+    Options are ``EngineConfig`` fields (config.py); unknown names are a ``ConfigError``:
+
+    - any folder: ``dtype`` ("float32" | "bfloat16"), ``threads`` (torch's intra-op threads),
+      ``max_context`` (KV cache tokens);
+    - an expert store only (a checkpoint folder runs fully resident and refuses them):
+      ``cache_bytes`` (expert cache budget; None = every expert), ``io_threads``, ``policy``
+      (``"lru"``, ``"lcp:rho=0.5"``, ...), ``verify`` (checksums on first load), ``split``
+      (MoEpic ratio, multiples of 1/8), ``plan`` (a plan file from ``mer plan``), ``prefetch``
+      (``"off"`` or predictors such as ``"s,l,m"``) and ``prefetch_slots``.
     """
     path = Path(path)
     unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
