@@ -64,3 +64,29 @@ def test_no_server_is_claimed_until_one_exists():
         return
     for path in pkg.rglob("*.py"):
         assert "the server" not in path.read_text(), f"{path} mentions a server"
+
+
+def test_quantization_md_claims_no_repack_on_open(tmp_path):
+    """The doc says a store in another q4 layout is refused with the reconvert command, and
+    that nothing repacks it: both checked."""
+    import json
+
+    import pytest
+    from hf_models import save_hf_model
+
+    from micro_expert_router.errors import StoreError
+    from micro_expert_router.kernels.quant import int4_layout
+    from micro_expert_router.store import Store, convert
+
+    text = doc("quantization.md")
+    assert "There is no repack on open and no `mer repack` command" in text
+    assert not (ROOT / "src/micro_expert_router/commands/repack.py").exists()
+    save_hf_model("mixtral", tmp_path / "ckpt")  # D = 64, I = 96: q4 groups of 32
+    store = convert(tmp_path / "ckpt", tmp_path / "store", dtype="q4", progress=False, log=None)
+    path = store.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    other = "pair32" if int4_layout() != "pair32" else "n32"
+    manifest["layout"] = f"q4:v1:int4pack-cpu:{other}"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="mer convert .* --dtype q4 --force"):
+        Store.open(store.path)
