@@ -5,8 +5,14 @@ dense format; ``EXPERT:DENSE`` picks another, e.g. ``q4:bf16``) and evaluates ea
 text (the demo corpus's deterministic held-out cookies, never seen in training): perplexity per
 token, and next-token top-1 agreement with float32 at every position. Prints one line per store
 and the perplexity ratios to float32 last. Needs Debian's `fortunes` package (the corpus).
+Two protocols (docs/demo-model.md, "Held-out perplexity"):
 
-    python bench/quality.py [--windows N] [--seq-len L] [--stores f32,q8,q4,q4:bf16,q4:q8]
+- windows (default): the held-out cookies as one token stream, the first N windows of L tokens;
+- ``--per-cookie``: each held-out cookie alone, from its own start, its first L tokens (all 772
+  cookies unless ``--cookies N``).
+
+    python bench/quality.py [--windows N] [--seq-len L] [--per-cookie [--cookies N]]
+                            [--stores f32,q8,q4,q4:bf16,q4:q8]
 """
 
 from __future__ import annotations
@@ -28,20 +34,33 @@ from micro_expert_router.store import convert
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def heldout_ids(seq_len: int, windows: int) -> list[list[int]]:
+def heldout_ids(seq_len: int, windows: int, source_dir: Path | None) -> list[list[int]]:
     sys.path.insert(0, str(ROOT / "scripts"))
-    from demo_corpus import load_corpus  # the training script's own split
+    import demo_corpus  # the training script's own split
 
     from micro_expert_router.tokenizer import Tokenizer
 
     tok = Tokenizer(demo_model_path())
     stream: list[int] = []
-    for text in load_corpus().heldout:
+    for text in demo_corpus.load_corpus(source_dir or demo_corpus.FORTUNE_DIR).heldout:
         stream += tok.encode(text)
         if len(stream) >= seq_len * windows + 1:
             break
     return [stream[i * seq_len : (i + 1) * seq_len + 1] for i in range(windows)
             if len(stream) >= (i + 1) * seq_len + 1]  # fmt: skip
+
+
+def cookie_ids(seq_len: int, cookies: int | None, source_dir: Path | None) -> list[list[int]]:
+    """Each held-out cookie's first ``seq_len`` tokens, one sequence per cookie."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import demo_corpus
+
+    from micro_expert_router.tokenizer import Tokenizer
+
+    tok = Tokenizer(demo_model_path())
+    corpus = demo_corpus.load_corpus(source_dir or demo_corpus.FORTUNE_DIR)
+    texts = corpus.heldout[:cookies] if cookies else corpus.heldout
+    return [ids for ids in (tok.encode(t)[:seq_len] for t in texts) if len(ids) >= 2]
 
 
 def evaluate(store: Path, wins: list[list[int]]) -> tuple[float, list[np.ndarray]]:
@@ -62,8 +81,15 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--stores", default="f32,q8,q4,q8:bf16,q4:bf16,q4:q8",
                     help="EXPERT[:DENSE] formats; f32 first (the reference)")  # fmt: skip
+    ap.add_argument("--per-cookie", action="store_true",
+                    help="each held-out cookie alone from its start (first --seq-len tokens)")
+    ap.add_argument("--cookies", type=int, default=None, help="with --per-cookie: the first N")
+    ap.add_argument("--source-dir", type=Path, default=None, help="fortune files folder")
     args = ap.parse_args()
-    wins = heldout_ids(args.seq_len, args.windows)
+    if args.per_cookie:
+        wins = cookie_ids(args.seq_len, args.cookies, args.source_dir)
+    else:
+        wins = heldout_ids(args.seq_len, args.windows, args.source_dir)
     n_tok = sum(len(w) - 1 for w in wins)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,17 +100,20 @@ def main() -> None:
             t0 = time.perf_counter()
             ppl, am = evaluate(store.path, wins)
             results[dtype] = (ppl, am, store.total_expert_bytes)
+            report = json.loads((store.path / "conversion_report.json").read_text())["summary"]
+            err = "/".join(f"{report[k]['mean']:.2%}" for k in ("gate", "up", "down"))
             agree = (np.mean(np.concatenate(am) == np.concatenate(results["f32"][1]))
                      if dtype != "f32" else 1.0)  # fmt: skip
             print(f"{dtype:7s} experts {store.total_expert_bytes / 1e6:6.2f} MB dense "
-                  f"{store.dense_format} {store.dense_bytes / 1e6:5.2f} MB  perplexity "
+                  f"{store.dense_format} {store.dense_bytes / 1e6:5.2f} MB, weight error "
+                  f"gate/up/down {err}  perplexity "
                   f"{ppl:8.3f}  top-1 agreement with f32 {agree:.2%}  ({n_tok} held-out tokens, "
                   f"{time.perf_counter() - t0:.1f} s)")  # fmt: skip
     base = results["f32"][0]
     out = ROOT / "bench" / "results" / "quality.jsonl"
     out.parent.mkdir(exist_ok=True)
     with open(out, "a") as f:
-        f.write(json.dumps({"time": time.time(), "tokens": n_tok,
+        f.write(json.dumps({"time": time.time(), "tokens": n_tok, "per_cookie": args.per_cookie,
                             **{k: v[0] for k, v in results.items()}}) + "\n")  # fmt: skip
     ratios = [f"{k} {v[0] / base:.4f}" for k, v in results.items() if k != "f32"]
     print("perplexity ratio to f32: " + ", ".join(ratios))

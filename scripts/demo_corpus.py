@@ -113,10 +113,30 @@ def load_corpus(source_dir: Path = FORTUNE_DIR, heldout_permille: int = 50) -> C
     return Corpus(tuple(train), tuple(heldout), tuple(p.name for p in files), source_dir)
 
 
+def write_cookies(cookies: tuple[str, ...] | list[str], path: Path) -> None:
+    """Cookies in the fortune file format (separated by lines holding only ``%``), which
+    ``split_cookies`` reads back unchanged."""
+    path.write_text("\n%\n".join(cookies) + "\n", encoding="utf-8")
+
+
+HELDOUT_SAMPLE = 120  # held-out cookies shipped as tests/data/demo-heldout.txt
+
+
 if __name__ == "__main__":
-    c = load_corpus()
+    import argparse
+
+    ap = argparse.ArgumentParser(description="summarize the demo corpus")
+    ap.add_argument("--source-dir", type=Path, default=FORTUNE_DIR)
+    ap.add_argument("--write-heldout", type=Path, metavar="FILE",
+                    help=f"write the first {HELDOUT_SAMPLE} held-out cookies to FILE (the test "
+                    "data of the q4/q8 quality test)")  # fmt: skip
+    a = ap.parse_args()
+    c = load_corpus(a.source_dir)
     n_train = sum(len(t) for t in c.train)
     n_held = sum(len(t) for t in c.heldout)
     print(f"{len(c.files)} files from {c.source_dir}")
     print(f"train:   {len(c.train)} cookies, {n_train} characters")
     print(f"heldout: {len(c.heldout)} cookies, {n_held} characters")
+    if a.write_heldout:
+        write_cookies(c.heldout[:HELDOUT_SAMPLE], a.write_heldout)
+        print(f"wrote the first {HELDOUT_SAMPLE} held-out cookies to {a.write_heldout}")

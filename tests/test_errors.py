@@ -8,11 +8,15 @@ import json
 import shutil
 
 import pytest
+import torch
 from hf_models import run_cli, save_hf_model
 from safetensors.torch import load_file, save_file
 
 import micro_expert_router as mer
+from micro_expert_router.cli import main
+from micro_expert_router.config import EngineConfig
 from micro_expert_router.errors import CheckpointError, ConfigError
+from micro_expert_router.sampling import sample
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +155,51 @@ def test_cache_options_on_a_checkpoint_folder_are_refused(good):
         mer.load(good, cache_bytes=1000)
     p = run_cli("generate", "--model", good, "--prompt-ids", "1", "--split", "0.5")
     assert p.returncode != 0 and "mer convert" in p.stderr
+
+
+@pytest.mark.parametrize("option", [
+    ["--plan", "plan.json"], ["--policy", "lfu"], ["--policy", "lru"], ["--io-threads", "2"],
+    ["--verify"], ["--prefetch", "s"],
+])  # fmt: skip
+def test_store_options_on_a_checkpoint_folder_are_named_errors(good, capsys, option):
+    code = main(["generate", "--model", str(good), "--prompt-ids", "1", "--max-tokens", "1",
+                 *option])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    name = option[0].removeprefix("--").replace("-", "_")
+    assert f"so {name} does not apply" in err and "mer convert" in err
+
+
+@pytest.mark.parametrize(("option", "words"), [
+    (["--temperature", "-0.5"], "temperature must be a number >= 0"),
+    (["--temperature", "nan"], "temperature must be a number >= 0"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-p", "-1"], "top_p must be in (0, 1]"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--top-k", "-1"], "top_k must be an integer >= 0"),
+    (["--io-threads", "0"], "io_threads must be a positive integer"),
+    (["--io-threads", "-3"], "io_threads must be a positive integer"),
+    (["--threads", "0"], "threads must be a positive integer"),
+])  # fmt: skip
+def test_bad_values_are_named_errors(good, capsys, option, words):
+    code = main(["generate", "--model", str(good), "--prompt-ids", "1", "--max-tokens", "1",
+                 *option])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and words in err, err
+
+
+def test_the_python_api_checks_the_same_values(good):
+    with pytest.raises(ConfigError, match="io_threads"):
+        EngineConfig(io_threads=0)
+    with pytest.raises(ConfigError, match="policy, io_threads, verify do not apply"):
+        mer.load(good, policy="lru", io_threads=4, verify=True)
+    engine = mer.load(good)
+    for kw, words in [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                      ({"top_p": 1.01}, "top_p"), ({"top_k": -2}, "top_k")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=words):
+            next(engine.generate([1, 2], 2, **kw))
+        with pytest.raises(ConfigError, match=words):
+            sample(torch.zeros(4), **kw)
+    # the edges stay valid: greedy, top-p 1 and top-k 0 are "off"
+    steps = list(engine.generate([1, 2], 2, temperature=0.0, top_p=1.0, top_k=0))
+    assert len(steps) == 2

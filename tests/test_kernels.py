@@ -487,7 +487,8 @@ def test_rel_l2_top1_perplexity_by_hand():
 def test_demo_model_quality_through_the_real_kernels(monkeypatch):
     """Held-out perplexity and next-token agreement of q8 and q4 against f32, every expert
     packed and computed by the real kernels (ResidentProvider + the engine's Transformer).
-    Measured on all 772 held-out cookies: q8 -0.01%, top-1 0.994; q4 +0.23%, top-1 0.948."""
+    Measured on all 772 held-out cookies: q8 -0.01%, top-1 0.994; q4 +0.23%, top-1 0.948.
+    The 120 cookies used here are shipped in tests/data, so the bounds run in CI."""
     import importlib
     from pathlib import Path
 
@@ -497,10 +498,12 @@ def test_demo_model_quality_through_the_real_kernels(monkeypatch):
     from micro_expert_router.provider import ResidentProvider
     from micro_expert_router.tokenizer import Tokenizer
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "scripts"))
     corpus = importlib.import_module("demo_corpus")
-    if not corpus.FORTUNE_DIR.is_dir():
-        pytest.skip(f"held-out text needs the fortune files under {corpus.FORTUNE_DIR}")
+    # 120 held-out cookies, shipped as test data (tests/data/README.md)
+    heldout = corpus.split_cookies((root / "tests/data/demo-heldout.txt").read_text("utf-8"))
+    assert len(heldout) == corpus.HELDOUT_SAMPLE
     try:
         folder = demo_model_path()
     except CheckpointError as e:
@@ -512,7 +515,7 @@ def test_demo_model_quality_through_the_real_kernels(monkeypatch):
                if args.moe_layers[layer] for e in range(args.n_experts)}  # fmt: skip
     ckpt.close()
     tok = Tokenizer(folder)
-    seqs = [torch.tensor(tok.encode(c)[:128]) for c in corpus.load_corpus().heldout[:120]]
+    seqs = [torch.tensor(tok.encode(c)[:128]) for c in heldout]
     targets = torch.cat([s[1:] for s in seqs])
     logits = {}
     threads = torch.get_num_threads()
@@ -532,3 +535,18 @@ def test_demo_model_quality_through_the_real_kernels(monkeypatch):
     assert ppl["q4"] <= ppl["f32"] * 1.02
     assert quality.top1_agreement(logits["f32"], logits["q8"]) >= 0.98
     assert quality.top1_agreement(logits["f32"], logits["q4"]) >= 0.90
+
+
+def test_shipped_heldout_text_is_the_corpus_split(monkeypatch):
+    """tests/data/demo-heldout.txt is the first held-out cookies of the corpus, unchanged
+    (checked where Debian's fortune files are installed)."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "scripts"))
+    corpus = importlib.import_module("demo_corpus")
+    if not corpus.FORTUNE_DIR.is_dir():
+        pytest.skip(f"the fortune files are not installed under {corpus.FORTUNE_DIR}")
+    shipped = corpus.split_cookies((root / "tests/data/demo-heldout.txt").read_text("utf-8"))
+    assert shipped == list(corpus.load_corpus().heldout[: corpus.HELDOUT_SAMPLE])

@@ -25,11 +25,6 @@ order; the BF16-dot q4 kernel, isa=1 here, rounds differently and has its own bo
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import torch
@@ -275,49 +270,3 @@ def test_decode_uses_native_and_prefill_does_not(name):
         yb = expert_forward(fmt, xb, [w])
         assert yb.dtype == torch.bfloat16
         assert torch.equal(yb, expert_forward(fmt, xb.float(), [w]).to(torch.bfloat16))
-
-
-FALLBACK = """
-import warnings, torch
-warnings.simplefilter("always")
-from micro_expert_router.kernels import native
-from micro_expert_router.kernels.formats import FORMATS, expert_forward
-fmt = FORMATS["q4"]
-d, g = 64, 64
-buf = fmt.pack(torch.randn(g, d), torch.randn(g, d), torch.randn(d, g), g)
-x = torch.randn(1, d)
-with warnings.catch_warnings(record=True) as caught:
-    y = expert_forward(fmt, x, [fmt.view(buf, d, g)])
-    y2 = expert_forward(fmt, x, [fmt.view(buf, d, g)])
-ref = fmt.partials(x, fmt.view(buf, d, g))
-assert torch.equal(y, next(ref)) and torch.equal(y, y2)
-print(native.available(), len([w for w in caught if "native" in str(w.message)]))
-print(native.INFO.reason)
-for w in caught:
-    print(w.message)
-"""
-
-
-def run_fallback(env: dict[str, str]) -> list[str]:
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent(FALLBACK)],
-                         env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    return run.stdout.splitlines()
-
-
-def test_mer_native_0_uses_the_torch_ops_without_warning():
-    out = run_fallback({"MER_NATIVE": "0"})
-    assert out[0] == "False 0" and "MER_NATIVE=0" in out[1]
-
-
-def test_build_failure_warns_once_and_falls_back(tmp_path):
-    out = run_fallback({"MER_CACHE_DIR": str(tmp_path), "CXX": str(tmp_path / "no-such-g++")})
-    assert out[0] == "False 1"
-    assert "no-such-g++" in out[1] and "g++" in out[2] and "MER_NATIVE=0" in out[2]
-
-
-def test_library_is_cached_by_source_and_torch():
-    path = native.library_path()
-    assert path.is_file() and native.INFO.path == path
-    assert torch.__version__ and path.name.startswith("mer_native_")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from hf_models import save_hf_model
 
 import micro_expert_router as mer
-from micro_expert_router.plan import Plan, Profile, predict
-from micro_expert_router.planning import hit_curves
+from micro_expert_router.cli import main
+from micro_expert_router.plan import LayerProfile, Plan, Profile, predict
+from micro_expert_router.planning import hit_curves, prefetch_accuracy
 from micro_expert_router.store import convert
 from micro_expert_router.trace import read_trace
 
@@ -68,3 +71,59 @@ def test_hit_curves_match_direct_replay(tmp_path):
                 hits += e in seen
             seen |= steps[s]
         assert abs(c[8] - hits / reqs) < 1e-12
+
+
+def cyclic_trace(path, tokens: int = 400):
+    """2 layers x 8 experts, top-2, a routing that repeats every 4 tokens: a Markov predictor
+    learns it, so almost every routed expert is prefetched once it has."""
+    lines = []
+    for t in range(tokens):
+        a = t % 4
+        lines.append([[0, a], [0, a + 4], [1, (a + 1) % 4], [1, (a + 1) % 4 + 4]])
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return read_trace(path, num_experts=8)
+
+
+def test_prefetch_accuracy_is_the_share_of_routed_experts_read_ahead(tmp_path):
+    tr = cyclic_trace(tmp_path / "cyc.jsonl")
+    acc = prefetch_accuracy(tr, "s", warmup=100)
+    assert set(acc) == {0, 1} and all(a > 0.95 for a in acc.values()), acc
+    # a routing with no pattern to learn: far below the cyclic one
+    rng = np.random.default_rng(0)
+    lines = [[[l, int(e)] for l in range(2) for e in rng.choice(8, 2, replace=False)]
+             for _ in range(400)]  # fmt: skip
+    (tmp_path / "rnd.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rnd = prefetch_accuracy(read_trace(tmp_path / "rnd.jsonl", num_experts=8), "s", warmup=100)
+    assert all(a < 0.6 for a in rnd.values()), rnd
+
+
+def test_plan_command_uses_the_prefetch_accuracy(tmp_path, capsys):
+    save_hf_model("qwen3moe-plain", tmp_path / "ckpt")  # 8 experts, top-2, 2 layers
+    store = convert(tmp_path / "ckpt", tmp_path / "store", progress=False, log=None)
+    trace = tmp_path / "t.jsonl"
+    with mer.load(store.path) as engine:
+        list(engine.generate(list(range(2, 20)), 80, temperature=1.2, seed=3, stop_at_eos=False,
+                             trace=trace))  # fmt: skip
+    tr = read_trace(trace)
+    curves = hit_curves(tr, list(tr.layers), 8, "lcp")
+    # a disk-bound profile (reads >> compute), so prefetch pays wherever it is right
+    lps = [LayerProfile(expert_bytes=store.expert_bytes, top_k=2, dense_s=2e-3, expert_s=1e-4,
+                        hit_curve=curves[l]) for l in tr.layers]  # fmt: skip
+    prof = tmp_path / "profile.json"
+    bandwidth = store.expert_bytes / 3e-3  # an expert's read: 3 ms, against 2 ms of dense work
+    prof.write_text(Profile(tuple(lps), bandwidth_bps=bandwidth, read_latency_s=1e-4).to_json())
+    expected = prefetch_accuracy(tr, "s,l", store.path)
+    assert any(a > 0 for a in expected.values())
+    budget = f"{store.total_expert_bytes / 4 / 1e6:.6f}"
+    times = {}
+    for prefetch in ("off", "s,l"):
+        out = tmp_path / f"plan-{prefetch}.json"
+        assert main(["plan", str(store.path), "--trace", str(trace), "--budget-mb", budget,
+                     "--profile", str(prof), "--prefetch", prefetch, "--out", str(out)]) == 0
+        text = capsys.readouterr().out
+        rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["0"], ["1"])]
+        shown = [float(r[5].rstrip("%")) / 100 for r in rows]
+        want = [expected[l] if prefetch != "off" else 0.0 for l in tr.layers]
+        assert shown == pytest.approx(want, abs=1e-3), text
+        times[prefetch] = Plan.from_json(out.read_text()).predicted_s_per_token
+    assert times["s,l"] < times["off"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from micro_expert_router.sampling import sample, top_k_filter, top_p_filter
@@ -21,24 +23,26 @@ def test_top_k_keeps_k_largest():
     assert torch.equal(top_k_filter(logits, 0), logits)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(-5, 5), min_size=2, max_size=30), st.floats(0.05, 0.99))
 def test_top_p_keeps_smallest_prefix_reaching_p(values, p):
     logits = torch.tensor(values)
-    probs = torch.softmax(logits, -1)
+    probs = torch.softmax(logits, -1).double()
     kept = torch.isfinite(top_p_filter(logits, p))
     # reference: sort by probability, keep tokens until the cumulative mass first reaches p
-    order = torch.argsort(probs, descending=True, stable=True)
-    mass, ref = 0.0, torch.zeros_like(kept)
-    for i in order.tolist():
-        ref[i] = True
-        mass += float(probs[i])
-        if mass >= p:
-            break
-    assert kept.sum() >= 1
-    # ties in probability may be kept or dropped together; compare the kept mass instead
-    assert abs(float(probs[kept].sum()) - float(probs[ref].sum())) < 1e-5 or kept.sum() >= ref.sum()
-    assert float(probs[kept].sum()) >= p - 1e-6
+    desc = sorted(probs.tolist(), reverse=True)
+    cum = np.cumsum(desc)
+    assume(np.all(np.abs(cum - p) > 1e-4))  # float32 and float64 sums agree off the boundary
+    n = int(np.searchsorted(cum, p)) + 1  # first prefix whose mass reaches p
+    # tied probabilities may be kept in either order: compare the kept probabilities, sorted
+    assert sorted(probs[kept].tolist(), reverse=True) == pytest.approx(desc[:n])
+
+
+def test_top_p_drops_the_tail():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isfinite(top_p_filter(logits, 0.7)).tolist() == [True, True, False, False]
+    assert torch.isfinite(top_p_filter(logits, 0.5)).tolist() == [True, False, False, False]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
 
 
 def test_seeded_sampling_is_reproducible_and_follows_distribution():

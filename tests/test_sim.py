@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +223,23 @@ def test_cli_errors(tmp_path, capsys, args, words):
         return
     assert main(["sim", str(path), *args]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_cli_sweep_without_matplotlib_is_a_named_error(tmp_path, capsys, monkeypatch):
+    # a None entry in sys.modules makes `import matplotlib` raise ImportError
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = small_trace(tmp_path)
+    out = tmp_path / "out"
+    assert main(["sim", str(path), "--sweep", "--policy", "lru", "--fracs", "0.5",
+                 "--out", str(out), "--quiet"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install matplotlib" in err and "sim-small.csv" in err
+    assert (out / "sim-small.csv").is_file()
+
+
+def test_matplotlib_is_a_runtime_dependency():
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    deps = [d.split(">")[0].split("=")[0].strip() for d in meta["project"]["dependencies"]]
+    assert "matplotlib" in deps

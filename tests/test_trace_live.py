@@ -13,6 +13,7 @@ import pytest
 from hf_models import save_hf_model
 
 import micro_expert_router as mer
+from micro_expert_router.cache import POLICIES
 from micro_expert_router.store import convert
 from micro_expert_router.trace import read_trace
 
@@ -31,7 +32,9 @@ def test_recorded_trace_replays_to_the_engine_counts(store, tmp_path, policy, n_
     with mer.load(store, cache_bytes=0) as probe:
         slot = probe.provider.slot_bytes
     with mer.load(store, cache_bytes=n_cached * slot, policy=policy) as engine:
-        assert type(engine.provider.cache.stats()).__name__  # the cache is live
+        cache = engine.provider.cache  # the engine runs the policy and budget asked for
+        assert type(cache._single.policy) is POLICIES[policy]
+        assert cache.budget_bytes == n_cached * slot
         steps = list(engine.generate(list(range(1, 25)), 60, temperature=1.5, seed=7,
                                      stop_at_eos=False, trace=trace))  # fmt: skip
     hits, misses = sum(s.hits for s in steps), sum(s.misses for s in steps)

@@ -237,9 +237,9 @@ class EngineConfig:
     threads: int | None = None  # torch intra-op threads; None = torch's default
     max_context: int = 4096  # KV cache capacity in tokens
     cache_bytes: int | None = None  # expert cache budget (stores); None = all experts resident
-    io_threads: int | None = None
-    policy: str = "lru"
-    verify: bool = False  # check expert checksums on first load
+    io_threads: int | None = None  # expert-read threads (stores); None = the reader's default
+    policy: str | None = None  # expert cache policy (stores); None = "lru"
+    verify: bool = False  # check expert checksums on first load (stores)
     split: float = 1.0  # MoEpic split ratio: cached fraction of each expert (1 = whole experts)
     plan: str | None = None  # a plan file from `mer plan`: per-layer budgets and split ratios
     prefetch: str = "off"  # predictors driving prefetch: "off" or e.g. "s,l,m" (docs/prefetch.md)
@@ -254,6 +254,11 @@ class EngineConfig:
             )
         if self.max_context <= 0:
             raise ConfigError("max_context must be positive")
+        for name in ("threads", "io_threads"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer (or None for the default), "
+                                  f"not {v!r}")  # fmt: skip
         if self.cache_bytes is not None and self.cache_bytes < 0:
             raise ConfigError("cache_bytes must be >= 0")
         if self.prefetch_slots < 0:
@@ -263,3 +268,18 @@ class EngineConfig:
                 "a plan sets the cache budgets and split ratios itself: give either "
                 "a plan or cache_bytes/split, not both"
             )
+
+    @property
+    def cache_policy(self) -> str:
+        """The policy a store's expert cache uses (``policy``, or LRU when not given)."""
+        return self.policy or "lru"
+
+    def store_only(self) -> list[str]:
+        """The settings given that only an expert store uses (a checkpoint runs resident)."""
+        given = {
+            "cache_bytes": self.cache_bytes is not None, "split": self.split != 1.0,
+            "plan": self.plan is not None, "prefetch": self.prefetch.strip().lower() != "off",
+            "policy": self.policy is not None, "io_threads": self.io_threads is not None,
+            "verify": self.verify, "prefetch_slots": self.prefetch_slots != 0,
+        }  # fmt: skip
+        return [k for k, v in given.items() if v]

@@ -25,7 +25,7 @@ from .errors import ConfigError, MERError
 from .kernels import choose_group, get_format
 from .model import Transformer
 from .provider import ExpertProvider, ProviderStats, ResidentProvider
-from .sampling import sample
+from .sampling import check_sampling, sample
 from .tokenizer import Tokenizer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -182,11 +182,13 @@ class Engine:
     ) -> Iterator[Step]:
         """Stream generated tokens as ``Step`` records.
 
-        ``temperature=0`` is greedy decoding. Abandoning the generator part-way is safe: every
-        expert buffer is released by the provider as each layer finishes. ``trace`` records the
-        routing of every step (prompt tokens marked as prefill) to a ``mer-trace`` file, with the
-        router inputs when ``trace_hidden`` (docs/trace-format.md).
+        ``temperature=0`` is greedy decoding; ``top_p`` in (0, 1] and ``top_k >= 0`` (1 and 0
+        are off); other values are a ``ConfigError``. Abandoning the generator part-way is safe:
+        every expert buffer is released by the provider as each layer finishes. ``trace``
+        records the routing of every step (prompt tokens marked as prefill) to a ``mer-trace``
+        file, with the router inputs when ``trace_hidden`` (docs/trace-format.md).
         """
+        check_sampling(temperature, top_p, top_k)
         ids = self.encode(prompt)
         if max_tokens <= 0:
             return
@@ -277,17 +279,22 @@ def kv_dtype(config: EngineConfig, dense: dict[str, Any]) -> torch.dtype:
 
 
 def _torch_threads(config: EngineConfig) -> None:
-    if config.threads is not None:
-        if config.threads <= 0:
-            raise ConfigError("threads must be positive")
+    if config.threads is not None:  # EngineConfig checked it is positive
         torch.set_num_threads(config.threads)
 
 
 def load(path: str | Path, **engine_options: Any) -> Engine:
     """Load a model folder (HuggingFace checkpoint, or an expert store) into an ``Engine``.
 
-    Options are ``EngineConfig`` fields: ``dtype`` ("float32" | "bfloat16"), ``threads``,
-    ``max_context``, ``cache_bytes``, ``io_threads``, ``policy``, ``verify``.
+    Options are ``EngineConfig`` fields (config.py); unknown names are a ``ConfigError``:
+
+    - any folder: ``dtype`` ("float32" | "bfloat16"), ``threads`` (torch's intra-op threads),
+      ``max_context`` (KV cache tokens);
+    - an expert store only (a checkpoint folder runs fully resident and refuses them):
+      ``cache_bytes`` (expert cache budget; None = every expert), ``io_threads``, ``policy``
+      (``"lru"``, ``"lcp:rho=0.5"``, ...), ``verify`` (checksums on first load), ``split``
+      (MoEpic ratio, multiples of 1/8), ``plan`` (a plan file from ``mer plan``), ``prefetch``
+      (``"off"`` or predictors such as ``"s,l,m"``) and ``prefetch_slots``.
     """
     path = Path(path)
     unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
@@ -308,10 +315,12 @@ def load(path: str | Path, **engine_options: Any) -> Engine:
 
 
 def load_checkpoint(path: Path, config: EngineConfig) -> Engine:
-    if config.cache_bytes is not None or config.split != 1.0 or config.prefetch != "off":
+    store_only = config.store_only()
+    if store_only:
         raise ConfigError(
-            f"{path}: a checkpoint folder runs fully resident; a cache budget, prefetch or a "
-            f"split ratio needs an expert store: `mer convert {path} STORE` first"
+            f"{path}: a checkpoint folder runs fully resident, so {', '.join(store_only)} "
+            f"{'does' if len(store_only) == 1 else 'do'} not apply (each needs an expert "
+            f"store: `mer convert {path} STORE` first)"
         )
     dtype = TORCH_DTYPES[config.dtype]
     ckpt = Checkpoint(path)

@@ -39,6 +39,10 @@ class PoolTimeout(BudgetError):
     """Every BufferPool slot stayed busy for longer than the lease timeout."""
 
 
+class DependencyError(MERError):
+    """A feature needs a Python package that is not installed (names the package)."""
+
+
 class ReadError(MERError):
     """A disk read that failed after its retries (names file and offset)."""
 

@@ -11,6 +11,9 @@ build each layer's hit-rate curve by replaying a routing trace, and plan.
   the embedding + final norm + LM head as ``overhead_s``.
 - hit curves: for C = 0 .. experts, the trace replayed with every layer given a cache of C tops
   under the policy (``sim.simulate`` with per-layer budgets), per-layer hit rates.
+- prefetch accuracy (with ``--prefetch``): the trace replayed through the prefetch controller
+  with an empty cache, per layer the share of routed experts it had issued
+  (``prefetch_accuracy``); 0 without prefetch.
 """
 
 from __future__ import annotations
@@ -149,14 +152,40 @@ def hit_curves(trace: Trace, layers: list[int], n_experts: int, policy: str = "l
     return {layer: tuple(v) for layer, v in curves.items()}
 
 
+def prefetch_accuracy(trace: Trace, predictors: str, store_path: str | Path | None = None,
+                      warmup: int = 0) -> dict[int, float]:  # fmt: skip
+    """Per MoE layer, the latency model's ``accuracy``: the share of the layer's routed experts
+    that the prefetch controller (``predictors``, e.g. ``"s,l,m"``) had issued for it, replaying
+    ``trace`` with an empty cache (every routed expert a miss, so the share does not depend on
+    the cache) and at most ``top_k`` reads per layer, as the model assumes. ``m`` needs the
+    store's gates and a trace recorded with hidden states."""
+    from .predict import parse_predictors
+    from .prefetch_sim import PrefetchReplay, gates_from_store
+
+    names = {n for n, _ in parse_predictors(predictors)}
+    gates = gates_from_store(store_path) if "m" in names and store_path is not None else None
+    r = PrefetchReplay(trace).run("lru", 0, predictors=predictors, warmup=warmup,
+                                  staging_slots=trace.top_k, gates=gates)  # fmt: skip
+    out = {}
+    for layer in trace.layers:
+        s = r.scores.get(layer, {}).get("issued")
+        out[layer] = s.covered / s.misses if s is not None and s.misses else 0.0
+    return out
+
+
 def build_profile(store_path: str | Path, trace_path: str | Path, policy: str = "lcp",
                   warmup: int = 0, accuracy: dict[int, float] | None = None,
-                  dtype: str = "float32", threads: int | None = None) -> Profile:  # fmt: skip
+                  dtype: str = "float32", threads: int | None = None,
+                  prefetch: str = "off") -> Profile:  # fmt: skip
+    """Measure and replay a store's profile. ``accuracy`` per layer is given, or replayed from
+    the trace for the ``prefetch`` predictors (``prefetch_accuracy``), or 0 (no prefetch)."""
     store = Store.open(store_path)
     a = store.args
     layers = [i for i in range(a.n_layers) if a.moe_layers[i]]
-    curves = hit_curves(read_trace(trace_path, num_experts=a.n_experts), layers, a.n_experts,
-                        policy, warmup)  # fmt: skip
+    trace = read_trace(trace_path, num_experts=a.n_experts)
+    curves = hit_curves(trace, layers, a.n_experts, policy, warmup)
+    if accuracy is None and prefetch.strip().lower() != "off":
+        accuracy = prefetch_accuracy(trace, prefetch, store_path, warmup)
     bandwidth, latency = measure_disk(store)
     comp = measure_compute(Path(store_path), dtype=dtype, threads=threads)
     accuracy = accuracy or {}

@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+from .errors import ConfigError
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    """``ConfigError`` unless temperature >= 0 (0 = greedy), 0 < top_p <= 1 and top_k >= 0
+    (0 = off): the one check that ``Engine.generate``, ``sample`` and the CLI share."""
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
+            and temperature >= 0):  # fmt: skip
+        raise ConfigError(f"temperature must be a number >= 0 (0 = greedy), not {temperature!r}")
+    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ConfigError(f"top_p must be in (0, 1] (1 = off), not {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ConfigError(f"top_k must be an integer >= 0 (0 = off), not {top_k!r}")
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -10,7 +27,7 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest logits (k <= 0 keeps all)."""
+    """Keep the ``k`` largest logits (k == 0 keeps all)."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k).values[-1]
@@ -35,7 +52,9 @@ def sample(
     top_k: int = 0,
     generator: torch.Generator | None = None,
 ) -> int:
-    """One token id: greedy (argmax) when ``temperature == 0``, otherwise filtered sampling."""
+    """One token id: greedy (argmax) when ``temperature == 0``, otherwise filtered sampling.
+    Bad settings are a ``ConfigError`` (``check_sampling``)."""
+    check_sampling(temperature, top_p, top_k)
     logits = logits.float()
     if temperature <= 0.0:
         return int(torch.argmax(logits))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import ExpertCache, FutureIndex, Key, Policy, make_policy, parse_policy_spec
-from .errors import ConfigError
+from .errors import ConfigError, DependencyError
 from .trace import Trace
 
 DEFAULT_SWEEP_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75)
@@ -242,8 +242,15 @@ def write_sweep_csv(rows: Sequence[tuple[float, SimResult]], path: Path) -> None
 
 
 def plot_sweep(rows: Sequence[tuple[float, SimResult]], path: Path, title: str) -> None:
-    """Hit rate against cache size, one line per policy, OPT drawn as the upper bound."""
-    import matplotlib
+    """Hit rate against cache size, one line per policy, OPT drawn as the upper bound.
+
+    ``DependencyError`` when matplotlib (a runtime dependency) cannot be imported."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise DependencyError(
+            f"plotting needs matplotlib, which cannot be imported ({e}): pip install matplotlib"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,7 +13,7 @@ the cache; if the cache declines, the slot goes back to the pool. Every path out
 keeps its own reference to a slot until its read ends.
 
 Memory: ``pool = (cache slots + window + 1) x slot_bytes``, with ``slot_bytes`` the expert extent
-rounded up to 4096 plus 4096 for reads that start mid-page; split layers add top pools of
+rounded up to 4096 (extents start on 4096 bytes, so every read fits); split layers add top pools of
 ``(cached tops + window + 1) x top slot``. See ``docs/streaming.md``.
 """
 
@@ -479,7 +479,7 @@ def load_store(path: Path, config: EngineConfig):
     slots = config.prefetch_slots
     if prefetch != "off" and slots == 0:
         slots = 2 * store.args.top_k
-    provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.policy,
+    provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.cache_policy,
                                  verify=config.verify, split=split, layer_budgets=layer_budgets,
                                  prefetch_slots=slots)  # fmt: skip
     try:  # the provider owns threads, files and pools: closed if the engine is never built

@@ -35,8 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-mb", type=float, default=None,
                    help="expert cache budget in MB for a store (0 = stream every expert every "
                    "time; default: all experts)")  # fmt: skip
-    p.add_argument("--io-threads", type=int, default=None)
-    p.add_argument("--policy", default="lru", help="expert cache policy (see `mer sim`)")
+    p.add_argument("--io-threads", type=int, default=None,
+                   help="expert-read threads for a store (default 4)")  # fmt: skip
+    p.add_argument("--policy", default=None,
+                   help="expert cache policy for a store (see `mer sim`; default lru)")  # fmt: skip
     p.add_argument("--split", type=float, default=1.0,
                    help="MoEpic split ratio: cache only this leading fraction of each expert and "
                    "stream the rest (multiples of 1/8; 1 = whole experts)")  # fmt: skip
@@ -71,7 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine import Summary, load
     from ..errors import ConfigError
+    from ..sampling import check_sampling
 
+    check_sampling(args.temperature, args.top_p, args.top_k)  # before the model loads
     model = args.model
     options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, threads=args.threads,
                    policy=args.policy, verify=args.verify, io_threads=args.io_threads,

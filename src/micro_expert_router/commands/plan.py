@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-out", default=None, help="also write the measured profile (JSON)")
     p.add_argument("--profile", default=None,
                    help="use a profile written earlier instead of measuring")  # fmt: skip
+    p.add_argument("--prefetch", default="off", metavar="off|s,l,m",
+                   help="plan for a run with these prefetch predictors (as `mer generate "
+                   "--prefetch`): each layer's prediction accuracy is replayed from the trace; "
+                   "off (default) plans for no prefetch")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,19 +37,24 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import ConfigError
     from ..plan import Profile, predict
-    from ..planning import build_profile, make_plan
+    from ..planning import build_profile, make_plan, prefetch_accuracy
     from ..store import Store
+    from ..trace import read_trace
 
     if args.budget_mb < 0:
         raise ConfigError("--budget-mb must be >= 0")
     store = Store.open(args.store)
+    prefetch = args.prefetch.strip().lower()
     if args.profile:
         profile = Profile.from_json(Path(args.profile).read_text(), where=args.profile)
+        if prefetch != "off":  # the trace's accuracy replaces the saved one
+            trace = read_trace(args.trace, num_experts=store.args.n_experts)
+            acc = prefetch_accuracy(trace, prefetch, args.store, args.warmup)
+            profile = profile.with_accuracy([acc[layer] for layer in trace.layers])
     else:
         print("measuring disk and compute, replaying the trace ...", file=sys.stderr)
-        profile = build_profile(
-            args.store, args.trace, args.policy, args.warmup, threads=args.threads
-        )
+        profile = build_profile(args.store, args.trace, args.policy, args.warmup,
+                                threads=args.threads, prefetch=prefetch)  # fmt: skip
     if args.profile_out:
         Path(args.profile_out).write_text(profile.to_json())
     result, baseline = make_plan(profile, store, int(args.budget_mb * 1e6), args.theta_grid)
@@ -56,11 +65,15 @@ def run(args: argparse.Namespace) -> int:
         f"disk {profile.bandwidth_bps / 1e9:.2f} GB/s, read latency "
         f"{profile.read_latency_s * 1e3:.2f} ms; expert {store.expert_bytes / 1e6:.2f} MB"
     )
+    print("prefetch: " + (f"{prefetch}; accuracy is the share of each layer's routed experts "
+          f"it had read ahead (run with `mer generate --prefetch {prefetch}`)"
+          if prefetch != "off" else "off; the plan assumes no prefetch"))  # fmt: skip
     print(f"{'layer':>5} {'budget MB':>10} {'theta':>6} {'cached':>7} {'hit rate':>8} "
-          f"{'stall ms':>8}")  # fmt: skip
-    for lp, lt in zip(plan.layers, tl.layers, strict=True):
+          f"{'accuracy':>8} {'stall ms':>8}")  # fmt: skip
+    for lp, lt, prof in zip(plan.layers, tl.layers, profile.layers, strict=True):
         print(f"{lp.layer:>5} {lp.budget_bytes / 1e6:>10.2f} {lp.theta(plan.theta_grid):>6.3f} "
-              f"{lt.cached:>7} {lt.hit_rate:>8.1%} {lt.stall_s * 1e3:>8.2f}")  # fmt: skip
+              f"{lt.cached:>7} {lt.hit_rate:>8.1%} {prof.accuracy:>8.1%} "
+              f"{lt.stall_s * 1e3:>8.2f}")  # fmt: skip
     print(f"predicted time per token: {result.s_per_token * 1e3:.2f} ms (whole-expert caching, "
           f"even split: {baseline.predicted_s_per_token * 1e3:.2f} ms); "
           f"{'converged' if result.converged else 'NOT converged'} after {result.iterations} "

@@ -194,7 +194,7 @@ def _read_plan(path: Path) -> dict[int, int]:
 
 
 def _run_sweep(args, trace, expert_bytes) -> int:
-    from ..errors import ConfigError
+    from ..errors import ConfigError, DependencyError
     from ..sim import DEFAULT_SWEEP_FRACTIONS, plot_sweep, sweep, write_sweep_csv
 
     if not args.out:
@@ -221,7 +221,10 @@ def _run_sweep(args, trace, expert_bytes) -> int:
     write_sweep_csv(rows, csv_path)
     title = (f"{trace.path.name}: {trace.num_tokens} tokens, {trace.num_layers}x"
              f"{trace.num_experts} experts, top-{trace.top_k}, warmup {args.warmup}")  # fmt: skip
-    plot_sweep(rows, png_path, title)
+    try:
+        plot_sweep(rows, png_path, title)
+    except DependencyError as e:
+        raise DependencyError(f"{e} (the CSV is written: {csv_path})") from None
     print(f"trace     {_describe(trace)}")
     print(f"{'size':>6}  " + "  ".join(f"{p:>10}" for p in policies))
     for f in fracs:

@@ -1,8 +1,9 @@
 """How much a quantized format loses: per-tensor weight error and model-level quality metrics.
 
 - ``expert_error``: relative L2 error ``||w_q - w|| / ||w||`` of gate, up and down of one packed
-  expert, computed from the format's reference ``unpack``; ``error_summary`` condenses many of
-  them into the lines the converter prints.
+  expert, computed from the format's reference ``unpack``; ``error_stats`` and
+  ``error_summary`` condense many of them into the converter's report and the lines it prints
+  (the one implementation: ``store/convert.py`` calls these).
 - ``roundtrip``: the dense weights a format actually computes with (quantize, then dequantize),
   for evaluating a model "fake-quantized" in float32.
 - ``top1_agreement`` and ``perplexity``: next-token agreement with a float32 reference and
@@ -64,20 +65,25 @@ def roundtrip(
     return fmt.unpack(fmt.pack(gate, up, down, group), hidden, inter, group)
 
 
+def error_stats(errors: Mapping[str, QuantError]) -> dict[str, dict[str, float | str]]:
+    """Per matrix kind: ``mean`` and ``max`` relative L2 over experts and the ``worst`` one's
+    name (the converter's ``conversion_report.json`` summary)."""
+    out: dict[str, dict[str, float | str]] = {}
+    for kind in QuantError._fields:
+        vals = {name: getattr(e, kind) for name, e in errors.items()}
+        worst = max(vals, key=vals.__getitem__) if vals else ""
+        out[kind] = {"mean": sum(vals.values()) / len(vals) if vals else 0.0,
+                     "max": vals[worst] if vals else 0.0, "worst": worst}  # fmt: skip
+    return out
+
+
 def error_summary(errors: Mapping[str, QuantError]) -> list[str]:
     """One line per matrix kind: mean and max relative L2 over experts, and where the max is."""
     if not errors:
         return ["no experts quantized"]
-    lines = []
-    for kind in QuantError._fields:
-        vals = {name: getattr(e, kind) for name, e in errors.items()}
-        worst = max(vals, key=vals.__getitem__)
-        mean = sum(vals.values()) / len(vals)
-        lines.append(
-            f"{kind:>4}: relative L2 error mean {mean:.4f}, max {vals[worst]:.4f} ({worst}), "
-            f"{len(vals)} experts"
-        )
-    return lines
+    return [f"{kind:>4}: relative L2 error mean {st['mean']:.4f}, max {st['max']:.4f} "
+            f"({st['worst']}), {len(errors)} experts"
+            for kind, st in error_stats(errors).items()]  # fmt: skip
 
 
 def top1_agreement(ref_logits: torch.Tensor, test_logits: torch.Tensor) -> float:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -94,6 +94,14 @@ class Profile:
         a, x = self.entry_align, self.entry_extra
         if not (isinstance(a, int) and isinstance(x, int)) or a < 1 or x < 0:
             raise ConfigError("entry_align must be >= 1 and entry_extra >= 0 (whole bytes)")
+
+    def with_accuracy(self, accuracy: Sequence[float]) -> Profile:
+        """The same profile with each layer's prefetch ``accuracy`` (one per layer, in order)."""
+        if len(accuracy) != len(self.layers):
+            raise ConfigError(f"{len(accuracy)} accuracies for {len(self.layers)} layers")
+        lps = tuple(replace(lp, accuracy=float(p)) for lp, p in zip(self.layers, accuracy,
+                                                                    strict=True))  # fmt: skip
+        return replace(self, layers=lps)
 
     def to_json(self) -> str:
         """The profile as JSON text (measurements kept beside a plan, to re-predict later)."""

@@ -5,9 +5,9 @@ Streams one tensor at a time for the dense weights, and a few experts at a time 
 largest tensor rather than the model. Writes into a hidden partial folder, fsyncs every file,
 renames the folder into place and only then renames the manifest into place: a conversion killed
 at any moment leaves no folder that ``Store.open`` (and so ``load``) accepts. Reports the
-conversion error (relative L2 against the checkpoint's float values) of a sample of experts,
-every N-th in store order, in ``conversion_report.json`` and a summary line that states the
-sample.
+conversion error (relative L2 against the checkpoint's float values, ``kernels/quality.py``) of a
+sample of experts, every N-th in store order, in ``conversion_report.json`` and a summary that
+states the sample.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from ..checkpoint import Checkpoint, dense_tensor_shapes
 from ..errors import StoreError
 from ..kernels import choose_group, get_format
+from ..kernels.quality import QuantError, error_stats, error_summary
 from .dense import choose_dense, write_dense
 from .experts import default_workers, fsync_file, sample_every, start_writeback, write_experts
 from .format import (
@@ -144,7 +145,9 @@ def convert(
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
                 copied.append(name)
-        report = _error_summary(errors)
+        sampled = {f"layer {q['layer']} expert {q['expert']}":
+                   QuantError(q["gate"], q["up"], q["down"]) for q in errors}  # fmt: skip
+        report = error_stats(sampled)
         (tmp / "conversion_report.json").write_text(
             json.dumps(
                 {
@@ -198,21 +201,11 @@ def convert(
             f"{', '.join(copied) or 'none'}; {time.perf_counter() - t0:.1f} s"
         )
         log(
-            f"conversion error (relative L2 vs checkpoint), mean / max over {len(errors)} "
-            f"experts (1 in {every} of {len(keys)}): "
-            + "; ".join(f"{k} {v['mean']:.2e} / {v['max']:.2e}" for k, v in report.items())
+            f"conversion error against the checkpoint, {len(errors)} experts (1 in {every} of "
+            f"{len(keys)}):\n  " + "\n  ".join(error_summary(sampled))
         )
         if dense_errors:
             vals = list(dense_errors.values())
             log(f"dense {dense}: {len(vals)} matrices quantized, relative L2 error mean "
                 f"{sum(vals) / len(vals):.2e} / max {max(vals):.2e}")  # fmt: skip
     return store
-
-
-def _error_summary(errors: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    errors = list(errors)
-    out = {}
-    for k in ("gate", "up", "down"):
-        vals = [e[k] for e in errors] or [0.0]
-        out[k] = {"mean": sum(vals) / len(vals), "max": max(vals)}
-    return out
