@@ -241,6 +241,13 @@ class EngineConfig:
     plan: str | None = None  # a plan file from `mer plan`: per-layer budgets and split ratios
     prefetch: str = "off"  # predictors driving prefetch: "off" or e.g. "s,l,m" (docs/prefetch.md)
     prefetch_slots: int = 0  # staging slots for prefetched experts; 0 = 2 x top-k when on
+    # bytes (or "2.5G", "1800M") the process may use; None = the cgroup's limit, else a share of
+    # MemAvailable (memory.py). Fixed costs first, the rest to the expert cache. An explicit
+    # cache_bytes wins over it.
+    memory_limit: int | str | None = None
+    # benchmark-only routing instead of the model's gates: "trace:FILE" or "markov:FILE"
+    # (routers.py, docs/router.md)
+    router: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -251,6 +258,10 @@ class EngineConfig:
             raise ConfigError("cache_bytes must be >= 0")
         if self.prefetch_slots < 0:
             raise ConfigError("prefetch_slots must be >= 0")
+        if self.memory_limit is not None:
+            from .memory import parse_size
+
+            object.__setattr__(self, "memory_limit", parse_size(self.memory_limit))
         if self.plan is not None and (self.cache_bytes is not None or self.split != 1.0):
             raise ConfigError(
                 "a plan sets the cache budgets and split ratios itself: give either "

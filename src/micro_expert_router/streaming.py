@@ -416,6 +416,9 @@ def load_store(path: Path, config: EngineConfig):
     from .model import Transformer
     from .tokenizer import Tokenizer
 
+    from .memory import process_rss, scale_budgets, store_split
+
+    rss = process_rss()  # the runtime's share of the memory limit, before anything is loaded
     store = Store.open(path)
     dtype = TORCH_DTYPES[config.dtype]
     dense = store.load_dense(dtype)
@@ -427,7 +430,12 @@ def load_store(path: Path, config: EngineConfig):
     slots = config.prefetch_slots
     if prefetch != "off" and slots == 0:
         slots = 2 * store.args.top_k
-    provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.policy,
+    memory = store_split(store, config, dense, dtype.itemsize, rss, split, DEFAULT_WINDOW, slots,
+                         layer_budgets)  # fmt: skip
+    if layer_budgets is not None:
+        layer_budgets = scale_budgets(layer_budgets, memory.cache)
+    cache_bytes = None if memory.cache_source == "all experts fit" else memory.cache
+    provider = StreamingProvider(store, cache_bytes, config.io_threads, config.policy,
                                  verify=config.verify, split=split, layer_budgets=layer_budgets,
                                  prefetch_slots=slots)  # fmt: skip
     model = Transformer(store.args, dense, provider, dtype, config.max_context)
@@ -436,4 +444,6 @@ def load_store(path: Path, config: EngineConfig):
 
         model.on_route.append(Prefetcher(model, prefetch))
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
-    return Engine(store.args, model, tokenizer, config, path)
+    engine = Engine(store.args, model, tokenizer, config, path)
+    engine.memory = memory
+    return engine
