@@ -144,13 +144,14 @@ def _own_v1_memory_dir() -> Path | None:
     return None
 
 
-def _run_in_cgroup(parent: Path, limit: int, args: list[str]) -> tuple[dict, int, int, str]:
+def _run_in_cgroup(parent: Path, limit: int, args: list[str]) -> tuple[dict, int, int, int, str]:
     """Run ``mer generate ARGS --json`` in a fresh child memory group of ``limit`` bytes;
-    (its JSON or {}, return code, peak usage bytes, stderr)."""
+    (its JSON or {}, return code, peak usage bytes, the limit as set, stderr)."""
     group = parent / f"mer-test-{os.getpid()}-{time.monotonic_ns()}"
     group.mkdir()
     try:
         (group / "memory.limit_in_bytes").write_text(str(limit))
+        limit = int((group / "memory.limit_in_bytes").read_text())  # rounded to pages
         cmd = [sys.executable, "-m", "micro_expert_router.cli", "generate", *args, "--json"]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         # the child joins the group before exec, so everything it maps is charged there
@@ -159,7 +160,7 @@ def _run_in_cgroup(parent: Path, limit: int, args: list[str]) -> tuple[dict, int
                            capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
         peak = int((group / "memory.max_usage_in_bytes").read_text())
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-        return (json.loads(lines[-1]) if lines else {}), p.returncode, peak, p.stderr
+        return (json.loads(lines[-1]) if lines else {}), p.returncode, peak, limit, p.stderr
     finally:
         for _ in range(50):
             try:
@@ -177,12 +178,12 @@ def test_never_oom_killed_in_a_memory_cgroup(demo_store):
     common = ["--model", str(demo_store), "--prompt-ids", ",".join(map(str, range(1, 33))),
               "--max-tokens", "16", "--temperature", "0", "--ignore-eos"]  # fmt: skip
     # the fixed costs, measured by a run whose limit holds every expert
-    probe, rc, _, err = _run_in_cgroup(parent, 2 * 2**30, common)
+    probe, rc, _, _, err = _run_in_cgroup(parent, 2 * 2**30, common)
     assert rc == 0, err
     fixed, experts = probe["memory"]["fixed"], probe["memory"]["experts_total"]
     limits = [fixed + 4 * 2**20, fixed + experts // 2, fixed + experts + 8 * 2**20]
     for limit in limits:  # the limit comes from the cgroup itself: no --memory-limit
-        out, rc, peak, err = _run_in_cgroup(parent, limit, common)
+        out, rc, peak, limit, err = _run_in_cgroup(parent, limit, common)
         assert rc == 0, f"limit {limit}: exit {rc} (137 = OOM-killed)\n{err[-2000:]}"
         m = out["memory"]
         assert m["limit"] == limit and m["limit_source"].startswith("cgroup")
@@ -192,5 +193,5 @@ def test_never_oom_killed_in_a_memory_cgroup(demo_store):
               f"{m['cache'] / 1e6:.1f} MB ({m['cache_source']}), fixed {m['fixed'] / 1e6:.0f} MB, "
               f"hit rate {out['hit_rate']:.2f}")  # fmt: skip
     # below the fixed costs: a clear error, not an OOM kill
-    out, rc, peak, err = _run_in_cgroup(parent, fixed - 40 * 2**20, common)
+    out, rc, _, _, err = _run_in_cgroup(parent, fixed - 40 * 2**20, common)
     assert rc == 2 and "fixed costs alone exceed" in err, err[-2000:]

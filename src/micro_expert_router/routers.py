@@ -38,7 +38,10 @@ from .errors import ConfigError, TraceError
 from .trace import Trace, read_trace
 
 KINDS = ("trace", "markov")
-SMOOTHING = 1e-3  # weight of the layer's popularity added to the chain's scores
+# The chain's scores are mixed half and half with the layer's marginal (K x popularity: each
+# expert's chance to be routed): fitted on one trace, most contexts were seen once, and the
+# chain alone wanders into a few paths (popularity TV 0.26 on the OLMoE trace, 0.09 mixed).
+MARGINAL_WEIGHT = 1.0
 
 
 def model_args(path: Path) -> ModelArgs:
@@ -204,7 +207,7 @@ class MarkovRouter(_Router):
     from the trace's distribution of that count in layer j; scores ``s`` are the mean of the
     token chain's estimate (contexts: layer j at tokens g-2, g-1) and the layer chain's (the
     two MoE positions before (g, j), across the token boundary for the first layers), plus
-    ``SMOOTHING`` x the layer's popularity; r experts are drawn from token g-1's set and
+    ``MARGINAL_WEIGHT`` x K x the layer's popularity; r experts are drawn from token g-1's set and
     K - r from the others, without replacement, with probability in proportion to ``s``.
     Ranks follow ``s``; weights are the trace's mean per rank."""
 
@@ -247,7 +250,7 @@ class MarkovRouter(_Router):
             parts.append(self.lay.scores(j, a, b))
         parts = [p for p in parts if p is not None]
         s = np.mean(parts, axis=0) if parts else np.zeros(self.popularity.shape[1])
-        s = s + SMOOTHING * self.popularity[j] + 1e-12  # [E], every expert possible
+        s = s + MARGINAL_WEIGHT * self.k * self.popularity[j] + 1e-12  # [E], none impossible
         prev = self._set(g - 1, j)
         k = self.k
         # weighted sampling without replacement, in one draw: the r smallest of Exp(1) / s
