@@ -128,6 +128,11 @@ def test_checkpoint_reports_and_refuses_a_limit_it_cannot_meet():
         mer.load(demo_model_path(), memory_limit="60M")
 
 
+def test_plan_budgets_scale_into_the_cache_share():
+    assert memory.scale_budgets({0: 600, 1: 400}, 500) == {0: 300, 1: 200}
+    assert memory.scale_budgets({0: 600, 1: 400}, 5000) == {0: 600, 1: 400}
+
+
 # -- a real memory cgroup ------------------------------------------------------------------------
 def _own_v1_memory_dir() -> Path | None:
     base = Path("/sys/fs/cgroup/memory")

@@ -17,7 +17,9 @@ This module owns three things:
     the prefetch slots, and a split layer's top-pool read slots);
   - runtime: this process's resident set (``VmRSS``) measured when loading starts (Python,
     torch, the tokenizer, anything the caller holds), plus ``SCRATCH_BYTES`` for the forward
-    pass's activations and the allocator's slack.
+    pass's activations and the allocator's slack. VmRSS includes shared library pages, which
+    a cgroup is charged for only if this process faulted them in first (as after a cache
+    drop): an upper bound.
 
   ``cache = limit - (dense + kv + pool staging + runtime)``. If that is negative the load fails
   with a ``BudgetError`` naming every cost. If every expert fits, every expert is cached. An
@@ -29,7 +31,6 @@ See docs/memory.md.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,8 +56,10 @@ def parse_size(value: int | float | str, what: str = "memory limit") -> int:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         unit = m.group(2).lower() if m else None
         if m is None or unit not in _UNITS:
-            raise ConfigError(f"{what} {value!r} is not a size: give bytes or a number with "
-                              "K/M/G/T (decimal) or KiB/MiB/GiB/TiB, e.g. 2.5G or 1800M")  # fmt: skip
+            raise ConfigError(
+                f"{what} {value!r} is not a size: give bytes or a number with K/M/G/T "
+                "(decimal) or KiB/MiB/GiB/TiB, e.g. 2.5G or 1800M"
+            )
         n = float(m.group(1)) * _UNITS[unit]
     if not n > 0 or n != n or n == float("inf"):
         raise ConfigError(f"{what} must be a positive size, not {value!r}")

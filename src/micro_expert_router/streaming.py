@@ -413,10 +413,9 @@ def read_plan(path: str | Path, store: Store):
 def load_store(path: Path, config: EngineConfig):
     """An ``Engine`` over an expert store: dense weights in RAM, experts streamed."""
     from .engine import TORCH_DTYPES, Engine
+    from .memory import process_rss, scale_budgets, store_split
     from .model import Transformer
     from .tokenizer import Tokenizer
-
-    from .memory import process_rss, scale_budgets, store_split
 
     rss = process_rss()  # the runtime's share of the memory limit, before anything is loaded
     store = Store.open(path)
