@@ -1,11 +1,12 @@
 """Quantization quality on the bundled demo model (issue 4, point 2).
 
-Converts the demo checkpoint to f32, q8 and q4 stores and evaluates each on held-out text (the
-demo corpus's deterministic held-out cookies, never seen in training): perplexity per token, and
-next-token top-1 agreement with float32 at every position. Prints one line per format and the
-q8 and q4 perplexity ratios to float32 last. Needs Debian's `fortunes` package (the corpus).
+Converts the demo checkpoint to f32, q8 and q4 stores (dense weights in the store's default
+dense format; ``EXPERT:DENSE`` picks another, e.g. ``q4:bf16``) and evaluates each on held-out
+text (the demo corpus's deterministic held-out cookies, never seen in training): perplexity per
+token, and next-token top-1 agreement with float32 at every position. Prints one line per store
+and the perplexity ratios to float32 last. Needs Debian's `fortunes` package (the corpus).
 
-    python bench/quality.py [--windows N] [--seq-len L]
+    python bench/quality.py [--windows N] [--seq-len L] [--stores f32,q8,q4,q4:bf16,q4:q8]
 """
 
 from __future__ import annotations
@@ -59,20 +60,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--windows", type=int, default=48)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--stores", default="f32,q8,q4,q8:bf16,q4:bf16,q4:q8",
+                    help="EXPERT[:DENSE] formats; f32 first (the reference)")  # fmt: skip
     args = ap.parse_args()
     wins = heldout_ids(args.seq_len, args.windows)
     n_tok = sum(len(w) - 1 for w in wins)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in ("f32", "q8", "q4"):
-            store = convert(demo_model_path(), Path(tmp) / dtype, dtype=dtype, progress=False,
-                            log=None)  # fmt: skip
+        for dtype in args.stores.split(","):
+            expert, _, dense = dtype.partition(":")
+            store = convert(demo_model_path(), Path(tmp) / dtype.replace(":", "-"), dtype=expert,
+                            dense=dense or None, progress=False, log=None)  # fmt: skip
             t0 = time.perf_counter()
             ppl, am = evaluate(store.path, wins)
             results[dtype] = (ppl, am, store.total_expert_bytes)
             agree = (np.mean(np.concatenate(am) == np.concatenate(results["f32"][1]))
                      if dtype != "f32" else 1.0)  # fmt: skip
-            print(f"{dtype:4s} experts {store.total_expert_bytes / 1e6:6.2f} MB  perplexity "
+            print(f"{dtype:7s} experts {store.total_expert_bytes / 1e6:6.2f} MB dense "
+                  f"{store.dense_format} {store.dense_bytes / 1e6:5.2f} MB  perplexity "
                   f"{ppl:8.3f}  top-1 agreement with f32 {agree:.2%}  ({n_tok} held-out tokens, "
                   f"{time.perf_counter() - t0:.1f} s)")  # fmt: skip
     base = results["f32"][0]
@@ -81,10 +86,8 @@ def main() -> None:
     with open(out, "a") as f:
         f.write(json.dumps({"time": time.time(), "tokens": n_tok,
                             **{k: v[0] for k, v in results.items()}}) + "\n")  # fmt: skip
-    print(
-        f"perplexity ratio to f32: q8 {results['q8'][0] / base:.4f}, "
-        f"q4 {results['q4'][0] / base:.4f}"
-    )
+    ratios = [f"{k} {v[0] / base:.4f}" for k, v in results.items() if k != "f32"]
+    print("perplexity ratio to f32: " + ", ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from hf_models import save_hf_model
 
 import micro_expert_router as mer
 from micro_expert_router.errors import BudgetError
-from micro_expert_router.model import KVCache
 
 
 @pytest.mark.parametrize("arch", ["qwen2moe", "olmoe"])
@@ -23,10 +22,10 @@ def test_batch_decode_matches_each_sequence_alone(tmp_path, arch):
     feeds = [torch.randint(0, 64, (4,), generator=g) for _ in prompts]
     alone = []
     for p, f in zip(prompts, feeds, strict=True):
-        kv = KVCache.empty(m.args, 16, m.dtype)
+        kv = m.new_cache(16)
         m.forward(p, kv)
         alone.append(np.stack([m.forward(f[j : j + 1], kv)[0].numpy() for j in range(4)]))
-    caches = [KVCache.empty(m.args, 16, m.dtype) for _ in prompts]
+    caches = [m.new_cache(16) for _ in prompts]
     for p, kv in zip(prompts, caches, strict=True):
         m.forward(p, kv)
     needed = []
@@ -45,7 +44,7 @@ def test_batch_decode_matches_each_sequence_alone(tmp_path, arch):
 def test_batch_rejects_shared_or_full_caches(tmp_path):
     save_hf_model("olmoe", tmp_path / "ckpt")
     m = mer.load(tmp_path / "ckpt").model
-    kv = KVCache.empty(m.args, 2, m.dtype)
+    kv = m.new_cache(2)
     with pytest.raises(ValueError, match="its own KV cache"):
         m.forward_batch([1, 2], [kv, kv])
     m.forward(torch.tensor([1, 2]), kv)

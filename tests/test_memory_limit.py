@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("text,expect", [
     ("2.5G", 2_500_000_000), ("1800M", 1_800_000_000), ("512MiB", 512 * 2**20),
     ("1GiB", 2**30), ("123", 123), (4096, 4096), (" 3 k ", 3000), ("0.5GB", 500_000_000),
+    ("1.5e9", 1_500_000_000), ("2Gi", 2 * 2**30),
 ])  # fmt: skip
 def test_parse_size(text, expect):
     assert memory.parse_size(text) == expect
 
 
-@pytest.mark.parametrize("bad", ["", "G", "2.5X", "-1G", "0", 0, -5, "1e3M", True, "nan"])
+@pytest.mark.parametrize("bad", ["", "G", "2.5X", "-1G", "0", 0, -5, "1e", True, "nan", "2 G B"])
 def test_parse_size_rejects(bad):
     with pytest.raises(ConfigError):
         memory.parse_size(bad)

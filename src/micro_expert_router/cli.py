@@ -15,7 +15,7 @@ import sys
 from .errors import MERError
 
 # Order is the order shown by ``mer --help``.
-COMMANDS = ["generate", "convert", "inspect", "verify", "sim", "plan"]
+COMMANDS = ["generate", "chat", "serve", "convert", "inspect", "verify", "sim", "plan"]
 
 
 def _available_commands() -> dict[str, object]:

@@ -231,6 +231,9 @@ class EngineConfig:
     """The engine's own settings (not the model's)."""
 
     dtype: str = "float32"  # activations and dense weights: "float32" (exact) or "bfloat16"
+    # the KV cache: None = bfloat16 when the dense weights are quantized (the fast mode of q4/q8
+    # stores), else the activation dtype (exact mode keeps float32)
+    kv_dtype: str | None = None
     threads: int | None = None  # torch intra-op threads; None = torch's default
     max_context: int = 4096  # KV cache capacity in tokens
     cache_bytes: int | None = None  # expert cache budget (stores); None = all experts resident
@@ -252,6 +255,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {DTYPES}")
+        if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
+            raise ConfigError(
+                f"kv_dtype {self.kv_dtype!r} is not supported; choose one of {DTYPES}"
+            )
         if self.max_context <= 0:
             raise ConfigError("max_context must be positive")
         if self.cache_bytes is not None and self.cache_bytes < 0:

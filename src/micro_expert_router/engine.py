@@ -3,7 +3,9 @@
 
 ``load`` accepts a HuggingFace checkpoint folder (every expert packed in RAM) or an expert store
 (experts streamed from disk under a cache budget). Generation is a generator of ``Step`` records:
-the CLI, the server, the benchmarks and the tests all drive the same one.
+the CLI, ``mer chat``, the benchmarks and the tests all drive the same one. The server
+(``server/scheduler.py``) decodes many requests as one batch with ``Transformer.forward_batch``
+instead, with the same sampler and the same end-of-sequence rule.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .checkpoint import Checkpoint, load_dense
 from .config import EngineConfig, ModelArgs
 from .errors import BudgetError, ConfigError, MERError
 from .kernels import choose_group, get_format
-from .model import KVCache, Transformer
+from .model import Transformer
 from .provider import ExpertProvider, ProviderStats, ResidentProvider
 from .sampling import sample
 from .tokenizer import Tokenizer
@@ -130,6 +132,12 @@ class Engine:
     def close(self) -> None:
         self.model.provider.close()
 
+    def preload(self, progress: bool = False) -> int:
+        """Fill the expert cache before the first token (stores only; a no-op for a
+        checkpoint folder, whose experts are all in RAM). Returns the bytes read."""
+        fill = getattr(self.model.provider, "preload", None)
+        return fill(progress) if fill is not None else 0
+
     def __enter__(self) -> Engine:
         return self
 
@@ -157,7 +165,7 @@ class Engine:
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits ``[T, vocab]`` (float32) of a full forward pass over a fresh context."""
         ids = self.encode(token_ids)
-        kv = KVCache.empty(self.args, len(ids), self.model.dtype)
+        kv = self.model.new_cache(len(ids))
         out = self.model.forward(torch.tensor(ids), kv)
         return out.float().numpy()
 
@@ -226,7 +234,7 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         stream = self.tokenizer.stream() if self.tokenizer is not None else None
-        kv = KVCache.empty(self.args, len(ids) + max_tokens, self.model.dtype)
+        kv = self.model.new_cache(len(ids) + max_tokens)
         stats = self.model.provider.stats
         feed = ids
         for index in range(max_tokens):
@@ -259,6 +267,16 @@ class Engine:
             if finish is not None:
                 return
             feed = [token]
+
+
+def kv_dtype(config: EngineConfig, dense: dict[str, Any]) -> torch.dtype:
+    """The KV cache's dtype: as configured, else bfloat16 when some dense weight is quantized
+    (the fast mode), else the activation dtype (exact mode)."""
+    if config.kv_dtype is not None:
+        return TORCH_DTYPES[config.kv_dtype]
+    if any(not isinstance(w, torch.Tensor) for w in dense.values()):
+        return torch.bfloat16
+    return TORCH_DTYPES[config.dtype]
 
 
 def _torch_threads(config: EngineConfig) -> None:
@@ -314,7 +332,7 @@ def _checkpoint_memory(engine: Engine, config: EngineConfig, rss: int):
     experts = engine.provider.nbytes
     out = memory.split(memory.resolve_limit(config.memory_limit),
                        dense=memory.dense_bytes(m.w, (m.cos, m.sin)),
-                       kv=memory.kv_bytes(engine.args, config.max_context, m.dtype.itemsize),
+                       kv=memory.kv_bytes(engine.args, config.max_context, m.kv_dtype.itemsize),
                        pool_staging=0, runtime_rss=rss, experts_total=experts,
                        cache_bytes=experts, enforce=False)  # fmt: skip
     if config.memory_limit is not None and out.fixed + experts > out.limit:
@@ -348,7 +366,7 @@ def load_checkpoint(path: Path, config: EngineConfig) -> Engine:
     finally:
         ckpt.close()
     provider = ResidentProvider(fmt, args.hidden_size, group, packed)
-    model = Transformer(args, dense, provider, dtype, config.max_context)
+    model = Transformer(args, dense, provider, dtype, config.max_context, kv_dtype(config, dense))
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return Engine(args, model, tokenizer, config, path)
 

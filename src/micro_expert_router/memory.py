@@ -2,8 +2,8 @@
 
 This module owns three things:
 
-- ``parse_size``: ``2.5G``, ``1800M``, ``512MiB`` or a plain byte count -> bytes. Suffixes
-  K/M/G/T are decimal (1e3 ...), KiB/MiB/GiB/TiB binary.
+- ``parse_size``: ``2.5G``, ``1800M``, ``512MiB``, ``1.5e9`` or a plain byte count -> bytes.
+  Suffixes K/M/G/T are decimal (1e3 ...), KiB/MiB/GiB/TiB (or Ki/Mi/Gi/Ti) binary.
 - ``default_limit``: the limit when none is given: the memory cgroup's limit of this process
   (v1: ``memory.limit_in_bytes``; v2: ``memory.max``; the smallest along the path up to the
   root of the hierarchy), else ``MEM_AVAILABLE_FRACTION`` x ``MemAvailable``.
@@ -42,7 +42,8 @@ MEM_AVAILABLE_FRACTION = 0.8  # share of MemAvailable taken when no cgroup limit
 SCRATCH_BYTES = 96 * 2**20  # activations of a step (prompts of a few hundred tokens), slack
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}  # fmt: skip
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -53,7 +54,7 @@ def parse_size(value: int | float | str, what: str = "memory limit") -> int:
     if isinstance(value, int | float):
         n = float(value)
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
         unit = m.group(2).lower() if m else None
         if m is None or unit not in _UNITS:
             raise ConfigError(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .config import ModelArgs
 from .errors import BudgetError
 from .kernels import expert_forward
+from .kernels.attention import decode_attention
 from .kernels.dense import embedding, linear
 from .provider import ExpertProvider
 
@@ -91,11 +92,13 @@ class Transformer:
         provider: ExpertProvider,
         dtype: torch.dtype,
         max_context: int,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.args = args
         self.w = dense
         self.provider = provider
-        self.dtype = dtype
+        self.dtype = dtype  # activations
+        self.kv_dtype = kv_dtype or dtype  # the KV cache (bf16 halves decode attention's bytes)
         self.max_context = max_context
         self.cos, self.sin = rope_tables(args, max_context, dtype)
         self.lm_head = dense["model.embed_tokens.weight" if args.tie_word_embeddings
@@ -103,8 +106,9 @@ class Transformer:
         self.on_route: list = []  # callbacks(Routing), e.g. trace recorders
         self.router = None  # routers.py: benchmark-only routing that bypasses the gates
 
-    def new_cache(self) -> KVCache:
-        return KVCache.empty(self.args, self.max_context, self.dtype)
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for ``capacity`` tokens (default: ``max_context``)."""
+        return KVCache.empty(self.args, capacity or self.max_context, self.kv_dtype)
 
     # -- attention -------------------------------------------------------------------------
     def attention(self, i: int, x: torch.Tensor, kv: KVCache, pos: int) -> torch.Tensor:
@@ -144,17 +148,25 @@ class Transformer:
         kv.k[i][:, pos : pos + t] = k
         kv.v[i][:, pos : pos + t] = v
         s = pos + t
-        keys, vals = kv.k[i][:, :s], kv.v[i][:, :s]  # [Hk, S, Dh]
-        qi = torch.arange(pos, s)[:, None]
-        ki = torch.arange(s)[None, :]
-        mask = ki <= qi  # [T, S]
-        if a.sliding_window is not None:
-            mask &= ki > qi - a.sliding_window
+        if t == 1:  # decode: one query per head, each cached key and value read once
+            o = decode_attention(q[:, 0], kv.k[i], kv.v[i], s, a.head_dim**-0.5,
+                                 a.sliding_window)  # fmt: skip
+            return o.to(q.dtype).view(1, a.n_heads * a.head_dim)
+        keys = kv.k[i][:, :s].to(q.dtype)  # [Hk, S, Dh] (a no-op when KV has q's dtype)
+        vals = kv.v[i][:, :s].to(q.dtype)
+        mask = None
+        if pos or a.sliding_window is not None:
+            qi = torch.arange(pos, s)[:, None]
+            ki = torch.arange(s)[None, :]
+            mask = ki <= qi  # [T, S]
+            if a.sliding_window is not None:
+                mask &= ki > qi - a.sliding_window
         out = F.scaled_dot_product_attention(
             q,
             keys,
             vals,
             attn_mask=mask,
+            is_causal=mask is None,  # a fresh prompt: SDPA's causal kernel, no mask to build
             scale=a.head_dim**-0.5,
             enable_gqa=a.n_heads != a.n_kv_heads,
         )  # [H, T, Dh]
@@ -178,6 +190,25 @@ class Transformer:
 
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
         experts, weights = self.route(i, x)  # [T, K]
+        if x.shape[0] == 1:
+            out = self.routed_one(i, x, experts, weights)
+        else:
+            out = self.routed(i, x, experts, weights)
+        if self.args.shared_expert_inter:
+            p = f"model.layers.{i}.mlp"
+            shared = swiglu(x, self.w[f"{p}.shared_expert.gate_proj.weight"],
+                            self.w[f"{p}.shared_expert.up_proj.weight"],
+                            self.w[f"{p}.shared_expert.down_proj.weight"])  # fmt: skip
+            out = (
+                out + torch.sigmoid(linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+            )
+        return out
+
+    def routed(
+        self, i: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The routed experts' weighted sum for a batch of tokens, grouped by expert: each
+        expert is fetched once and runs on all the tokens that chose it."""
         needed = torch.unique(experts).tolist()  # sorted: a fixed accumulation order
         out = torch.zeros_like(x)
         fmt = self.provider.format
@@ -200,15 +231,35 @@ class Transformer:
                 ys[j] = expert_forward(fmt, x[tok], segs[j], out=ys[j])  # waits for reads
             for (tok, slot), y in zip(rows, ys, strict=True):
                 out.index_add_(0, tok, y * weights[tok, slot, None])
-        if self.args.shared_expert_inter:
-            p = f"model.layers.{i}.mlp"
-            shared = swiglu(x, self.w[f"{p}.shared_expert.gate_proj.weight"],
-                            self.w[f"{p}.shared_expert.up_proj.weight"],
-                            self.w[f"{p}.shared_expert.down_proj.weight"])  # fmt: skip
-            out = (
-                out + torch.sigmoid(linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
-            )
         return out
+
+    def routed_one(
+        self, i: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The routed experts' weighted sum for one token (decode): no grouping, no gathers.
+        Expert outputs land in rows of one ``[K, D]`` tensor in expert-id order and are summed
+        with their gate weights in one op, so the bits do not depend on what was cached."""
+        ids = experts[0].tolist()
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        needed = [ids[r] for r in order]  # [K] distinct ids, ascending
+        fmt = self.provider.format
+        ys = torch.empty((len(needed), x.shape[1]), dtype=x.dtype)  # [K, D]
+        with self.provider.acquire(i, needed) as handles:
+            for cb in self.on_route:
+                cb(Routing(i, experts, weights, x))
+            segs = [h.segments() for h in handles]
+            started = [False] * len(needed)
+            for j, h in enumerate(handles):  # in RAM first, while the reads run
+                if h.resident:
+                    ys[j] = expert_forward(fmt, x, [next(segs[j])])[0]
+                    started[j] = True
+            for j in range(len(needed)):
+                if started[j]:
+                    expert_forward(fmt, x, segs[j], out=ys[j : j + 1])
+                else:
+                    ys[j] = expert_forward(fmt, x, segs[j])[0]
+        w = weights[0, torch.tensor(order)].to(x.dtype)  # [K] in id order
+        return torch.matmul(w[None, :], ys)  # [1, D]
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.args.moe_layers[i]:

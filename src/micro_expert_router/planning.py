@@ -63,6 +63,7 @@ def measure_compute(
     with ``threads`` compute threads (use the setting the runs will use)."""
     from .engine import load
     from .kernels import expert_forward
+    from .kernels.dense import embedding, linear
 
     with load(store_path, dtype=dtype, threads=threads) as engine:
         m, a = engine.model, engine.args
@@ -86,9 +87,9 @@ def measure_compute(
                 )
         tokens = torch.tensor([1])
 
-        def head_once() -> None:
-            h = torch.nn.functional.embedding(tokens, m.w["model.embed_tokens.weight"])
-            torch.nn.functional.linear(h, m.lm_head)
+        def head_once() -> None:  # plain or quantized dense weights (kernels/dense.py)
+            h = embedding(tokens, m.w["model.embed_tokens.weight"], m.dtype)
+            linear(h, m.lm_head)
 
         overhead = _median_time(head_once, repeats)
         # Calibrate: a real decode step with every needed expert resident also pays the MoE

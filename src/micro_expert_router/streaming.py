@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -390,6 +391,25 @@ class StreamingProvider:
             fetch.close()
             self.drop_prefetches(layer)
 
+    def preload(self, progress: bool = False) -> int:
+        """Read every expert once, layer by layer, through the normal miss path, so the cache
+        holds what its budget allows before the first token (a warm start; with the default
+        budget, every expert). Counters are restored afterwards. Returns the bytes read."""
+        from tqdm import tqdm
+
+        before = self.stats.snapshot()
+        a = self.store.args
+        layers = [layer for layer in range(a.n_layers) if a.moe_layers[layer]]
+        for layer in tqdm(layers, desc="loading experts", unit="layer", disable=not progress):
+            with self.acquire(layer, range(a.n_experts)) as handles:
+                for h in handles:
+                    for _ in h.segments():
+                        pass
+        read = self.stats.bytes_read - before.bytes_read
+        for f in fields(before):  # in place: callers may hold the stats object
+            setattr(self.stats, f.name, getattr(before, f.name))
+        return read
+
     def close(self) -> None:
         self.drop_prefetches(wait_reads=True)
         self.cache.clear()
@@ -412,7 +432,7 @@ def read_plan(path: str | Path, store: Store):
 
 def load_store(path: Path, config: EngineConfig):
     """An ``Engine`` over an expert store: dense weights in RAM, experts streamed."""
-    from .engine import TORCH_DTYPES, Engine
+    from .engine import TORCH_DTYPES, Engine, kv_dtype
     from .memory import process_rss, scale_budgets, store_split
     from .model import Transformer
     from .tokenizer import Tokenizer
@@ -429,7 +449,8 @@ def load_store(path: Path, config: EngineConfig):
     slots = config.prefetch_slots
     if prefetch != "off" and slots == 0:
         slots = 2 * store.args.top_k
-    memory = store_split(store, config, dense, dtype.itemsize, rss, split, DEFAULT_WINDOW, slots,
+    kvd = kv_dtype(config, dense)
+    memory = store_split(store, config, dense, kvd.itemsize, rss, split, DEFAULT_WINDOW, slots,
                          layer_budgets)  # fmt: skip
     if layer_budgets is not None:
         layer_budgets = scale_budgets(layer_budgets, memory.cache)
@@ -437,7 +458,7 @@ def load_store(path: Path, config: EngineConfig):
     provider = StreamingProvider(store, cache_bytes, config.io_threads, config.policy,
                                  verify=config.verify, split=split, layer_budgets=layer_budgets,
                                  prefetch_slots=slots)  # fmt: skip
-    model = Transformer(store.args, dense, provider, dtype, config.max_context)
+    model = Transformer(store.args, dense, provider, dtype, config.max_context, kvd)
     if prefetch != "off":
         from .prefetcher import Prefetcher
 

@@ -1,5 +1,6 @@
 """Tokenizer: ``tokenizer.json`` through the ``tokenizers`` library, the chat template from
-``tokenizer_config.json`` (Jinja2, sandboxed), and incremental detokenization for streaming."""
+``tokenizer_config.json`` or ``chat_template.jinja`` (Jinja2, sandboxed), and incremental
+detokenization for streaming."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class Tokenizer:
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
         self.chat_template: str | None = self.config.get("chat_template")
+        jinja = folder / "chat_template.jinja"  # where transformers >= 4.50 saves it
+        if not self.chat_template and jinja.is_file():
+            self.chat_template = jinja.read_text()
 
     def _special(self, key: str) -> str | None:
         v = self.config.get(key)
@@ -55,8 +59,13 @@ class Tokenizer:
         """A fresh incremental decoder: ``ds.step(self.tok, id)`` returns new text or None."""
         return DecodeStream(skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        if not self.chat_template:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], template: str | None = None
+    ) -> str:
+        """Render ``messages`` with the model's chat template, or ``template`` when the model
+        has none."""
+        template = self.chat_template or template
+        if not template:
             raise CheckpointError("this model's tokenizer_config.json has no chat_template")
         from jinja2 import StrictUndefined
         from jinja2.exceptions import TemplateError
@@ -70,7 +79,7 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent)
         try:
-            return env.from_string(self.chat_template).render(
+            return env.from_string(template).render(
                 messages=messages,
                 add_generation_prompt=True,
                 bos_token=self._special("bos_token") or "",

@@ -25,7 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="activations (float32: exact mode with float dense weights)")
+    p.add_argument("--kv-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="KV cache (default: bfloat16 when the dense weights are quantized, "
+                   "else --dtype)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: torch's)")
     p.add_argument("--cache-mb", type=float, default=None,
                    help="expert cache budget in MB for a store (0 = stream every expert every "
@@ -78,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
 
     model = args.model
-    options = dict(dtype=args.dtype, threads=args.threads, policy=args.policy, verify=args.verify,
-                   io_threads=args.io_threads, split=args.split, plan=args.plan,
-                   prefetch=args.prefetch, memory_limit=args.memory_limit,
-                   router=args.router)  # fmt: skip
+    options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, threads=args.threads,
+                   policy=args.policy, verify=args.verify, io_threads=args.io_threads,
+                   split=args.split, plan=args.plan, prefetch=args.prefetch,
+                   memory_limit=args.memory_limit, router=args.router)  # fmt: skip
     if args.max_context is not None:
         options["max_context"] = args.max_context
     if model is None:

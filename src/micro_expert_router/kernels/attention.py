@@ -26,7 +26,7 @@ SOURCE = Path(__file__).with_name("attention.cpp")
 @functools.cache
 def available() -> bool:
     """Whether the native decode attention kernel is loaded (built on first use)."""
-    info = native.load_library(SOURCE, "decode attention kernel", "torch's batched matmuls")
+    info = native.load_library((SOURCE,), "decode attention kernel", "torch's batched matmuls")
     return info is not None
 
 

@@ -478,49 +478,97 @@ void check_common(const at::Tensor& y, const at::Tensor& x, const at::Tensor& bu
 }
 
 // ---- the ops ---------------------------------------------------------------------------------
+//
+// One call computes several segments (bufs[i], its own group count) of one or more experts on
+// the same x, segment i adding into ys[i]: phase 1 is one parallel region over the gate/up row
+// blocks of every group of every segment, phase 2 one region over (segment, output row block).
+// Each (segment, row block) adds its groups' partials in group order, and a group's partial
+// does not depend on the other work of the call, so the result is bit-identical to one call per
+// segment (the single-segment ops below are this with one segment).
 
-void q4_swiglu_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf, int64_t D,
-                int64_t g, int64_t b, at::IntArrayRef offs, int64_t per, int64_t bn, bool split,
-                int64_t isa) {
-  check_common(y, x, buf, D, per);
+struct Segs {
+  std::vector<const uint8_t*> base;
+  std::vector<int64_t> n, gu_off, start1;  // groups, offset into gu, first phase-1 item
+  int64_t items1 = 0, gu_size = 0, max_n = 0;
+};
+
+Segs segments(at::TensorList ys, const at::Tensor& x, at::TensorList bufs, int64_t D,
+              int64_t per, int64_t N1, int64_t nb1) {
+  TORCH_CHECK(ys.size() == bufs.size() && !bufs.empty(), "mer: one y per segment buffer");
+  Segs S;
+  const int64_t T = x.size(0);
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    check_common(ys[i], x, bufs[i], D, per);
+    int64_t n = bufs[i].numel() / per;
+    S.base.push_back(static_cast<const uint8_t*>(bufs[i].data_ptr()));
+    S.n.push_back(n);
+    S.gu_off.push_back(S.gu_size);
+    S.start1.push_back(S.items1);
+    S.gu_size += n * T * N1;
+    S.items1 += n * nb1;
+    S.max_n = std::max(S.max_n, n);
+  }
+  S.start1.push_back(S.items1);
+  return S;
+}
+
+// phase-1 item -> (segment, group, row block)
+inline void locate1(const Segs& S, int64_t it, int64_t nb1, int64_t& i, int64_t& j, int64_t& rb) {
+  i = std::upper_bound(S.start1.begin(), S.start1.end(), it) - S.start1.begin() - 1;
+  int64_t local = it - S.start1[i];
+  j = local / nb1, rb = local % nb1;
+}
+
+void q4_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList bufs, int64_t D,
+                        int64_t g, int64_t b, at::IntArrayRef offs, int64_t per, int64_t bn,
+                        bool split, int64_t isa) {
   TORCH_CHECK(offs.size() == 4 && D % b == 0 && g % b == 0 && (2 * g) % bn == 0 && b % 2 == 0,
               "mer: bad q4 dimensions");
   const int mode = kernel_mode(isa);
   const bool simd = mode != 0;
-  const int64_t T = x.size(0), n = buf.numel() / per, N1 = 2 * g;
+  const int64_t T = x.size(0), N1 = 2 * g, nb1 = N1 / bn, K = bufs.size();
+  const Segs S = segments(ys, x, bufs, D, per, N1, nb1);
   if (T == 0) return;
-  const uint8_t* base = static_cast<const uint8_t*>(buf.data_ptr());
   const float* X = static_cast<const float*>(x.data_ptr());
-  std::vector<float> xs(T * (D / b)), gu(n * T * N1), xps(T * (D / b));  // gu: [n, T, 2g]
+  std::vector<float> xs(T * (D / b)), gu(S.gu_size), xps(T * (D / b));  // gu: per segment [n, T, 2g]
   std::vector<uint32_t> xp(mode == 2 ? T * D : 0);
   block_sums(X, T, D, b, xs.data());
   if (mode == 2) bf16_pairs(X, T, D, b, xp.data(), xps.data());
-  const int64_t nb1 = N1 / bn;
-  at::parallel_for(0, n * nb1, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, S.items1, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
-      int64_t j = it / nb1, r0 = (it % nb1) * bn;
-      const uint8_t* grp = base + j * per;
-      q4_block(mode, grp + offs[0], reinterpret_cast<const uint16_t*>(grp + offs[1]), N1, D, b, r0,
-               bn, bn, split, X, D, xs.data(), D / b, xp.data(), xps.data(), T,
-               gu.data() + j * T * N1 + r0, N1);
+      int64_t i, j, rb;
+      locate1(S, it, nb1, i, j, rb);
+      const uint8_t* grp = S.base[i] + j * per;
+      q4_block(mode, grp + offs[0], reinterpret_cast<const uint16_t*>(grp + offs[1]), N1, D, b,
+               rb * bn, bn, bn, split, X, D, xs.data(), D / b, xp.data(), xps.data(), T,
+               gu.data() + S.gu_off[i] + j * T * N1 + rb * bn, N1);
     }
   });
-  const int64_t nb2 = (D + bn - 1) / bn;
-  at::parallel_for(0, nb2, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> a(T * g), as(T * (g / b)), p(T * bn), aps(T * (g / b));
-    std::vector<uint32_t> ap(mode == 2 ? T * g : 0);
-    for (int64_t j = 0; j < n; ++j) {
-      const float* h = gu.data() + j * T * N1;
-      for (int64_t t = 0; t < T; ++t) silu_mul_rows(simd, h + t * N1, h + t * N1 + g, &a[t * g], g);
-      block_sums(a.data(), T, g, b, as.data());
-      if (mode == 2) bf16_pairs(a.data(), T, g, b, ap.data(), aps.data());
-      const uint8_t* grp = base + j * per;
-      for (int64_t it = i0; it < i1; ++it) {
-        int64_t r0 = it * bn, rows = std::min(bn, D - r0);
+  const int64_t nb2 = (D + bn - 1) / bn, m = S.max_n;
+  at::parallel_for(0, K * nb2, 1, [&](int64_t i0, int64_t i1) {
+    // a = silu(h) * u of every group of the current segment (recomputed per thread)
+    std::vector<float> a(m * T * g), as(m * T * (g / b)), p(T * bn), aps(m * T * (g / b));
+    std::vector<uint32_t> ap(mode == 2 ? m * T * g : 0);
+    int64_t cur = -1;
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t i = it / nb2, r0 = (it % nb2) * bn, rows = std::min(bn, D - r0);
+      if (i != cur) {
+        cur = i;
+        for (int64_t j = 0; j < S.n[i]; ++j) {
+          const float* h = gu.data() + S.gu_off[i] + j * T * N1;
+          float* aj = &a[j * T * g];
+          for (int64_t t = 0; t < T; ++t)
+            silu_mul_rows(simd, h + t * N1, h + t * N1 + g, aj + t * g, g);
+          block_sums(aj, T, g, b, &as[j * T * (g / b)]);
+          if (mode == 2) bf16_pairs(aj, T, g, b, &ap[j * T * g], &aps[j * T * (g / b)]);
+        }
+      }
+      for (int64_t j = 0; j < S.n[i]; ++j) {
+        const uint8_t* grp = S.base[i] + j * per;
         q4_block(mode, grp + offs[2], reinterpret_cast<const uint16_t*>(grp + offs[3]), D, g, b,
-                 r0, rows, bn, split, a.data(), g, as.data(), g / b, ap.data(), aps.data(), T,
-                 p.data(), bn);
-        add_rows(y, D, T, r0, rows, p.data(), bn);
+                 r0, rows, bn, split, &a[j * T * g], g, &as[j * T * (g / b)], g / b,
+                 mode == 2 ? &ap[j * T * g] : nullptr, &aps[j * T * (g / b)], T, p.data(), bn);
+        add_rows(ys[i], D, T, r0, rows, p.data(), bn);
       }
     }
   });
@@ -528,42 +576,60 @@ void q4_swiglu_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf,
 
 constexpr int64_t kRows = 64;  // q8 rows per work item
 
-void q8_swiglu_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf, int64_t D,
-                int64_t g, at::IntArrayRef offs, int64_t per, int64_t isa) {
-  check_common(y, x, buf, D, per);
+void q8_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList bufs, int64_t D,
+                        int64_t g, at::IntArrayRef offs, int64_t per, int64_t isa) {
   TORCH_CHECK(offs.size() == 4 && D % 16 == 0 && g % 16 == 0, "mer: bad q8 dimensions");
   const bool simd = kernel_mode(isa) != 0;
-  const int64_t T = x.size(0), n = buf.numel() / per, N1 = 2 * g;
+  const int64_t T = x.size(0), N1 = 2 * g, nb1 = (N1 + kRows - 1) / kRows, K = bufs.size();
+  const Segs S = segments(ys, x, bufs, D, per, N1, nb1);
   if (T == 0) return;
-  const uint8_t* base = static_cast<const uint8_t*>(buf.data_ptr());
   const float* X = static_cast<const float*>(x.data_ptr());
-  std::vector<float> gu(n * T * N1);  // [n, T, 2g]
-  const int64_t nb1 = (N1 + kRows - 1) / kRows;
-  at::parallel_for(0, n * nb1, 1, [&](int64_t i0, int64_t i1) {
+  std::vector<float> gu(S.gu_size);  // per segment [n, T, 2g]
+  at::parallel_for(0, S.items1, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
-      int64_t j = it / nb1, r0 = (it % nb1) * kRows, rows = std::min(kRows, N1 - r0);
-      const uint8_t* grp = base + j * per;
+      int64_t i, j, rb;
+      locate1(S, it, nb1, i, j, rb);
+      const int64_t r0 = rb * kRows, rows = std::min(kRows, N1 - r0);
+      const uint8_t* grp = S.base[i] + j * per;
       q8_rows(simd, reinterpret_cast<const int8_t*>(grp + offs[0]) + r0 * D,
               reinterpret_cast<const uint16_t*>(grp + offs[2]) + r0, rows, D, X, D, T,
-              gu.data() + j * T * N1 + r0, N1);
+              gu.data() + S.gu_off[i] + j * T * N1 + r0, N1);
     }
   });
-  const int64_t nb2 = (D + kRows - 1) / kRows;
-  at::parallel_for(0, nb2, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> a(T * g), p(T * kRows);
-    for (int64_t j = 0; j < n; ++j) {
-      const float* h = gu.data() + j * T * N1;
-      for (int64_t t = 0; t < T; ++t) silu_mul_rows(simd, h + t * N1, h + t * N1 + g, &a[t * g], g);
-      const uint8_t* grp = base + j * per;
-      for (int64_t it = i0; it < i1; ++it) {
-        int64_t r0 = it * kRows, rows = std::min(kRows, D - r0);
+  const int64_t nb2 = (D + kRows - 1) / kRows, m = S.max_n;
+  at::parallel_for(0, K * nb2, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> a(m * T * g), p(T * kRows);
+    int64_t cur = -1;
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t i = it / nb2, r0 = (it % nb2) * kRows, rows = std::min(kRows, D - r0);
+      if (i != cur) {
+        cur = i;
+        for (int64_t j = 0; j < S.n[i]; ++j) {
+          const float* h = gu.data() + S.gu_off[i] + j * T * N1;
+          for (int64_t t = 0; t < T; ++t)
+            silu_mul_rows(simd, h + t * N1, h + t * N1 + g, &a[(j * T + t) * g], g);
+        }
+      }
+      for (int64_t j = 0; j < S.n[i]; ++j) {
+        const uint8_t* grp = S.base[i] + j * per;
         q8_rows(simd, reinterpret_cast<const int8_t*>(grp + offs[1]) + r0 * g,
-                reinterpret_cast<const uint16_t*>(grp + offs[3]) + r0, rows, g, a.data(), g, T,
-                p.data(), kRows);
-        add_rows(y, D, T, r0, rows, p.data(), kRows);
+                reinterpret_cast<const uint16_t*>(grp + offs[3]) + r0, rows, g, &a[j * T * g], g,
+                T, p.data(), kRows);
+        add_rows(ys[i], D, T, r0, rows, p.data(), kRows);
       }
     }
   });
+}
+
+void q4_swiglu_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf, int64_t D,
+                int64_t g, int64_t b, at::IntArrayRef offs, int64_t per, int64_t bn, bool split,
+                int64_t isa) {
+  q4_experts_swiglu_({y}, x, {buf}, D, g, b, offs, per, bn, split, isa);
+}
+
+void q8_swiglu_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf, int64_t D,
+                int64_t g, at::IntArrayRef offs, int64_t per, int64_t isa) {
+  q8_experts_swiglu_({y}, x, {buf}, D, g, offs, per, isa);
 }
 
 // Single matrices, for the tests: y [T, N] float32 = x [T, K] @ W.T.
@@ -614,6 +680,12 @@ TORCH_LIBRARY(mer, m) {
   m.def("q8_swiglu_(Tensor(a!) y, Tensor x, Tensor buf, int hidden, int group, int[] offsets, "
         "int per, int isa) -> ()",
         &q8_swiglu_);
+  m.def("q4_experts_swiglu_(Tensor(a!)[] ys, Tensor x, Tensor[] bufs, int hidden, int group, "
+        "int block, int[] offsets, int per, int block_n, bool split, int isa) -> ()",
+        &q4_experts_swiglu_);
+  m.def("q8_experts_swiglu_(Tensor(a!)[] ys, Tensor x, Tensor[] bufs, int hidden, int group, "
+        "int[] offsets, int per, int isa) -> ()",
+        &q8_experts_swiglu_);
   m.def("q4_linear_(Tensor(a!) y, Tensor x, Tensor packed, Tensor sz, int block, int block_n, "
         "bool split, int isa) -> ()",
         &q4_linear_);

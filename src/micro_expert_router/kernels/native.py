@@ -1,4 +1,5 @@
-"""Builds and loads the native q4/q8 decode kernels (``native.cpp``) as torch custom ops.
+"""Builds and loads the native q4/q8 decode kernels (``native.cpp`` for experts,
+``native_dense.cpp`` for the quantized dense weights) as torch custom ops.
 
 The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``)
 against the installed torch, into the project's cache directory (``$MER_CACHE_DIR``, else
@@ -35,7 +36,8 @@ import torch
 
 from ..paths import cache_dir
 
-SOURCE = Path(__file__).with_name("native.cpp")
+SOURCE = Path(__file__).with_name("native.cpp")  # the expert ops (q4/q8 SwiGLU)
+SOURCES = (SOURCE, Path(__file__).with_name("native_dense.cpp"))  # + the dense GEMV ops
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers; the library
 # links torch's own libgomp (torch/lib), so the process keeps one OpenMP runtime.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-w"]
@@ -52,7 +54,7 @@ class NativeInfo:
 INFO = NativeInfo()
 
 
-def _command(out: Path, source: Path = SOURCE) -> list[str]:
+def _command(out: Path, sources: tuple[Path, ...] = SOURCES) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     cxx = os.environ.get("CXX", "g++")
@@ -60,29 +62,29 @@ def _command(out: Path, source: Path = SOURCE) -> list[str]:
     libs = library_paths()
     cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     cmd += [f"-I{p}" for p in include_paths()]
-    cmd += [str(source), "-o", str(out)]
+    cmd += [str(src) for src in sources] + ["-o", str(out)]
     cmd += [f"-L{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-lgomp"]
     cmd += [f"-Wl,-rpath,{p}" for p in libs]
     return cmd
 
 
-def library_path(source: Path = SOURCE) -> Path:
-    """Where the built library for this source, compiler flags and torch lives."""
-    h = hashlib.sha256(source.read_bytes())
+def library_path(sources: tuple[Path, ...] = SOURCES) -> Path:
+    """Where the built library for these sources, compiler flags and torch lives."""
+    h = hashlib.sha256(b"".join(src.read_bytes() for src in sources))
     cxx = os.environ.get("CXX", "g++")
     key = [torch.__version__, sys.platform, platform.machine(), cxx, *FLAGS]
     h.update("\0".join(key).encode())
-    return cache_dir() / "native" / f"mer_{source.stem}_{h.hexdigest()[:16]}.so"
+    return cache_dir() / "native" / f"mer_{sources[0].stem}_{h.hexdigest()[:16]}.so"
 
 
-def build(path: Path, source: Path = SOURCE) -> float:
+def build(path: Path, sources: tuple[Path, ...] = SOURCES) -> float:
     """Compile to ``path`` (atomically); returns the seconds it took. Raises on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     t = time.perf_counter()
     try:
-        run = subprocess.run(_command(Path(tmp), source), capture_output=True, text=True)
+        run = subprocess.run(_command(Path(tmp), sources), capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"compiler failed: {run.stderr.strip()[-2000:]}")
         os.replace(tmp, path)
@@ -93,8 +95,9 @@ def build(path: Path, source: Path = SOURCE) -> float:
 
 
 @functools.cache
-def load_library(source: Path, what: str, fallback: str) -> NativeInfo | None:
-    """Build (if needed) and load the ops of ``source``; the ``NativeInfo`` when loaded.
+def load_library(sources: tuple[Path, ...], what: str, fallback: str) -> NativeInfo | None:
+    """Build (if needed) and load the ops of ``sources`` (one library); the ``NativeInfo`` when
+    loaded.
 
     Never raises: a failure (or ``MER_NATIVE=0``) returns ``None`` and warns once, naming
     ``what`` the library holds and the ``fallback`` the engine uses instead.
@@ -103,9 +106,9 @@ def load_library(source: Path, what: str, fallback: str) -> NativeInfo | None:
     if os.environ.get("MER_NATIVE", "1") == "0":
         return None
     try:
-        path = library_path(source)
+        path = library_path(sources)
         if not path.is_file():
-            info.build_seconds = build(path, source)
+            info.build_seconds = build(path, sources)
         torch.ops.load_library(str(path))
         info.path = path
         return info
@@ -132,7 +135,7 @@ def load() -> bool:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         info = load_library(
-            SOURCE, "q4/q8 decode kernels", "torch's int4/int8 ops, which are slower for decode"
+            SOURCES, "q4/q8 kernels", "torch's int4/int8 ops, which are slower for decode"
         )
     for w in caught:
         INFO.reason = str(w.message)
@@ -141,6 +144,13 @@ def load() -> bool:
         return False
     INFO.path, INFO.build_seconds = info.path, info.build_seconds
     return True
+
+
+@functools.cache
+def dense_available() -> bool:
+    """Whether the dense q8/q4 GEMV ops should be used: loaded, and an AVX2+FMA CPU (their
+    scalar code is slower than dequantize + GEMM)."""
+    return load() and bool(torch.ops.mer.has_avx2())
 
 
 @functools.cache

@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import Checkpoint, dense_tensor_shapes
 from ..errors import StoreError
 from ..kernels import choose_group, get_format
+from .dense import choose_dense, write_dense
 from .format import (
     ALIGN,
     DENSE_FILE,
@@ -90,13 +91,16 @@ def convert(
     dst: str | Path,
     dtype: str = "f32",
     force: bool = False,
+    dense: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> Store:
-    """Convert checkpoint folder ``src`` into a store at ``dst`` with experts in ``dtype``."""
+    """Convert checkpoint folder ``src`` into a store at ``dst`` with experts in ``dtype`` and
+    dense weights in ``dense`` (``store.dense.DENSE_CHOICES``; default: ``DEFAULT_DENSE``)."""
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
     fmt = get_format(dtype)
+    dense = choose_dense(dense, dtype)
     ckpt = Checkpoint(src)
     args = ckpt.args
     if dst.exists() and not force:
@@ -112,7 +116,8 @@ def convert(
     tmp.mkdir()
     try:
         specs = list(dense_tensor_shapes(args))
-        write_safetensors_streaming(tmp / DENSE_FILE, specs, dense_dtype, ckpt.get)
+        dense_entry, dense_errors = write_dense(tmp / DENSE_FILE, args, specs, ckpt.get, dense,
+                                                dense_dtype)  # fmt: skip
         keys = [(layer, e) for layer in range(args.n_layers) if args.moe_layers[layer]
                 for e in range(args.n_experts)]  # fmt: skip
         per_expert = (args.expert_inter // group) * fmt.group_nbytes(args.hidden_size, group)
@@ -145,13 +150,13 @@ def convert(
                 copied.append(name)
         report = _error_summary(errors)
         (tmp / "conversion_report.json").write_text(
-            json.dumps({"expert_format": dtype, "summary": report, "experts": errors}, indent=1)
+            json.dumps({"expert_format": dtype, "summary": report, "experts": errors,
+                        "dense_format": dense, "dense": dense_errors}, indent=1)  # fmt: skip
         )
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "model": args.to_dict(),
             "expert_format": fmt.name, "layout": layout, "group": group,
-            "dense": {"file": DENSE_FILE, "dtype": str(dense_dtype).removeprefix("torch."),
-                      "tensors": [[n, list(s)] for n, s in specs]},
+            "dense": {"file": DENSE_FILE, **dense_entry},
             "expert_files": [EXPERT_FILE], "experts": entries,
             "source": str(src.resolve()), "torch_version": torch.__version__,
         }  # fmt: skip
@@ -178,13 +183,17 @@ def convert(
             f"wrote {dst}: {s['architecture']}, {len(entries)} experts x "
             f"{s['expert_bytes'] / 1e6:.2f} MB ({dtype}, {s['groups_per_expert']} groups of "
             f"{group} neurons) = {s['total_expert_bytes'] / 1e6:.1f} MB in {EXPERT_FILE}; dense "
-            f"{s['dense_bytes'] / 1e6:.1f} MB ({s['dense_dtype']}); tokenizer files: "
+            f"{s['dense_bytes'] / 1e6:.1f} MB ({dense}); tokenizer files: "
             f"{', '.join(copied) or 'none'}; {time.perf_counter() - t0:.1f} s"
         )
         log(
             "conversion error (relative L2 vs checkpoint), mean / max over experts: "
             + "; ".join(f"{k} {v['mean']:.2e} / {v['max']:.2e}" for k, v in report.items())
         )
+        if dense_errors:
+            vals = list(dense_errors.values())
+            log(f"dense {dense}: {len(vals)} matrices quantized, relative L2 error mean "
+                f"{sum(vals) / len(vals):.2e} / max {max(vals):.2e}")  # fmt: skip
     return store
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import xxhash
 
 from ..config import ModelArgs
-from ..errors import ConfigError, MERError, StoreError
+from ..errors import ConfigError, StoreError
 from ..kernels import ExpertFormat, get_format
 
 FORMAT_NAME = "mer-expert-store"
@@ -191,6 +191,7 @@ class Store:
             "groups_per_expert": a.expert_inter // self.group,
             "expert_bytes": self.expert_bytes, "total_expert_bytes": self.total_expert_bytes,
             "dense_bytes": self.dense_bytes, "dense_dtype": self.dense_dtype,
+            "dense_format": self.dense_format,
             "expert_files": self.manifest["expert_files"],
             "converted_from": self.manifest.get("source"),
         }  # fmt: skip
@@ -215,32 +216,20 @@ class Store:
                 progress(e.length)
         return bad
 
+    @property
+    def dense_format(self) -> str:
+        """``f32``, ``bf16``, ``q8`` or ``q4`` (``store/dense.py``); old stores: their dtype."""
+        d = self.manifest["dense"]
+        return d.get("format", "f32" if d.get("dtype") == "float32" else "bf16")
+
     def load_dense(self, dtype: Any) -> dict[str, Any]:
-        """Dense tensors, converted to ``dtype`` (a torch dtype)."""
-        from safetensors import safe_open
+        """Dense tensors: float ones converted to ``dtype`` (a torch dtype), quantized ones as
+        ``kernels.dense.DenseWeight`` objects (``store/dense.py``)."""
+        from ..checkpoint import dense_tensor_shapes
+        from .dense import load_dense
 
-        from ..checkpoint import dense_tensor_shapes, read_safetensors_header
-
-        read_safetensors_header(self.dense_file)  # bounds check with a clear message
-        out = {}
-        try:
-            with safe_open(str(self.dense_file), framework="pt") as f:
-                names = set(f.keys())
-                for name, shape in dense_tensor_shapes(self.args):
-                    if name not in names:
-                        raise StoreError(f"{self.dense_file}: tensor {name} is missing; reconvert")
-                    t = f.get_tensor(name)
-                    if tuple(t.shape) != tuple(shape):
-                        raise StoreError(
-                            f"{self.dense_file}: tensor {name} has shape "
-                            f"{list(t.shape)}, expected {list(shape)}"
-                        )
-                    out[name] = t.to(dtype).contiguous()
-        except MERError:
-            raise
-        except Exception as e:
-            raise StoreError(f"{self.dense_file}: cannot read dense weights ({e})") from None
-        return out
+        shapes = list(dense_tensor_shapes(self.args))
+        return load_dense(self.dense_file, self.args, self.manifest["dense"], shapes, dtype)
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,0 +1,442 @@
+// Native GEMV/GEMM-for-small-T kernels for the quantized dense weights (kernels/dense_quant.py,
+// docs/quantization.md "Dense weights"). Compiled into the same library as native.cpp.
+//
+// Both formats multiply int8 activations: each token's x is quantized in blocks of 32 along K
+// (sx = max|x| / 127, qx = rint(x / sx), as reference.quantize_x_q8), and the weight codes are
+// multiplied with qx in exact int32 arithmetic (AVX2 vpmaddubsw + vpmaddwd, 8 int32 lanes per
+// 32 weights); only the per-block scaling and the final sums are float32. The scalar code
+// performs the same float operations in the same order (same lanes, explicit fmaf, the same
+// sum tree), so the AVX2 and scalar paths give identical bits.
+//
+//   q8 (int8 [N, K] row-major, bf16 scale s per row):
+//     acc_j += float(sum of w qx over bytes 4j..4j+3 of block kb) * sx_kb   (j = 0..7)
+//     y = tree8(acc) * s
+//   q4 (row-major; per row and block of 64 weights, 32 bytes: byte i = k i (low nibble) and
+//       k i + 32 (high); bf16 (s, z) per row and block; w = (q - 8) s + z):
+//     acc_j += float(lo lanes) * (s sx_2kb);  acc_j += float(hi lanes) * (s sx_2kb+1)
+//     off += fl(z - 8 s) * c_kb,   c_kb = sx_2kb * sum qx_2kb + sx_2kb+1 * sum qx_2kb+1
+//     y = tree8(acc) + off
+//
+// Legend: T tokens, N output rows, K reduction length, kb block index.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MER_DX86 1
+#define MER_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define MER_DX86 0
+#endif
+
+namespace {
+
+constexpr int64_t kXB = 32;  // activation block
+constexpr int64_t kWB4 = 64;  // q4 weight block
+
+inline float bf16f(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float tree8(const float* a) {
+  float s4[4];
+  for (int i = 0; i < 4; ++i) s4[i] = a[i] + a[i + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+#if MER_DX86
+// One block of 32 activations: the scalar code's IEEE operations (max, division, round half to
+// even, clip) with 8 lanes at a time, so the same bits. Returns sum(q).
+MER_AVX2 int32_t quantize_block_avx2(const float* v, float s, int8_t* q) {
+  const __m256 inv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  alignas(32) int32_t qi[32];
+  __m256i sum = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v + 8 * i), inv),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256i n = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(qi + 8 * i), n);
+    sum = _mm256_add_epi32(sum, n);
+  }
+  for (int i = 0; i < 32; ++i) q[i] = int8_t(qi[i]);
+  alignas(32) int32_t p[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(p), sum);
+  return p[0] + p[1] + p[2] + p[3] + p[4] + p[5] + p[6] + p[7];
+}
+
+MER_AVX2 float absmax32_avx2(const float* v) {
+  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 m = _mm256_and_ps(_mm256_loadu_ps(v), mask);
+  for (int i = 1; i < 4; ++i) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(v + 8 * i), mask));
+  alignas(32) float a[8];
+  _mm256_store_ps(a, m);
+  float r = 0.0f;
+  for (int i = 0; i < 8; ++i) r = std::fmax(r, a[i]);
+  return r;
+}
+#endif
+
+bool cpu_has_avx2();
+
+// x [T, K] -> qx int8 [T, K], sx [T, K/32]; q4 also c [T, K/64] (see the header comment).
+void quantize_x(const float* x, int64_t T, int64_t K, int8_t* qx, float* sx, float* c) {
+#if MER_DX86
+  static const bool simd = cpu_has_avx2();
+#else
+  const bool simd = false;
+#endif
+  const int64_t nb = K / kXB;
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> sums(nb);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* v = x + t * K + b * kXB;
+      int32_t sum = 0;
+#if MER_DX86
+      if (simd) {
+        float s = absmax32_avx2(v) / 127.0f;
+        if (s > 0.0f) {
+          sum = quantize_block_avx2(v, s, qx + t * K + b * kXB);
+        } else {
+          std::memset(qx + t * K + b * kXB, 0, kXB);
+        }
+        sx[t * nb + b] = s;
+        sums[b] = sum;
+        continue;
+      }
+#endif
+      float m = 0.0f;
+      for (int64_t k = 0; k < kXB; ++k) m = std::fmax(m, std::fabs(v[k]));
+      float s = m / 127.0f;
+      for (int64_t k = 0; k < kXB; ++k) {
+        float q = s > 0.0f ? std::nearbyint(v[k] / s) : 0.0f;
+        q = std::fmin(std::fmax(q, -127.0f), 127.0f);
+        qx[t * K + b * kXB + k] = int8_t(q);
+        sum += int32_t(q);
+      }
+      sx[t * nb + b] = s;
+      sums[b] = sum;
+    }
+    if (c != nullptr)
+      for (int64_t b = 0; b < K / kWB4; ++b) {
+        const float* s = sx + t * nb + 2 * b;
+        c[t * (K / kWB4) + b] = s[0] * float(sums[2 * b]) + s[1] * float(sums[2 * b + 1]);
+      }
+  }
+}
+
+// ---- scalar (the reference order) ------------------------------------------------------------
+
+void q8_rows_scalar(const int8_t* w, const uint16_t* s, int64_t rows, int64_t K,
+                    const int8_t* qx, const float* sx, int64_t T, float* out, int64_t os) {
+  const int64_t nb = K / kXB;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < T; ++t) {
+      float acc[8] = {};
+      for (int64_t b = 0; b < nb; ++b)
+        for (int j = 0; j < 8; ++j) {
+          int32_t is = 0;
+          for (int e = 0; e < 4; ++e) {
+            int64_t k = b * kXB + 4 * j + e;
+            is += int32_t(w[r * K + k]) * int32_t(qx[t * K + k]);
+          }
+          acc[j] = std::fmaf(float(is), sx[t * nb + b], acc[j]);
+        }
+      out[t * os + r] = tree8(acc) * bf16f(s[r]);
+    }
+}
+
+void q4_rows_scalar(const uint8_t* p, const uint16_t* sz, int64_t rows, int64_t K,
+                    const int8_t* qx, const float* sx, const float* c, int64_t T, float* out,
+                    int64_t os) {
+  const int64_t nb = K / kWB4, nbx = K / kXB;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < T; ++t) {
+      float acc[8] = {}, off = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* v = p + r * K / 2 + b * 32;
+        const int8_t* xa = qx + t * K + b * kWB4;
+        float s = bf16f(sz[(r * nb + b) * 2]), z = bf16f(sz[(r * nb + b) * 2 + 1]);
+        float da = s * sx[t * nbx + 2 * b], db = s * sx[t * nbx + 2 * b + 1];
+        float zc = std::fmaf(-8.0f, s, z);
+        int32_t ia[8], ib[8];
+        for (int j = 0; j < 8; ++j) {
+          ia[j] = ib[j] = 0;
+          for (int e = 0; e < 4; ++e) {
+            int i = 4 * j + e;
+            ia[j] += int32_t(v[i] & 15) * int32_t(xa[i]);
+            ib[j] += int32_t(v[i] >> 4) * int32_t(xa[32 + i]);
+          }
+        }
+        for (int j = 0; j < 8; ++j) acc[j] = std::fmaf(float(ia[j]), da, acc[j]);
+        for (int j = 0; j < 8; ++j) acc[j] = std::fmaf(float(ib[j]), db, acc[j]);
+        off = std::fmaf(zc, c[t * nb + b], off);
+      }
+      out[t * os + r] = tree8(acc) + off;
+    }
+}
+
+// ---- AVX2 ------------------------------------------------------------------------------------
+
+#if MER_DX86
+constexpr int64_t kPrefetch = 16384;  // bytes ahead in the rows' stream, into L2
+
+MER_AVX2 inline float hsum8(__m256 v) {
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));  // [s4_0 + s4_2, s4_1 + s4_3]
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+template <int R, int TT>
+MER_AVX2 void q8_rows_avx2(const int8_t* w, const uint16_t* s, int64_t K, const int8_t* qx,
+                           const float* sx, float* out, int64_t os) {
+  const int64_t nb = K / kXB;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R][TT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps();
+  const int64_t pf = std::max<int64_t>(R * K, kPrefetch);
+  for (int64_t b = 0; b < nb; ++b) {
+    if ((b & 1) == 0)
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + b * kXB + pf), _MM_HINT_T1);
+    __m256i xv[TT];
+    __m256 sv[TT];
+    for (int t = 0; t < TT; ++t) {
+      xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * K + b * kXB));
+      sv[t] = _mm256_broadcast_ss(sx + t * nb + b);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + b * kXB));
+      __m256i aw = _mm256_abs_epi8(wv);
+      for (int t = 0; t < TT; ++t) {
+        __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv));
+        __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+        acc[r][t] = _mm256_fmadd_ps(f, sv[t], acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) out[t * os + r] = hsum8(acc[r][t]) * bf16f(s[r]);
+}
+
+// sxa / sxb: per token, the scales of the first and second 32-block of each 64-block ([T, K/64]
+// each). Per chunk of 8 blocks the scale products s sx and fl(z - 8 s) of each row are formed 8
+// at a time (the same per-element IEEE operations as the scalar code), then read back as
+// broadcasts in the block loop.
+template <int R, int TT>
+MER_AVX2 void q4_rows_avx2(const uint8_t* p, const uint16_t* sz, int64_t K, const int8_t* qx,
+                           const float* sxa, const float* sxb, const float* c, float* out,
+                           int64_t os) {
+  const int64_t nb = K / kWB4;
+  const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
+  const __m256i mhi = _mm256_set1_epi32(int(0xFFFF0000u));
+  __m256 acc[R][TT];
+  float off[R][TT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps(), off[r][t] = 0.0f;
+  const int64_t pf = std::max<int64_t>(R * K / 2, kPrefetch);
+  alignas(32) float da[R][TT][8], db[R][TT][8], zc[R][8];
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int64_t nk = std::min<int64_t>(8, nb - b0);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* e = sz + (r * nb + b0) * 2;
+      if (nk == 8) {
+        __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e));  // (s | z << 16)
+        __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
+        __m256 zv = _mm256_castsi256_ps(_mm256_and_si256(d, mhi));
+        _mm256_store_ps(zc[r], _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sv, zv));
+        for (int t = 0; t < TT; ++t) {
+          _mm256_store_ps(da[r][t], _mm256_mul_ps(sv, _mm256_loadu_ps(sxa + t * nb + b0)));
+          _mm256_store_ps(db[r][t], _mm256_mul_ps(sv, _mm256_loadu_ps(sxb + t * nb + b0)));
+        }
+      } else {
+        for (int64_t i = 0; i < nk; ++i) {
+          float sv = bf16f(e[2 * i]), zv = bf16f(e[2 * i + 1]);
+          zc[r][i] = std::fmaf(-8.0f, sv, zv);
+          for (int t = 0; t < TT; ++t) {
+            da[r][t][i] = sv * sxa[t * nb + b0 + i];
+            db[r][t][i] = sv * sxb[t * nb + b0 + i];
+          }
+        }
+      }
+    }
+    for (int64_t i = 0; i < nk; ++i) {
+      const int64_t b = b0 + i;
+      if ((b & 1) == 0)
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(p + r * K / 2 + b * 32 + pf), _MM_HINT_T1);
+      __m256i xa[TT], xb[TT];
+      for (int t = 0; t < TT; ++t) {
+        xa[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * K + b * kWB4));
+        xb[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + t * K + b * kWB4 + 32));
+      }
+      for (int r = 0; r < R; ++r) {
+        __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + r * K / 2 + b * 32));
+        __m256i lo = _mm256_and_si256(v, m4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int t = 0; t < TT; ++t) {
+          __m256 fa = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xa[t]), ones));
+          __m256 fb = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb[t]), ones));
+          acc[r][t] = _mm256_fmadd_ps(fa, _mm256_broadcast_ss(&da[r][t][i]), acc[r][t]);
+          acc[r][t] = _mm256_fmadd_ps(fb, _mm256_broadcast_ss(&db[r][t][i]), acc[r][t]);
+          off[r][t] = std::fmaf(zc[r][i], c[t * nb + b], off[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) out[t * os + r] = hsum8(acc[r][t]) + off[r][t];
+}
+#endif
+
+bool cpu_has_avx2() {
+#if MER_DX86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+bool simd_for(int64_t isa) {
+  static const bool has = cpu_has_avx2();
+  TORCH_CHECK(isa == 0 || isa == 1, "mer: dense isa must be 0 (scalar) or 1 (best)");
+  return isa == 1 && has;
+}
+
+// Rows [r0, r1) of one matrix, all T tokens, in tiles of 4 rows x up to 4 tokens.
+template <bool Q4>
+void rows_range(bool simd, const uint8_t* w, const uint16_t* s, int64_t r0, int64_t r1,
+                int64_t K, const int8_t* qx, const float* sx, const float* sxa, const float* sxb,
+                const float* c, int64_t T, float* out, int64_t N) {
+  const int64_t rb = Q4 ? K / 2 : K;                   // bytes per row
+  const int64_t sr = Q4 ? (K / kWB4) * 2 : 1;          // scale entries per row
+  const int64_t nbx = K / kXB, nb4 = K / kWB4;
+  auto scalar = [&](int64_t a, int64_t n, int64_t t0, int64_t tt) {
+    if (Q4)
+      q4_rows_scalar(w + a * rb, s + a * sr, n, K, qx + t0 * K, sx + t0 * nbx, c + t0 * nb4, tt,
+                     out + t0 * N + a, N);
+    else
+      q8_rows_scalar(reinterpret_cast<const int8_t*>(w) + a * rb, s + a * sr, n, K, qx + t0 * K,
+                     sx + t0 * nbx, tt, out + t0 * N + a, N);
+  };
+  if (!simd) return scalar(r0, r1 - r0, 0, T);
+#if MER_DX86
+  for (int64_t t0 = 0; t0 < T; t0 += 4) {
+    const int64_t tt = std::min<int64_t>(4, T - t0);
+    const int8_t* xq = qx + t0 * K;
+    const float *xs = sx + t0 * nbx, *xc = Q4 ? c + t0 * nb4 : nullptr;
+    const float *xa = Q4 ? sxa + t0 * nb4 : nullptr, *xb = Q4 ? sxb + t0 * nb4 : nullptr;
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      float* o = out + t0 * N + r;
+#define MER_CASE(TT)                                                                            \
+  if (Q4)                                                                                       \
+    q4_rows_avx2<4, TT>(w + r * rb, s + r * sr, K, xq, xa, xb, xc, o, N);                       \
+  else                                                                                          \
+    q8_rows_avx2<4, TT>(reinterpret_cast<const int8_t*>(w) + r * rb, s + r * sr, K, xq, xs, o, N)
+      switch (tt) {
+        case 1: MER_CASE(1); break;
+        case 2: MER_CASE(2); break;
+        case 3: MER_CASE(3); break;
+        default: MER_CASE(4); break;
+      }
+#undef MER_CASE
+    }
+    for (; r < r1; ++r)
+      for (int64_t t = 0; t < tt; ++t) {
+        float* o = out + (t0 + t) * N + r;
+        if (Q4)
+          q4_rows_avx2<1, 1>(w + r * rb, s + r * sr, K, xq + t * K, xa + t * nb4,
+                             xb + t * nb4, xc + t * nb4, o, N);
+        else
+          q8_rows_avx2<1, 1>(reinterpret_cast<const int8_t*>(w) + r * rb, s + r * sr, K,
+                             xq + t * K, xs + t * nbx, o, N);
+      }
+  }
+#endif
+}
+
+template <bool Q4>
+void dense_linear(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
+                  const at::Tensor& s, int64_t isa) {
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
+                  y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 &&
+                  y.size(0) == T && y.size(1) == N && w.is_contiguous() && w.dim() == 2 &&
+                  s.scalar_type() == at::kBFloat16 && s.is_contiguous(),
+              "mer: bad dense linear arguments");
+  if (Q4) {
+    TORCH_CHECK(w.scalar_type() == at::kByte && K % kWB4 == 0 && w.size(1) * 2 == K &&
+                    s.numel() == N * (K / kWB4) * 2,
+                "mer: dense q4 needs packed uint8 [N, K/2], K % 64 == 0, bf16 (s, z) [N, K/64, 2]");
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kChar && K % kXB == 0 && w.size(1) == K && s.numel() == N,
+                "mer: dense q8 needs int8 [N, K], K % 32 == 0, bf16 scales [N]");
+  }
+  if (T == 0 || N == 0) return;
+  const bool simd = simd_for(isa);
+  std::vector<int8_t> qx(T * K);
+  std::vector<float> sx(T * (K / kXB)), c(Q4 ? T * (K / kWB4) : 0);
+  quantize_x(static_cast<const float*>(x.data_ptr()), T, K, qx.data(), sx.data(),
+             Q4 ? c.data() : nullptr);
+  std::vector<float> sxa(Q4 ? T * (K / kWB4) : 0), sxb(sxa.size());  // q4: sx deinterleaved
+  for (size_t i = 0; i < sxa.size(); ++i) sxa[i] = sx[2 * i], sxb[i] = sx[2 * i + 1];
+  const auto* W = static_cast<const uint8_t*>(w.data_ptr());
+  const auto* S = static_cast<const uint16_t*>(s.data_ptr());
+  float* Y = static_cast<float*>(y.data_ptr());
+  // chunks of 64 rows: whole 4-row tiles, and enough items for 2+ threads at N = 2048
+  const int64_t chunks = (N + 63) / 64;
+  at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
+    rows_range<Q4>(simd, W, S, i0 * 64, std::min(N, i1 * 64), K, qx.data(), sx.data(),
+                   sxa.data(), sxb.data(), c.data(), T, Y, N);
+  });
+}
+
+void dense_q8_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
+                      const at::Tensor& s, int64_t isa) {
+  dense_linear<false>(y, x, w, s, isa);
+}
+
+void dense_q4_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& packed,
+                      const at::Tensor& sz, int64_t isa) {
+  dense_linear<true>(y, x, packed, sz, isa);
+}
+
+// The activation quantization alone, for the tests: qx [T, K] int8, sx [T, K/32], c [T, K/64].
+void dense_quantize_x_(const at::Tensor& qx, const at::Tensor& sx, const at::Tensor& c,
+                       const at::Tensor& x) {
+  const int64_t T = x.size(0), K = x.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && K % kWB4 == 0 &&
+                  qx.scalar_type() == at::kChar && qx.numel() == T * K &&
+                  sx.scalar_type() == at::kFloat && sx.numel() == T * (K / kXB) &&
+                  c.scalar_type() == at::kFloat && c.numel() == T * (K / kWB4),
+              "mer: bad dense_quantize_x arguments");
+  quantize_x(static_cast<const float*>(x.data_ptr()), T, K, static_cast<int8_t*>(qx.data_ptr()),
+             static_cast<float*>(sx.data_ptr()), static_cast<float*>(c.data_ptr()));
+}
+
+bool has_avx2() { return cpu_has_avx2(); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mer, m) {
+  m.def("dense_q8_linear_(Tensor(a!) y, Tensor x, Tensor w, Tensor s, int isa) -> ()",
+        &dense_q8_linear_);
+  m.def("dense_q4_linear_(Tensor(a!) y, Tensor x, Tensor packed, Tensor sz, int isa) -> ()",
+        &dense_q4_linear_);
+  m.def("dense_quantize_x_(Tensor(a!) qx, Tensor(b!) sx, Tensor(c!) c, Tensor x) -> ()",
+        &dense_quantize_x_);
+  m.def("has_avx2() -> bool", &has_avx2);
+}
