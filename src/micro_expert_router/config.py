@@ -236,7 +236,7 @@ class EngineConfig:
     kv_dtype: str | None = None
     threads: int | None = None  # torch intra-op threads; None = torch's default
     max_context: int = 4096  # KV cache capacity in tokens
-    cache_bytes: int | None = None  # expert cache budget (stores); None = all experts resident
+    cache_bytes: int | None = None  # expert cache budget (stores); None = what memory_limit leaves
     io_threads: int | None = None
     policy: str = "lru"
     verify: bool = False  # check expert checksums on first load

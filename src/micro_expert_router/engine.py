@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,7 @@ def _checkpoint_memory(engine: Engine, config: EngineConfig, rss: int):
                        kv=memory.kv_bytes(engine.args, config.max_context, m.kv_dtype.itemsize),
                        pool_staging=0, runtime_rss=rss, experts_total=experts,
                        cache_bytes=experts, enforce=False)  # fmt: skip
+    out = replace(out, cache_source="checkpoint: every expert resident")
     if config.memory_limit is not None and out.fixed + experts > out.limit:
         engine.close()
         raise BudgetError(f"{engine.path}: a checkpoint folder keeps every expert in RAM: "

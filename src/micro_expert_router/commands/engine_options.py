@@ -17,10 +17,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: torch's)")
     p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (KV)")
     p.add_argument("--cache-mb", type=float, default=None,
-                   help="expert cache budget in MB for a store (default: all experts)")
+                   help="expert cache budget in MB for a store (default: what --memory-limit "
+                   "leaves, docs/memory.md)")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
-                   help="memory limit for the whole engine, e.g. 8G (the engine sizes its cache "
-                   "from it; needs an engine with the memory_limit option)")  # fmt: skip
+                   help="memory limit for the whole engine, e.g. 8G: the expert cache gets what "
+                   "the fixed costs leave (default: the cgroup's limit, else 0.8 x "
+                   "MemAvailable; --cache-mb wins over it)")  # fmt: skip
     p.add_argument("--io-threads", type=int, default=None)
     p.add_argument("--policy", default="lru", help="expert cache policy (see `mer sim`)")
     p.add_argument("--prefetch", default="off", metavar="off|s,l,m",

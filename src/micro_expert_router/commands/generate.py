@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: torch's)")
     p.add_argument("--cache-mb", type=float, default=None,
                    help="expert cache budget in MB for a store (0 = stream every expert every "
-                   "time; default: all experts)")  # fmt: skip
+                   "time; default: what --memory-limit leaves; wins over it)")  # fmt: skip
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="memory the process may use, e.g. 2.5G or 1800M: dense weights, KV at "
                    "max context, staging slots and the runtime come first, the expert cache "
