@@ -236,7 +236,7 @@ class EngineConfig:
     kv_dtype: str | None = None
     threads: int | None = None  # torch intra-op threads; None = torch's default
     max_context: int = 4096  # KV cache capacity in tokens
-    cache_bytes: int | None = None  # expert cache budget (stores); None = all experts resident
+    cache_bytes: int | None = None  # expert cache budget (stores); None = what memory_limit leaves
     io_threads: int | None = None  # expert-read threads (stores); None = the reader's default
     policy: str | None = None  # expert cache policy (stores); None = "lru"
     verify: bool = False  # check expert checksums on first load (stores)
@@ -244,6 +244,13 @@ class EngineConfig:
     plan: str | None = None  # a plan file from `mer plan`: per-layer budgets and split ratios
     prefetch: str = "off"  # predictors driving prefetch: "off" or e.g. "s,l,m" (docs/prefetch.md)
     prefetch_slots: int = 0  # staging slots for prefetched experts; 0 = 2 x top-k when on
+    # bytes (or "2.5G", "1800M") the process may use; None = the cgroup's limit, else a share of
+    # MemAvailable (memory.py). Fixed costs first, the rest to the expert cache. An explicit
+    # cache_bytes wins over it.
+    memory_limit: int | str | None = None
+    # benchmark-only routing instead of the model's gates: "trace:FILE" or "markov:FILE"
+    # (routers.py, docs/router.md)
+    router: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -263,6 +270,10 @@ class EngineConfig:
             raise ConfigError("cache_bytes must be >= 0")
         if self.prefetch_slots < 0:
             raise ConfigError("prefetch_slots must be >= 0")
+        if self.memory_limit is not None:
+            from .memory import parse_size
+
+            object.__setattr__(self, "memory_limit", parse_size(self.memory_limit))
         if self.plan is not None and (self.cache_bytes is not None or self.split != 1.0):
             raise ConfigError(
                 "a plan sets the cache budgets and split ratios itself: give either "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import Checkpoint, load_dense
 from .config import EngineConfig, ModelArgs
-from .errors import ConfigError, MERError
+from .errors import BudgetError, ConfigError, MERError
 from .kernels import choose_group, get_format
 from .model import Transformer
 from .provider import ExpertProvider, ProviderStats, ResidentProvider
@@ -123,6 +123,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.path = path
+        self.memory = None  # a memory.MemorySplit: how the memory limit was shared out
 
     @property
     def provider(self) -> ExpertProvider:
@@ -192,6 +193,8 @@ class Engine:
         ids = self.encode(prompt)
         if max_tokens <= 0:
             return
+        if self.model.router is not None:
+            self.model.router.reset()  # each generation replays (or samples) from the start
         if len(ids) + max_tokens > self.config.max_context:
             raise ConfigError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                               f"max_context {self.config.max_context}")  # fmt: skip
@@ -288,13 +291,15 @@ def load(path: str | Path, **engine_options: Any) -> Engine:
 
     Options are ``EngineConfig`` fields (config.py); unknown names are a ``ConfigError``:
 
-    - any folder: ``dtype`` ("float32" | "bfloat16"), ``threads`` (torch's intra-op threads),
-      ``max_context`` (KV cache tokens);
+    - any folder: ``dtype`` ("float32" | "bfloat16"), ``kv_dtype``, ``threads`` (torch's
+      intra-op threads), ``max_context`` (KV cache tokens), ``memory_limit`` (bytes or "2.5G";
+      docs/memory.md), ``router`` ("trace:FILE" | "markov:FILE", benchmark-only,
+      docs/router.md);
     - an expert store only (a checkpoint folder runs fully resident and refuses them):
-      ``cache_bytes`` (expert cache budget; None = every expert), ``io_threads``, ``policy``
-      (``"lru"``, ``"lcp:rho=0.5"``, ...), ``verify`` (checksums on first load), ``split``
-      (MoEpic ratio, multiples of 1/8), ``plan`` (a plan file from ``mer plan``), ``prefetch``
-      (``"off"`` or predictors such as ``"s,l,m"``) and ``prefetch_slots``.
+      ``cache_bytes`` (expert cache budget; None = what the memory limit leaves), ``io_threads``,
+      ``policy`` (``"lru"``, ``"lcp:rho=0.5"``, ...), ``verify`` (checksums on first load),
+      ``split`` (MoEpic ratio, multiples of 1/8), ``plan`` (a plan file from ``mer plan``),
+      ``prefetch`` (``"off"`` or predictors such as ``"s,l,m"``) and ``prefetch_slots``.
     """
     path = Path(path)
     unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
@@ -307,11 +312,44 @@ def load(path: str | Path, **engine_options: Any) -> Engine:
     _torch_threads(config)
     if not path.exists():
         raise ConfigError(f"{path}: no such model folder")
+    from .memory import process_rss
+
+    router = None
+    if config.router is not None:  # built first: its tables count in the runtime's RSS
+        from .routers import make_router
+
+        router = make_router(config.router, path)
     if (path / "manifest.json").is_file():
         from .streaming import load_store
 
-        return load_store(path, config)
-    return load_checkpoint(path, config)
+        engine = load_store(path, config)
+    else:
+        rss = process_rss()
+        engine = load_checkpoint(path, config)
+        engine.memory = _checkpoint_memory(engine, config, rss)
+    engine.model.router = router
+    return engine
+
+
+def _checkpoint_memory(engine: Engine, config: EngineConfig, rss: int):
+    """The split of a checkpoint folder (every expert resident); fails only when a memory
+    limit was asked for and the model does not fit it."""
+    from . import memory
+
+    m = engine.model
+    experts = engine.provider.nbytes
+    out = memory.split(memory.resolve_limit(config.memory_limit),
+                       dense=memory.dense_bytes(m.w, (m.cos, m.sin)),
+                       kv=memory.kv_bytes(engine.args, config.max_context, m.kv_dtype.itemsize),
+                       pool_staging=0, runtime_rss=rss, experts_total=experts,
+                       cache_bytes=experts, enforce=False)  # fmt: skip
+    out = replace(out, cache_source="checkpoint: every expert resident")
+    if config.memory_limit is not None and out.fixed + experts > out.limit:
+        engine.close()
+        raise BudgetError(f"{engine.path}: a checkpoint folder keeps every expert in RAM: "
+                          f"{out.line()}; does not fit. Convert it to an expert store "
+                          f"(`mer convert {engine.path} STORE`) to stream experts")  # fmt: skip
+    return out
 
 
 def load_checkpoint(path: Path, config: EngineConfig) -> Engine:

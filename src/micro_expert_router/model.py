@@ -105,6 +105,7 @@ class Transformer:
         self.lm_head = dense["model.embed_tokens.weight" if args.tie_word_embeddings
                              else "lm_head.weight"]  # fmt: skip
         self.on_route: list = []  # callbacks(Routing), e.g. trace recorders
+        self.router = None  # routers.py: benchmark-only routing that bypasses the gates
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty KV cache for ``capacity`` tokens (default: ``max_context``)."""
@@ -178,6 +179,8 @@ class Transformer:
 
     # -- mixture of experts ----------------------------------------------------------------
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.router is not None:  # experts [T, K] int64, weights [T, K] in x's dtype
+            return self.router.route(i, x.shape[0], x.dtype)
         a = self.args
         logits = linear(x, self.w[f"model.layers.{i}.{a.spec.moe_prefix}.gate.weight"])  # [T, E]
         probs = F.softmax(logits.float(), dim=-1)

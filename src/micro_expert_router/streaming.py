@@ -465,9 +465,11 @@ def read_plan(path: str | Path, store: Store):
 def load_store(path: Path, config: EngineConfig):
     """An ``Engine`` over an expert store: dense weights in RAM, experts streamed."""
     from .engine import TORCH_DTYPES, Engine, kv_dtype
+    from .memory import process_rss, scale_budgets, store_split
     from .model import Transformer
     from .tokenizer import Tokenizer
 
+    rss = process_rss()  # the runtime's share of the memory limit, before anything is loaded
     store = Store.open(path)
     dtype = TORCH_DTYPES[config.dtype]
     dense = store.load_dense(dtype)
@@ -479,18 +481,25 @@ def load_store(path: Path, config: EngineConfig):
     slots = config.prefetch_slots
     if prefetch != "off" and slots == 0:
         slots = 2 * store.args.top_k
-    provider = StreamingProvider(store, config.cache_bytes, config.io_threads, config.cache_policy,
+    kvd = kv_dtype(config, dense)
+    memory = store_split(store, config, dense, kvd.itemsize, rss, split, DEFAULT_WINDOW, slots,
+                         layer_budgets)  # fmt: skip
+    if layer_budgets is not None:
+        layer_budgets = scale_budgets(layer_budgets, memory.cache)
+    cache_bytes = None if memory.cache_source == "all experts fit" else memory.cache
+    provider = StreamingProvider(store, cache_bytes, config.io_threads, config.cache_policy,
                                  verify=config.verify, split=split, layer_budgets=layer_budgets,
                                  prefetch_slots=slots)  # fmt: skip
     try:  # the provider owns threads, files and pools: closed if the engine is never built
-        model = Transformer(store.args, dense, provider, dtype, config.max_context,
-                            kv_dtype(config, dense))  # fmt: skip
+        model = Transformer(store.args, dense, provider, dtype, config.max_context, kvd)
         if prefetch != "off":
             from .prefetcher import Prefetcher
 
             model.on_route.append(Prefetcher(model, prefetch))
         tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
-        return Engine(store.args, model, tokenizer, config, path)
+        engine = Engine(store.args, model, tokenizer, config, path)
+        engine.memory = memory
+        return engine
     except BaseException:
         provider.close()
         raise

@@ -8,10 +8,6 @@ is converted once into a store and streamed under a cache of a quarter of its ex
 from __future__ import annotations
 
 import argparse
-import re
-
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}  # fmt: skip
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,10 +17,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: torch's)")
     p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (KV)")
     p.add_argument("--cache-mb", type=float, default=None,
-                   help="expert cache budget in MB for a store (default: all experts)")
+                   help="expert cache budget in MB for a store (default: what --memory-limit "
+                   "leaves, docs/memory.md)")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
-                   help="memory limit for the whole engine, e.g. 8G (the engine sizes its cache "
-                   "from it; needs an engine with the memory_limit option)")  # fmt: skip
+                   help="memory limit for the whole engine, e.g. 8G: the expert cache gets what "
+                   "the fixed costs leave (default: the cgroup's limit, else 0.8 x "
+                   "MemAvailable; --cache-mb wins over it)")  # fmt: skip
     p.add_argument("--io-threads", type=int, default=None)
     p.add_argument("--policy", default="lru", help="expert cache policy (see `mer sim`)")
     p.add_argument("--prefetch", default="off", metavar="off|s,l,m",
@@ -33,13 +31,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_size(text: str) -> int:
-    """``"8G"``, ``"512MiB"``, ``"1.5e9"`` -> bytes."""
-    from ..errors import ConfigError
+    """``"8G"``, ``"512MiB"``, ``"1.5e9"`` -> bytes (``memory.parse_size``)."""
+    from ..memory import parse_size as parse
 
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", text.lower())
-    if m is None:
-        raise ConfigError(f"--memory-limit {text!r}: give a size such as 8G, 512M or 2GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    return parse(text, "--memory-limit")
 
 
 def load_engine(args: argparse.Namespace):

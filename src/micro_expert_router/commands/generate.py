@@ -34,7 +34,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: torch's)")
     p.add_argument("--cache-mb", type=float, default=None,
                    help="expert cache budget in MB for a store (0 = stream every expert every "
-                   "time; default: all experts)")  # fmt: skip
+                   "time; default: what --memory-limit leaves; wins over it)")  # fmt: skip
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="memory the process may use, e.g. 2.5G or 1800M: dense weights, KV at "
+                   "max context, staging slots and the runtime come first, the expert cache "
+                   "gets the rest (default: the cgroup's limit, else 0.8 x MemAvailable; "
+                   "--cache-mb wins over it)")  # fmt: skip
+    p.add_argument("--max-context", type=int, default=None,
+                   help="KV cache capacity in tokens (default 4096; counts in --memory-limit)")
+    p.add_argument("--router", default=None, metavar="trace:FILE|markov:FILE",
+                   help="BENCHMARK ONLY: bypass the model's gates and route from a recorded "
+                   "trace (replayed) or a Markov chain fitted on one (docs/router.md)")  # fmt: skip
     p.add_argument("--io-threads", type=int, default=None,
                    help="expert-read threads for a store (default 4)")  # fmt: skip
     p.add_argument("--policy", default=None,
@@ -79,12 +89,15 @@ def run(args: argparse.Namespace) -> int:
     model = args.model
     options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, threads=args.threads,
                    policy=args.policy, verify=args.verify, io_threads=args.io_threads,
-                   split=args.split, plan=args.plan, prefetch=args.prefetch)  # fmt: skip
+                   split=args.split, plan=args.plan, prefetch=args.prefetch,
+                   memory_limit=args.memory_limit, router=args.router)  # fmt: skip
+    if args.max_context is not None:
+        options["max_context"] = args.max_context
     if model is None:
         from ..demo.store import default_cache_bytes, demo_store_path
 
         model = demo_store_path()
-        if args.cache_mb is None and args.plan is None:
+        if args.cache_mb is None and args.plan is None and args.memory_limit is None:
             options["cache_bytes"] = default_cache_bytes(model)
     elif str(model).endswith(".gguf"):
         from ..store.gguf_cache import gguf_store_path
@@ -97,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens <= 0:
         raise ConfigError("--max-tokens must be positive")
     with load(model, **options) as engine:
+        if args.router is not None:
+            print(f"mer generate: warning: routing from {args.router}; the model's gates are "
+                  "bypassed, so the text is meaningless: BENCHMARK ONLY", file=sys.stderr)
         if args.prompt_ids is not None:
             try:
                 prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
@@ -121,7 +137,12 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(step.text)
                 sys.stdout.flush()
         if args.json:
-            print(json.dumps(summary.as_dict()))
+            out = summary.as_dict()
+            if engine.memory is not None:
+                out["memory"] = engine.memory.as_dict()
+            out["router"] = args.router
+            out["benchmark_only"] = args.router is not None
+            print(json.dumps(out))
         else:
             sys.stdout.write("\n")
             print(summary.line(), file=sys.stderr)

@@ -11,7 +11,12 @@ HELP = "plan per-layer expert-cache budgets and split ratios from a routing trac
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="expert store")
     p.add_argument("--trace", required=True, help="routing trace recorded from this model")
-    p.add_argument("--budget-mb", type=float, required=True, help="total expert-cache budget")
+    p.add_argument("--budget-mb", type=float, default=None,
+                   help="total expert-cache budget (default: what --memory-limit leaves the "
+                   "cache, docs/memory.md)")  # fmt: skip
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="plan for this memory limit (default: the cgroup's, else 0.8 x "
+                   "MemAvailable); ignored with --budget-mb")  # fmt: skip
     p.add_argument("--out", default="plan.json", help="plan file to write (default plan.json)")
     p.add_argument("--policy", default="lcp", help="cache policy the hit curves assume")
     p.add_argument("--theta-grid", type=int, default=None,
@@ -41,9 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from ..store import Store
     from ..trace import read_trace
 
-    if args.budget_mb < 0:
+    if args.budget_mb is not None and args.budget_mb < 0:
         raise ConfigError("--budget-mb must be >= 0")
     store = Store.open(args.store)
+    if args.budget_mb is None:  # the cache's share of the memory limit, as generate splits it
+        from ..engine import load
+
+        with load(args.store, memory_limit=args.memory_limit) as engine:
+            print(engine.memory.line(), file=sys.stderr)
+            args.budget_mb = engine.memory.cache / 1e6
     prefetch = args.prefetch.strip().lower()
     if args.profile:
         profile = Profile.from_json(Path(args.profile).read_text(), where=args.profile)
