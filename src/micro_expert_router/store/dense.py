@@ -29,6 +29,7 @@ import torch
 from ..config import ModelArgs
 from ..errors import ConfigError, MERError, StoreError
 from ..kernels.dense_quant import DENSE_FORMATS, from_parts
+from ..kernels.quality import rel_l2
 
 FLOAT_DENSE = {"f32": torch.float32, "bf16": torch.bfloat16}
 DENSE_CHOICES = (*FLOAT_DENSE, *DENSE_FORMATS)
@@ -93,11 +94,6 @@ def _write_safetensors(
         os.fsync(f.fileno())
 
 
-def _rel_l2(ref: torch.Tensor, got: torch.Tensor) -> float:
-    den = float(torch.linalg.vector_norm(ref.double()))
-    return float(torch.linalg.vector_norm(got.double() - ref.double())) / den if den else 0.0
-
-
 def write_dense(
     path: Path,
     args: ModelArgs,
@@ -134,7 +130,7 @@ def write_dense(
             last.clear()
             w = get(name, shape_of[name]).float()
             q = fmt_cls.quantize(w)  # type: ignore[union-attr]
-            errors[name] = _rel_l2(w, q.dequantize())
+            errors[name] = rel_l2(w, q.dequantize())
             last[name] = q.parts()
         return last[name][suffix]
 

@@ -31,7 +31,8 @@ from ..errors import GGUFError, StoreError
 from ..kernels import choose_group
 from ..kernels.ggml import TYPES, BlockType
 from ..kernels.ggml_formats import GGUFExperts
-from .convert import EXPERT_FILE, _progress, _rel_l2
+from ..kernels.quality import rel_l2
+from .convert import EXPERT_FILE, _progress
 from .format import ALIGN, FORMAT_NAME, FORMAT_VERSION, Store, checksum, fsync_dir
 from .gguf_file import GGUFFile, TensorInfo
 from .gguf_model import dense_tensors, expert_tensors, model_args, unpermute_rows
@@ -85,7 +86,7 @@ class _Source:
         q = quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
         back = quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
         self.report.append({"tensor": t.name, "from": t.type_name, "to": "Q8_0", "offset": start,
-                            "rel_l2": _rel_l2(torch.from_numpy(w), torch.from_numpy(back))})
+                            "rel_l2": rel_l2(torch.from_numpy(w), torch.from_numpy(back))})
         return q.tobytes()
 
 
