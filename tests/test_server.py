@@ -17,6 +17,8 @@ import weakref
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -387,3 +389,31 @@ def test_mer_serve_command(store, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+          "seed", "stop", "stream", "stream_options", "model", "n", "logprobs"]  # fmt: skip
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=3),  # fmt: skip
+    max_leaves=5,
+)
+SERVER_FUZZ_EXAMPLES = 80
+
+
+@settings(max_examples=SERVER_FUZZ_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       body=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), JSON_VALUES,
+                            max_size=6) | JSON_VALUES)  # fmt: skip
+def test_fuzzed_request_bodies_never_get_a_500(served, route, body):
+    """Any JSON body gets a 200 (valid) or an OpenAI-style 4xx/429/503 with a message."""
+    if isinstance(body, dict) and "max_tokens" in body and isinstance(body["max_tokens"], int):
+        body["max_tokens"] = body["max_tokens"] % 8  # keep accepted requests short
+    r = httpx.post(served.url + route, content=json.dumps(body), timeout=60,
+                   headers={"content-type": "application/json"})  # NaN/Infinity: not JSON
+    assert r.status_code in (200, 400, 404, 422, 429, 503), (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        err = r.json()["error"]
+        assert err["message"] and err["type"]

@@ -9,12 +9,16 @@
 // followed by a bottom segment into the same y gives the same bits.
 //
 // Weights are read in place from the expert buffer (the bytes of reference.py's sections);
-// activations and accumulation are float32. The AVX-512 kernels and the portable scalar code
-// perform the same IEEE operations in the same order (explicit fmaf, the same reduction tree,
-// the same exp polynomial), so both give identical bits; the tests check it.
+// activations and accumulation are float32. The float32 SIMD kernels (AVX-512, mode 1, and
+// AVX2 + FMA, mode 3) and the portable scalar code perform the same IEEE operations in the same
+// order (explicit fmaf, the same reduction tree, the same exp polynomial), so they give
+// identical bits; the tests check it. The default q4 path on CPUs with AVX512_BF16 (mode 2)
+// does not: it multiplies bf16 splits of x and rounds differently, within the bound stated in
+// docs/quantization.md and checked by the tests.
 //
 // Legend: T tokens, D hidden, g neurons per group, n groups, b q4 block along K, N rows, K
-// reduction length, bn rows per int4 row block (64 in torch's AVX-512 packing "n64").
+// reduction length, bn rows per int4 row block (64 in torch's AVX-512 packing "n64", 32 in its
+// AVX2 packing "n32").
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
