@@ -419,9 +419,12 @@ buf = fmt.repack(n64, d, group, "q4:v1:int4pack-cpu:n64")
 assert torch.equal(buf, fmt.pack(*w, group))
 x = torch.randn(1, d)
 y = expert_forward(fmt, x, [fmt.view(buf, d, group)]).double().numpy()
-gq, uq, dq = fmt.unpack(buf, d, group, group)
-want = ref.swiglu_bf16_ref(x.numpy(), gq.numpy(), uq.numpy(), dq.numpy())
-assert np.linalg.norm(y - want) <= 2**-8 * np.linalg.norm(want)
+gq, uq, dq = (t.double().numpy() for t in fmt.unpack(buf, d, group, group))
+xd = x.double().numpy()
+h, u = xd @ gq.T, xd @ uq.T
+want = (h / (1 + np.exp(-h)) * u) @ dq.T  # exact SwiGLU of the dequantized weights
+# the torch-op path rounds x to bf16 (~2^-9 per element), the native path keeps float32
+assert np.linalg.norm(y - want) <= 2**-7 * np.linalg.norm(want)
 print(int4_layout())
 """
 

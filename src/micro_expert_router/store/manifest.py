@@ -26,7 +26,7 @@ from ..kernels import ExpertFormat, get_format
 FORMAT_NAME = "mer-expert-store"
 FORMAT_VERSION = 1
 ALIGN = 4096
-DENSE_DTYPES = ("float32", "bfloat16", "float16")
+DENSE_DTYPES = ("float32", "bfloat16", "float16", "gguf")  # gguf: types per tensor (gguf.md)
 
 
 @dataclass(frozen=True)
@@ -173,17 +173,20 @@ def _dense_dtype(v: Any) -> str | None:
 
 
 def _dense_tensors(v: Any) -> str | None:
+    # [name, shape], or [name, shape, GGUF type] in a store converted from GGUF
     ok = isinstance(v, list) and all(
-        isinstance(t, list) and len(t) == 2 and isinstance(t[0], str) and isinstance(t[1], list)
-        and all(_is_int(s) and s >= 0 for s in t[1]) for t in v
+        isinstance(t, list) and len(t) in (2, 3) and isinstance(t[0], str)
+        and isinstance(t[1], list) and all(_is_int(s) and s >= 0 for s in t[1])
+        and (len(t) == 2 or isinstance(t[2], (str, int))) for t in v
     )  # fmt: skip
-    return None if ok else "must be a list of [name, shape] pairs"
+    return None if ok else "must be a list of [name, shape] (or [name, shape, type]) entries"
 
 
 def _dense_format(v: Any) -> str | None:
     from .dense import DENSE_CHOICES
 
-    return None if v in DENSE_CHOICES else f"must be one of {DENSE_CHOICES}"
+    choices = (*DENSE_CHOICES, "gguf")
+    return None if v in choices else f"must be one of {choices}"
 
 
 def _dense_quantized(v: Any) -> str | None:
