@@ -71,7 +71,7 @@ def test_library_is_cached_by_source_and_torch(tmp_path, monkeypatch):
     # another source: another name
     src = tmp_path / "native.cpp"
     src.write_bytes(native.SOURCE.read_bytes() + b"\n// changed\n")
-    monkeypatch.setattr(native, "SOURCE", src)
+    monkeypatch.setattr(native, "SOURCES", (src, *native.SOURCES[1:]))
     other_source = native.library_path()
     monkeypatch.undo()
     assert len({path, other_torch, other_source}) == 3

@@ -54,7 +54,8 @@ class NativeInfo:
 INFO = NativeInfo()
 
 
-def _command(out: Path, sources: tuple[Path, ...] = SOURCES) -> list[str]:
+def _command(out: Path, sources: tuple[Path, ...] | None = None) -> list[str]:
+    sources = sources or SOURCES
     from torch.utils.cpp_extension import include_paths, library_paths
 
     cxx = os.environ.get("CXX", "g++")
@@ -68,8 +69,10 @@ def _command(out: Path, sources: tuple[Path, ...] = SOURCES) -> list[str]:
     return cmd
 
 
-def library_path(sources: tuple[Path, ...] = SOURCES) -> Path:
-    """Where the built library for these sources, compiler flags and torch lives."""
+def library_path(sources: tuple[Path, ...] | None = None) -> Path:
+    """Where the built library for these sources (default: the q4/q8 and dense ops), compiler
+    flags and torch lives."""
+    sources = sources or SOURCES
     h = hashlib.sha256(b"".join(src.read_bytes() for src in sources))
     cxx = os.environ.get("CXX", "g++")
     key = [torch.__version__, sys.platform, platform.machine(), cxx, *FLAGS]
@@ -77,7 +80,7 @@ def library_path(sources: tuple[Path, ...] = SOURCES) -> Path:
     return cache_dir() / "native" / f"mer_{sources[0].stem}_{h.hexdigest()[:16]}.so"
 
 
-def build(path: Path, sources: tuple[Path, ...] = SOURCES) -> float:
+def build(path: Path, sources: tuple[Path, ...] | None = None) -> float:
     """Compile to ``path`` (atomically); returns the seconds it took. Raises on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
