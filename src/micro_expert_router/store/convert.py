@@ -201,7 +201,7 @@ def convert(
             f"{', '.join(copied) or 'none'}; {time.perf_counter() - t0:.1f} s"
         )
         log(
-            f"conversion error against the checkpoint, {len(errors)} experts (1 in {every} of "
+            f"conversion error against the checkpoint, over {len(errors)} experts (1 in {every} of "
             f"{len(keys)}):\n  " + "\n  ".join(error_summary(sampled))
         )
         if dense_errors:
