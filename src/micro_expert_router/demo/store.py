@@ -10,7 +10,6 @@ reuses a stale store, and then streamed with a cache budget of a quarter of its 
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 from ..paths import cache_dir
@@ -32,23 +31,13 @@ def _fingerprint(folder: Path) -> str:
 
 def demo_store_path(dtype: str = "f32") -> Path:
     """The demo store, converting the bundled checkpoint on first use."""
-    from ..store import Store, convert
+    from ..store import convert
+    from ..store.format import open_or_build
 
     src = demo_model_path()
     dst = cache_dir() / f"demo-{dtype}-{_fingerprint(src)}"
-    if (dst / "manifest.json").is_file():
-        try:
-            Store.open(dst)
-            return dst
-        except Exception:
-            pass  # damaged: rebuild below
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr)
-
-    log(f"first run: converting the bundled demo model into an expert store at {dst}")
-    convert(src, dst, dtype=dtype, force=True, log=log)
-    return dst
+    return open_or_build(dst, "the bundled demo model",
+                         lambda log: convert(src, dst, dtype=dtype, force=True, log=log))
 
 
 def default_cache_bytes(store_path: Path) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,3 +204,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_or_build(dst: Path, what: str, build: Callable[[Callable[[str], None]], object]) -> Path:
+    """``dst`` if it holds a store that opens; else ``build(log)`` makes it there (a first run:
+    the demo model, a GGUF file), saying so on stderr. A damaged store is rebuilt."""
+    if (dst / "manifest.json").is_file():
+        try:
+            Store.open(dst)
+            return dst
+        except Exception:
+            pass  # damaged: rebuild below
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    log(f"first run: converting {what} into an expert store at {dst}")
+    build(log)
+    return dst

@@ -9,7 +9,6 @@ MiB, so a changed or replaced file is converted again and an unchanged one is re
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 from ..paths import cache_dir
@@ -28,23 +27,12 @@ def _fingerprint(gf: GGUFFile) -> str:
 
 def gguf_store_path(path: str | Path, requantize: str | None = None) -> Path:
     """The store for GGUF file ``path``, converting it on first use."""
-    from .format import Store
+    from .format import open_or_build
     from .gguf_convert import convert_gguf
 
     gf = GGUFFile(path)
     stem = gf.parts[0].name.removesuffix(".gguf")
     suffix = f"-{requantize}" if requantize else ""
     dst = cache_dir() / "gguf" / f"{stem}-{_fingerprint(gf)}{suffix}"
-    if (dst / "manifest.json").is_file():
-        try:
-            Store.open(dst)
-            return dst
-        except Exception:
-            pass  # damaged: rebuild below
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr)
-
-    log(f"first run: converting {path} into an expert store at {dst}")
-    convert_gguf(path, dst, force=True, log=log, requantize=requantize)
-    return dst
+    return open_or_build(dst, str(path), lambda log: convert_gguf(path, dst, force=True, log=log,
+                                                                requantize=requantize))
