@@ -68,11 +68,15 @@ def run(sched: Scheduler, ids: list[list[int]], tokens: int, seed: int) -> list:
 
 
 def dense_bytes(model) -> int:
+    """Bytes of the dense weights (plain or quantized), a tied matrix counted once."""
+    from micro_expert_router.kernels.dense import nbytes
+
     seen, total = set(), 0
     for t in model.w.values():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+        key = t.data_ptr() if isinstance(t, torch.Tensor) else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += nbytes(t)
     return total
 
 
