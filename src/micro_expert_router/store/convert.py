@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -35,48 +33,11 @@ from .format import (
     FORMAT_VERSION,
     TOKENIZER_FILES,
     Store,
-    fsync_dir,
+    place_store,
 )
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 EXPERT_FILE = "experts-00000.bin"
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-
-def write_safetensors_streaming(
-    path: Path,
-    specs: list[tuple[str, tuple[int, ...]]],
-    dtype: torch.dtype,
-    get: Callable[[str, tuple[int, ...]], torch.Tensor],
-    sync: bool = True,
-) -> None:
-    """A safetensors file written one tensor at a time (the header is known up front); with
-    ``sync=False`` the caller fsyncs it later (the converter does, after the experts)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    pos = 0
-    for name, shape in specs:
-        n = dtype.itemsize
-        for s in shape:
-            n *= s
-        header[name] = {
-            "dtype": ST_DTYPES[dtype],
-            "shape": list(shape),
-            "data_offsets": [pos, pos + n],
-        }
-        pos += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, shape in specs:
-            f.write(_tensor_bytes(get(name, shape).to(dtype)))
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -121,7 +82,6 @@ def convert(
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed conversion
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     tmp.mkdir()
-    placed = False  # the folder was renamed to dst: on failure, dst is this run's to remove
     try:
         specs = list(dense_tensor_shapes(args))
         dense_entry, dense_errors = write_dense(tmp / DENSE_FILE, args, specs, ckpt.get, dense,
@@ -170,20 +130,9 @@ def convert(
             "expert_files": [EXPERT_FILE], "experts": entries,
             "source": str(src.resolve()), "torch_version": torch.__version__,
         }  # fmt: skip
-        with open(tmp / "manifest.json.partial", "w") as mf:
-            json.dump(manifest, mf, indent=1)
-            mf.flush()
-            os.fsync(mf.fileno())
-        fsync_dir(tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-        placed = True
-        fsync_dir(dst.parent)
-        os.rename(dst / "manifest.json.partial", dst / "manifest.json")
-        fsync_dir(dst)
+        place_store(tmp, dst, manifest)
     except BaseException as e:
-        shutil.rmtree(dst if placed else tmp, ignore_errors=True)  # a failed run leaves nothing
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves nothing (place_store: dst)
         if isinstance(e, OSError):  # disk full, file too large, I/O error: the user's to fix
             raise StoreError(f"{dst}: writing the store failed ({e.strerror or e}); nothing was "
                              "left behind: free space and convert again") from e  # fmt: skip

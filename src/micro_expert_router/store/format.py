@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -222,3 +223,25 @@ def open_or_build(dst: Path, what: str, build: Callable[[Callable[[str], None]],
     log(f"first run: converting {what} into an expert store at {dst}")
     build(log)
     return dst
+
+
+def place_store(tmp: Path, dst: Path, manifest: dict[str, Any]) -> None:
+    """Finish a conversion written into the hidden folder ``tmp``: write the manifest under a
+    partial name, fsync, rename the folder to ``dst`` (replacing an old one), then rename the
+    manifest into place, so no moment leaves a folder that ``Store.open`` accepts half-written.
+    A failure after the folder was renamed removes ``dst`` (it is this run's)."""
+    with open(tmp / "manifest.json.partial", "w") as mf:
+        json.dump(manifest, mf, indent=1)
+        mf.flush()
+        os.fsync(mf.fileno())
+    fsync_dir(tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.rename(tmp, dst)
+    try:
+        fsync_dir(dst.parent)
+        os.rename(dst / "manifest.json.partial", dst / "manifest.json")
+        fsync_dir(dst)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise

@@ -33,7 +33,7 @@ from ..kernels.ggml import TYPES, BlockType
 from ..kernels.ggml_formats import GGUFExperts
 from ..kernels.quality import rel_l2
 from .convert import EXPERT_FILE, _progress
-from .format import ALIGN, FORMAT_NAME, FORMAT_VERSION, Store, checksum, fsync_dir
+from .format import ALIGN, FORMAT_NAME, FORMAT_VERSION, Store, checksum, place_store
 from .gguf_file import GGUFFile, TensorInfo
 from .gguf_model import dense_tensors, expert_tensors, model_args, unpermute_rows
 
@@ -189,17 +189,7 @@ def convert_gguf(
             "source": str(src.resolve()), "source_format": "gguf",
             "torch_version": torch.__version__,
         }  # fmt: skip
-        with open(tmp / "manifest.json.partial", "w") as mf:
-            json.dump(manifest, mf, indent=1)
-            mf.flush()
-            os.fsync(mf.fileno())
-        fsync_dir(tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-        fsync_dir(dst.parent)
-        os.rename(dst / "manifest.json.partial", dst / "manifest.json")
-        fsync_dir(dst)
+        place_store(tmp, dst, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
