@@ -10,6 +10,7 @@ instead, with the same sampler and the same end-of-sequence rule.
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -50,6 +51,7 @@ class Step:
     finish_reason: str | None = None  # "length" | "stop" on the last step
     prefetch_hits: int = 0  # misses a prefetch had already read or started
     prefetch_bytes: int = 0
+    major_faults: int = 0  # page faults that read from disk (getrusage), the whole process
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Summary:
     finish_reason: str | None = None
     prefetch_hits: int = 0
     prefetch_bytes: int = 0
+    major_faults: int = 0
+    decode_major_faults: int = 0
 
     def add(self, s: Step) -> None:
         self.tokens.append(s.token)
@@ -79,8 +83,9 @@ class Summary:
             self.prefill_s += s.step_s
         else:
             self.decode_s += s.step_s
+            self.decode_major_faults += s.major_faults
         for k in ("experts_needed", "hits", "misses", "bytes_read", "io_wait_s", "compute_s",
-                  "prefetch_hits", "prefetch_bytes"):  # fmt: skip
+                  "prefetch_hits", "prefetch_bytes", "major_faults"):  # fmt: skip
             setattr(self, k, getattr(self, k) + getattr(s, k))
         self.finish_reason = s.finish_reason or self.finish_reason
 
@@ -95,6 +100,8 @@ class Summary:
         d["read_gb_s"] = self.bytes_read / total / 1e9 if total else 0.0
         d["mb_read_per_token"] = self.bytes_read / 1e6 / max(len(self.tokens), 1)
         d["total_s"] = total
+        # ~0 when nothing on the hot path is file-backed (docs/memory.md)
+        d["major_faults_per_token"] = self.decode_major_faults / n_dec if n_dec else 0.0
         return d
 
     def line(self) -> str:
@@ -241,12 +248,14 @@ class Engine:
         feed = ids
         for index in range(max_tokens):
             before = stats.snapshot()
+            faults = _major_faults()
             t0 = time.perf_counter()
             logits = self.model.forward(torch.tensor(feed), kv, last_only=True)[-1]
             if writer is not None:
                 writer.end_step(prefill=index == 0, token_ids=feed)
             token = sample(logits, temperature, top_p, top_k, gen)
             step_s = time.perf_counter() - t0
+            faults = _major_faults() - faults
             d: ProviderStats = stats.minus(before)
             text = ""
             if stream is not None:
@@ -265,10 +274,15 @@ class Engine:
                 bytes_read=d.bytes_read, io_wait_s=d.io_wait_s,
                 compute_s=max(step_s - d.io_wait_s, 0.0), finish_reason=finish,
                 prefetch_hits=d.prefetch_hits, prefetch_bytes=d.prefetch_bytes,
+                major_faults=faults,
             )  # fmt: skip
             if finish is not None:
                 return
             feed = [token]
+
+
+def _major_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 
 
 def kv_dtype(config: EngineConfig, dense: dict[str, Any]) -> torch.dtype:

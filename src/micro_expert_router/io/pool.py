@@ -119,6 +119,20 @@ class BufferPool:
         with self._cond:
             return self._take() if self._free else None
 
+    def close(self) -> None:
+        """Unmap the region now rather than at garbage collection (a short-lived pool, such as
+        the bounce buffers of a load). Only when every slot is free; a view still alive keeps
+        the memory until it goes."""
+        with self._cond:
+            if self._leased or self._region.closed:
+                return
+            _LIVE_POOLS.discard(self)
+            try:
+                self._view.release()
+                self._region.close()
+            except BufferError:
+                pass  # exported views: freed with the last of them
+
     def _take(self) -> Lease:
         index = self._free.pop()
         self._leased.add(index)

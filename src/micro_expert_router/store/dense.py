@@ -144,10 +144,14 @@ def load_dense(
     path: Path, args: ModelArgs, entry: dict[str, Any], shapes, dtype: torch.dtype
 ) -> dict[str, Any]:
     """Every dense tensor: float tensors converted to ``dtype``, quantized ones as
-    ``DenseWeight`` objects. ``entry`` is the manifest's ``dense`` entry."""
-    from safetensors import safe_open
+    ``DenseWeight`` objects. ``entry`` is the manifest's ``dense`` entry.
 
-    from ..checkpoint import read_safetensors_header
+    The bytes are read once with the engine's ``DirectReader`` (``io/bulk.py``) into tensors
+    allocated here, so every dense weight lives in anonymous memory: nothing maps the file, and
+    no page of it can be evicted under a memory limit and faulted in again during decode. Each
+    tensor is converted as soon as its bytes are in, so peak memory stays near the result."""
+    from ..checkpoint import SAFETENSORS_DTYPES, read_safetensors_header
+    from ..io.bulk import read_ranges
 
     fmt = entry.get("format", "f32" if entry.get("dtype") == "float32" else "bf16")
     quantized = entry.get("quantized", [])
@@ -157,34 +161,50 @@ def load_dense(
     if quantized and fmt not in DENSE_FORMATS:
         raise StoreError(f"{path}: dense format {fmt} lists quantized tensors; reconvert")
     qset = set(quantized)
-    read_safetensors_header(path, StoreError)  # bounds and entry checks, clear messages
+    header = read_safetensors_header(path, StoreError)  # bounds and entry checks, clear messages
+    keys: list[tuple[str, str]] = []  # (tensor name, stored key)
+    for name, shape in shapes:
+        parts = [f"{name}.{sfx}" for sfx, _ in PART_DTYPES[fmt]] if name in qset else [name]
+        for key in parts:
+            info = header.get(key)
+            if info is None:
+                raise StoreError(f"{path}: tensor {key} is missing; reconvert")
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise StoreError(f"{path}: tensor {key} has dtype {info['dtype']}, which a "
+                                 "store never writes; reconvert")  # fmt: skip
+            keys.append((name, key))
+        if name not in qset and tuple(header[name]["shape"]) != tuple(shape):
+            raise StoreError(f"{path}: tensor {name} has shape {header[name]['shape']}, "
+                             f"expected {list(shape)}")  # fmt: skip
+    raw = {key: torch.empty(header[key]["shape"], dtype=SAFETENSORS_DTYPES[header[key]["dtype"]])
+           for _, key in keys}  # fmt: skip
+    left = {name: 0 for name, _ in shapes}  # stored parts of each tensor not yet read
+    for name, _ in keys:
+        left[name] += 1
+    shape_of = dict(shapes)
     out: dict[str, Any] = {}
+
+    def done(i: int) -> None:  # stored key i is read: finish its tensor once all parts are in
+        name = keys[i][0]
+        left[name] -= 1
+        if left[name]:
+            return
+        if name not in qset:
+            out[name] = raw.pop(name).to(dtype).contiguous()
+            return
+        parts = {sfx: raw.pop(f"{name}.{sfx}") for sfx, _ in PART_DTYPES[fmt]}
+        w = from_parts(fmt, parts)
+        if w.shape != tuple(shape_of[name]):
+            raise StoreError(f"{path}: quantized tensor {name} has shape "
+                             f"{list(w.shape)}, expected {list(shape_of[name])}")  # fmt: skip
+        out[name] = w
+
     try:
-        with safe_open(str(path), framework="pt") as f:
-            names = set(f.keys())
-            for name, shape in shapes:
-                keys = ([f"{name}.{sfx}" for sfx, _ in PART_DTYPES[fmt]] if name in qset
-                        else [name])  # fmt: skip
-                for key in keys:
-                    if key not in names:
-                        raise StoreError(f"{path}: tensor {key} is missing; reconvert")
-                if name not in qset:
-                    t = f.get_tensor(name)
-                    if tuple(t.shape) != tuple(shape):
-                        raise StoreError(f"{path}: tensor {name} has shape {list(t.shape)}, "
-                                         f"expected {list(shape)}")  # fmt: skip
-                    out[name] = t.to(dtype).contiguous()
-                    continue
-                parts = {sfx: f.get_tensor(f"{name}.{sfx}") for sfx, _ in PART_DTYPES[fmt]}
-                w = from_parts(fmt, parts)
-                if w.shape != tuple(shape):
-                    raise StoreError(f"{path}: quantized tensor {name} has shape "
-                                     f"{list(w.shape)}, expected {list(shape)}")  # fmt: skip
-                out[name] = w
+        read_ranges(path, [(header[key]["offset"], raw[key]) for _, key in keys], done)
     except MERError as e:
         if isinstance(e, StoreError):
             raise
         raise StoreError(f"{path}: {e}") from None
     except Exception as e:
         raise StoreError(f"{path}: cannot read dense weights ({e})") from None
-    return out
+    return {name: out[name] for name, _ in shapes}
