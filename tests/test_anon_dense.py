@@ -91,7 +91,8 @@ def test_generate_reports_major_faults_per_token(ckpt, tmp_path):
 
 
 def _file(tmp_path, n: int):
-    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
     path = tmp_path / "blob.bin"
     path.write_bytes(data.numpy().tobytes())
     return path, data
