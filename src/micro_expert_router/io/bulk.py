@@ -57,7 +57,9 @@ def read_ranges(
     own = reader is None
     reader = reader or DirectReader()
     pool = BufferPool(max(1, slots), window, name="bulk-read")
-    views = {i: ranges[i][1].view(-1).view(torch.uint8) for i in live}  # [nbytes] each
+    # numpy views: a plain single-threaded memcpy (torch's copy_ runs an OpenMP region per
+    # call, which stalls on a busy machine)
+    views = {i: ranges[i][1].view(-1).view(torch.uint8).numpy() for i in live}  # [nbytes] each
     ends = sorted(live, key=lambda i: ranges[i][0] + ranges[i][1].nbytes)
     inflight: deque[tuple[int, object, Future]] = deque()
     starts = iter(range(lo, hi, window))
@@ -82,16 +84,16 @@ def read_ranges(
             w0, lease, fut = inflight.popleft()
             try:
                 res = fut.result()
-                src = res.torch()  # [bytes of this window]
+                src = res.numpy()  # [bytes of this window]
                 w1 = w0 + res.length
                 read += res.length
                 for i in live[first:]:
                     off, dst = ranges[i][0], views[i]
                     if off >= w1:
                         break
-                    a, b = max(off, w0), min(off + dst.numel(), w1)
+                    a, b = max(off, w0), min(off + dst.size, w1)
                     if a < b:
-                        dst[a - off : b - off].copy_(src[a - w0 : b - w0])
+                        dst[a - off : b - off] = src[a - w0 : b - w0]
                 while first < len(live) and _end(ranges, views, live[first]) <= w1:
                     first += 1
             finally:
@@ -113,4 +115,4 @@ def read_ranges(
 
 
 def _end(ranges: Sequence[tuple[int, torch.Tensor]], views: dict, i: int) -> int:
-    return ranges[i][0] + views[i].numel()
+    return ranges[i][0] + views[i].size
