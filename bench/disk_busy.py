@@ -113,8 +113,10 @@ def ids(seed: int, n: int, vocab: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(n)]
 
 
-def load(a: argparse.Namespace, limit: int, context: int):
+def load(a: argparse.Namespace, limit: int | None, context: int):
     opts = json.loads(a.options)
+    if limit is None:  # resident: every expert cached, whatever budget the options name
+        opts = {k: v for k, v in opts.items() if k not in ("cache_bytes", "plan")}
     if a.router:
         opts["router"] = a.router
     return mer.load(a.store, memory_limit=limit, max_context=context, threads=a.threads,
@@ -141,6 +143,22 @@ def decode_trial(a: argparse.Namespace, limit: int, bw: float) -> dict:
                 "cache_mb": eng.memory.cache / 2**20 if eng.memory else None,
                 "busy_frac": busy / dt, "busy_rate_vs_bw": nbytes / busy / bw if busy else 0.0,
                 "disk_busy": nbytes / (dt * bw)}  # fmt: skip
+    finally:
+        eng.close()
+
+
+def resident_prompt_tps(a: argparse.Namespace) -> float:
+    """The compute bound: the same prefill with every expert preloaded (no memory limit)."""
+    p = a.prompt_tokens
+    eng = load(a, None, p + 1)
+    try:
+        eng.preload()
+        kv = eng.model.new_cache(p + 1)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            eng.model.forward(torch.tensor(ids(a.seed, p, eng.args.vocab_size)), kv,
+                              last_only=True)  # fmt: skip
+            return p / (time.perf_counter() - t0)
     finally:
         eng.close()
 
@@ -188,7 +206,9 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=0,
                     help="also time a cold out-of-core prefill of this many tokens")
     ap.add_argument("--resident-prompt-tps", type=float, default=None,
-                    help="prompt tok/s of the same prefill resident (the compute bound)")
+                    help="prompt tok/s of the same prefill resident (the compute bound); "
+                    "with --measure-resident, measured in this run (needs RAM for every expert)")
+    ap.add_argument("--measure-resident", action="store_true")
     ap.add_argument("--no-decode", action="store_true", help="only the prefill trial")
     ap.add_argument("--no-drop", action="store_true", help="leave the page cache alone")
     ap.add_argument("--seed", type=int, default=1)
@@ -213,6 +233,9 @@ def main() -> int:
             dropped = not a.no_drop and drop_caches()
             row.update(decode_trial(a, limit, bw))
             busy.append(row["disk_busy"])
+        if a.prompt_tokens and a.measure_resident:
+            a.resident_prompt_tps = resident_prompt_tps(a)
+            row["resident_prompt_tps"] = a.resident_prompt_tps
         if a.prompt_tokens:
             dropped = not a.no_drop and drop_caches()
             row["prefill"] = prefill_trial(a, limit, bw)

@@ -34,7 +34,7 @@ def test_disk_busy_bench_runs_on_a_small_store(store, monkeypatch, capsys):
     mod = load_bench("disk_busy")
     argv = ["disk_busy.py", "--store", str(store.path), "-n", "3", "--limit", "4G",
             "--no-drop", "--bw-mib", "1", "--bw-read-mib", "1", "--prompt-tokens", "16",
-            "--resident-prompt-tps", "1e9",
+            "--measure-resident",
             "--options", json.dumps({"cache_bytes": 2 * store.expert_bytes})]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     assert mod.main() == 0
