@@ -3,9 +3,8 @@
 ``pool`` owns memory (slots, leases, refcounts, the leak check); ``reader`` owns reading bytes
 (O_DIRECT ``preadv`` from a thread pool, buffered fallback, retries, priorities); ``bulk`` reads
 a file's byte ranges into pre-allocated tensors with the reader (the dense weights at load, so
-they live in anonymous memory). Which expert to
-read and where it lives belong to ``store`` and ``cache``. Design and measured figures:
-``docs/io.md``.
+they live in anonymous memory). Which expert to read and where it lives belong to ``store`` and
+``cache``. Design and measured figures: ``docs/io.md``.
 """
 
 from __future__ import annotations
