@@ -7,8 +7,8 @@ first; then prefetch off / on with the best policy; then the I/O threads; then t
 size, each step keeping the winners so far. ``--grid full`` runs every combination. Every
 configuration is a fresh engine (``memory_limit`` only, no hand-picked cache), a short prompt
 and ``-n`` decode steps fed ``Random(1)`` ids, ``--repeats`` times in alternating order; the
-median decode tok/s decides. Prefetch must pay: it wins only if its median beats off by
-``--prefetch-margin`` (default 3 %), else it stands down.
+median decode tok/s decides. Each run is a child process of its own. Prefetch must pay: it
+wins only if its median beats off by ``--prefetch-margin`` (default 3 %), else it stands down.
 
 Prints one JSON line per run, then a markdown table per router (for docs/memory.md) and a final
 line naming the winners:
@@ -28,6 +28,7 @@ import itertools
 import json
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,17 @@ def loadavg() -> str:
 
 
 def run(a: argparse.Namespace, limit: int, router: str | None, cfg: dict) -> dict:
+    """One configuration in a fresh child process (a process that loaded an engine before keeps
+    memory the next engine's memory split would count as its runtime)."""
+    job = json.dumps({"limit": limit, "router": router, "cfg": cfg})
+    r = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", job],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"configuration {cfg} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def child(a: argparse.Namespace, limit: int, router: str | None, cfg: dict) -> dict:
     opts = dict(memory_limit=limit, max_context=a.prompt_tokens + a.n + 1, threads=a.threads,
                 policy=cfg["policy"], prefetch=cfg["prefetch"],
                 io_threads=cfg["io_threads"])  # fmt: skip
@@ -114,6 +126,8 @@ def sweep(a, limit, router) -> tuple[dict, dict]:
         return best, results
     best = dict(DEFAULTS)
     for factor, values in space.items():
+        if factor not in a.factors:
+            continue
         cfgs = [{**best, factor: v} for v in values]
         measure(a, limit, router, cfgs, results)
         tps = {v: median_tps(results, c) for v, c in zip(values, cfgs, strict=True)}
@@ -154,11 +168,19 @@ def main() -> int:
     ap.add_argument("--prefetch-margin", type=float, default=0.03)
     ap.add_argument("--io-threads", default="2,4,8")
     ap.add_argument("--chunk-kib", default="1024,4096")
+    ap.add_argument("--factors", default="policy,prefetch,io_threads,chunk_kib",
+                    help="the factors a one-at-a-time sweep visits (the others keep defaults)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.factors = a.factors.split(",")
     a.policies = a.policies.split(",")
     a.io_threads = [int(v) for v in a.io_threads.split(",")]
     a.chunk_kib = [int(v) for v in a.chunk_kib.split(",")]
+    if a.child is not None:
+        job = json.loads(a.child)
+        print(json.dumps(child(a, job["limit"], job["router"], job["cfg"])), flush=True)
+        return 0
     store = Store.open(a.store)
     size = store.total_expert_bytes + store.dense_file.stat().st_size
     s = a.limit

@@ -19,7 +19,8 @@ In one run, per trial:
    (``--resident-prompt-tps``, the same prompt resident, when given: the prefill cannot beat
    either, so the figure that counts is ``tok/s / min(disk bound, compute bound)``).
 
-One JSON line per trial, then a final ratio line (medians). For the lead, on an idle machine:
+Each engine run is a child process of its own. One JSON line per trial, then a final ratio line
+(medians). For the lead, on an idle machine:
 
     python bench/disk_busy.py --store /tmp/peers/models/olmoe-like-q4 --trials 3 -n 32
     python bench/disk_busy.py --store /tmp/peers/models/olmoe-like-q4 --trials 1 -n 8 \\
@@ -189,6 +190,23 @@ def prefill_trial(a: argparse.Namespace, limit: int, bw: float) -> dict:
         eng.close()
 
 
+CHILDREN = {"decode": lambda a, limit, bw: decode_trial(a, limit, bw),
+            "prefill": lambda a, limit, bw: prefill_trial(a, limit, bw),
+            "resident": lambda a, limit, bw: {"tps": resident_prompt_tps(a)}}  # fmt: skip
+
+
+def in_child(a: argparse.Namespace, kind: str, limit: int, bw: float) -> dict:
+    """One engine run in a fresh child process: a process that loaded an engine before keeps
+    memory that the next engine's split would count as its runtime."""
+    job = json.dumps({"kind": kind, "limit": limit, "bw": bw,
+                      "resident_prompt_tps": a.resident_prompt_tps})  # fmt: skip
+    r = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", job],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"the {kind} run failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True)
@@ -212,7 +230,13 @@ def main() -> int:
     ap.add_argument("--no-decode", action="store_true", help="only the prefill trial")
     ap.add_argument("--no-drop", action="store_true", help="leave the page cache alone")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child is not None:
+        job = json.loads(a.child)
+        a.resident_prompt_tps = job["resident_prompt_tps"]
+        print(json.dumps(CHILDREN[job["kind"]](a, job["limit"], job["bw"])), flush=True)
+        return 0
     store = Store.open(a.store)
     size = store.total_expert_bytes + store.dense_file.stat().st_size
     s = a.limit
@@ -231,14 +255,14 @@ def main() -> int:
                "read_ahead_kb": read_ahead_kb(Path(file)), "caches_dropped": dropped}  # fmt: skip
         if not a.no_decode:
             dropped = not a.no_drop and drop_caches()
-            row.update(decode_trial(a, limit, bw))
+            row.update(in_child(a, "decode", limit, bw))
             busy.append(row["disk_busy"])
         if a.prompt_tokens and a.measure_resident:
-            a.resident_prompt_tps = resident_prompt_tps(a)
+            a.resident_prompt_tps = in_child(a, "resident", limit, bw)["tps"]
             row["resident_prompt_tps"] = a.resident_prompt_tps
         if a.prompt_tokens:
             dropped = not a.no_drop and drop_caches()
-            row["prefill"] = prefill_trial(a, limit, bw)
+            row["prefill"] = in_child(a, "prefill", limit, bw)
             pre.append(row["prefill"])
         row["loadavg"] = uptime()
         print(json.dumps(row), flush=True)
