@@ -19,6 +19,7 @@ from micro_expert_router.errors import ReadError, StoreError
 from micro_expert_router.io import DirectReader
 from micro_expert_router.io.bulk import read_ranges
 from micro_expert_router.kernels.dense_quant import from_parts
+from micro_expert_router.model import Transformer
 from micro_expert_router.store import convert
 from micro_expert_router.store.dense import PART_DTYPES
 
@@ -71,11 +72,13 @@ def test_dense_is_anonymous_and_bit_identical(ckpt, tmp_path, dense):
         ids = [3, 1, 4, 1, 5]
         logits = eng.logits(ids)
         streamed = [s.token for s in eng.generate(ids, max_tokens=6, temperature=0)]
-        eng.model.w.update(want)  # the old, mapped load: same bits everywhere
-        eng.model.lm_head = want["model.embed_tokens.weight" if eng.args.tie_word_embeddings
-                                 else "lm_head.weight"]  # fmt: skip
-        assert (eng.logits(ids) == logits).all()
-        assert [s.token for s in eng.generate(ids, max_tokens=6, temperature=0)] == streamed
+        m = eng.model  # the same engine over the old, mapped load: the same bits everywhere
+        eng.model = Transformer(eng.args, want, m.provider, m.dtype, m.max_context, m.kv_dtype)
+        try:
+            assert (eng.logits(ids) == logits).all()
+            assert [s.token for s in eng.generate(ids, max_tokens=6, temperature=0)] == streamed
+        finally:
+            eng.model = m
 
 
 def test_generate_reports_major_faults_per_token(ckpt, tmp_path):
