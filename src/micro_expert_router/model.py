@@ -27,7 +27,7 @@ from .errors import BudgetError
 from .kernels import expert_forward
 from .kernels.attention import decode_attention
 from .kernels.dense import embedding, fuse_rows, linear
-from .kernels.experts import experts_forward
+from .kernels.experts import experts_forward, experts_stack
 from .kernels.layer_ops import rms_norm, rope_attend
 from .provider import ExpertProvider
 
@@ -265,6 +265,14 @@ class Transformer:
         order = sorted(range(len(ids)), key=ids.__getitem__)
         needed = [ids[r] for r in order]  # [K] distinct ids, ascending
         fmt = self.provider.format
+        fast = getattr(self.provider, "resident_views", None)
+        if fast is not None and (views := fast(i, needed)) is not None:
+            # every expert whole in RAM: no handles, no reads, one native call
+            for cb in self.on_route:
+                cb(Routing(i, experts, weights, x))
+            ys = experts_stack(fmt, x, views)[:, 0]  # [K, D]
+            w = weights[0, order].to(x.dtype)  # [K] in id order
+            return torch.matmul(w[None, :], ys)  # [1, D]
         with self.provider.acquire(i, needed) as handles:
             for cb in self.on_route:
                 cb(Routing(i, experts, weights, x))
@@ -284,7 +292,7 @@ class Transformer:
                     ys[j] = expert_forward(fmt, x, segs[j])[0]
                 elif (rest := next(segs[j], None)) is not None:  # a split expert's bottom
                     expert_forward(fmt, x, chain((rest,), segs[j]), out=ys[j : j + 1])
-        w = weights[0, torch.tensor(order)].to(x.dtype)  # [K] in id order
+        w = weights[0, order].to(x.dtype)  # [K] in id order
         return torch.matmul(w[None, :], ys)  # [1, D]
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
