@@ -175,6 +175,12 @@ class MXFP4:
                           "convert a GPT-OSS checkpoint with MXFP4 experts, or choose bf16, q8 "
                           "or q4 for float weights")  # fmt: skip
 
+    def pack_expert(self, w: object, group: int) -> torch.Tensor:
+        """The converter's entry point: only a checkpoint's MXFP4 blocks (``RawExpert``)."""
+        if not isinstance(w, RawExpert):
+            return self.pack(torch.empty(0), torch.empty(0), torch.empty(0), group)  # raises
+        return self.pack_raw(w, group)
+
     def pack_raw(self, w: RawExpert, group: int) -> torch.Tensor:
         """One expert's checkpoint blocks, scales and biases into n groups, 1-D uint8."""
         two_i, nbd = w.gu_scales.shape
@@ -183,7 +189,8 @@ class MXFP4:
         shapes = {"gate_up blocks": (w.gu_blocks, (two_i, nbd, 16)),
                   "down blocks": (w.dn_blocks, (d, inter // BLOCK, 16)),
                   "down scales": (w.dn_scales, (d, inter // BLOCK)),
-                  "gate_up bias": (w.gu_bias, (two_i,)), "down bias": (w.dn_bias, (d,))}  # fmt: skip
+                  "gate_up bias": (w.gu_bias, (two_i,)),
+                  "down bias": (w.dn_bias, (d,))}  # fmt: skip
         for what, (t, shape) in shapes.items():
             if tuple(t.shape) != shape:
                 raise ConfigError(f"{self.name}: {what} have shape {tuple(t.shape)}, expected "
