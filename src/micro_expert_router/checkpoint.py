@@ -324,6 +324,11 @@ class Checkpoint:
 
 def dense_tensor_shapes(a: ModelArgs) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Every RAM-resident tensor of the model: name and expected shape."""
+    if a.spec.family == "gpt_oss":  # its own names (router, sinks)
+        from .models.gpt_oss import dense_tensor_shapes as gpt_oss_shapes
+
+        yield from gpt_oss_shapes(a)
+        return
     d = a.hidden_size
     yield "model.embed_tokens.weight", (a.vocab_size, d)
     yield "model.norm.weight", (d,)

@@ -56,6 +56,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ("n_routed_experts",), "moe_intermediate_size", True, "none", True,
         "mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", False, "deepseek",
     ),
+    "GptOssForCausalLM": ArchSpec(
+        ("num_local_experts",), "intermediate_size", None, "none", False,
+        "mlp", ("gate_up_proj", "gate_up_proj", "down_proj"), family="gpt_oss",
+    ),
     "Glm4MoeForCausalLM": ArchSpec(
         ("n_routed_experts",), "moe_intermediate_size", True, "none", True,
         "mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", False, "glm4_moe",
@@ -122,6 +126,13 @@ class ModelArgs:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling: float = 1.0
+    # GPT-OSS (models/gpt_oss.py): per-layer sliding window (empty: sliding_window applies to
+    # every layer), attention sinks, experts with biases and the clamped SwiGLU
+    sliding_layers: tuple[bool, ...] = ()
+    attn_sinks: bool = False
+    expert_act: str = "swiglu"  # "swiglu" | "clamped_swiglu" (GPT-OSS, with expert biases)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @property
     def rotary_dim(self) -> int:
@@ -263,6 +274,7 @@ class ModelArgs:
         d = asdict(self)
         d["moe_layers"] = list(self.moe_layers)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["sliding_layers"] = list(self.sliding_layers)
         return d
 
     @classmethod
@@ -270,6 +282,7 @@ class ModelArgs:
         d = dict(d)
         d["moe_layers"] = tuple(d["moe_layers"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         return cls(**d)
 
 

@@ -29,3 +29,15 @@ def family_module(family: str) -> Any:
 def family_config(family: str, cfg: dict[str, Any], where: str, kw: dict[str, Any]) -> dict:
     """The ModelArgs fields family ``family`` sets from its config keys (over ``kw``)."""
     return family_module(family).config(cfg, where, kw)
+
+
+def transformer(args: Any, *rest: Any, **kw: Any) -> Any:
+    """The model for ``args`` (``model.Transformer``'s arguments): the family's own
+    ``transformer`` factory when its file has one, else ``Transformer``."""
+    family = args.spec.family
+    make = getattr(family_module(family), "transformer", None) if family else None
+    if make is None:
+        from ..model import Transformer
+
+        make = Transformer
+    return make(args, *rest, **kw)

@@ -8,6 +8,8 @@
   adding ``e_score_correction_bias``, which steers the choice but not the weights); the chosen
   scores optionally renormalized (``norm_topk_prob``, with DeepSeek's 1e-20), then times
   ``routed_scaling_factor``.
+- ``topk_softmax`` (GPT-OSS): a router with a bias (``mlp.router.weight``/``.bias``); the top-k
+  of the logits, then a softmax over those k.
 
 Follows transformers' ``*TopkRouter`` modules operation for operation (float32 scores). The top-k
 is taken sorted, so ``experts`` are in rank order (traces record that order); the MoE block sums
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from ..kernels.dense import linear
 
-TOPK_METHODS = ("softmax_topk", "greedy", "group_limited_greedy", "noaux_tc")
+TOPK_METHODS = ("softmax_topk", "greedy", "group_limited_greedy", "noaux_tc", "topk_softmax")
 
 
 def gate_name(a: Any, i: int) -> str:
@@ -44,6 +46,11 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Experts ``[T, K]`` int64 in rank order and their weights ``[T, K]`` in ``x``'s dtype
     for the tokens ``x [T, D]`` of layer ``i`` (``a``: ModelArgs, ``w``: dense weights)."""
+    if a.topk_method == "topk_softmax":
+        p = f"model.layers.{i}.mlp.router"
+        logits = linear(x, w[f"{p}.weight"], w[f"{p}.bias"])  # [T, E]
+        top, experts = torch.topk(logits, a.top_k, dim=-1)  # [T, K]
+        return experts, F.softmax(top, dim=1, dtype=top.dtype).to(x.dtype)
     if a.topk_method == "softmax_topk":
         logits = linear(x, w[gate_name(a, i)])  # [T, E]
         probs = F.softmax(logits.float(), dim=-1)

@@ -120,6 +120,13 @@ class _Packed:
         self.data, self.xxh3, self.error = data, xxh3, error
 
 
+def pack_expert(fmt: ExpertFormat, weights: Any, group: int) -> torch.Tensor:
+    """One expert's bytes (1-D uint8): the format's ``pack_expert`` when it has one (experts with
+    biases, blocks kept as they are), else ``pack(gate, up, down)``."""
+    pack = getattr(fmt, "pack_expert", None)
+    return pack(weights, group) if pack is not None else fmt.pack(*weights, group)
+
+
 def _pack(
     fmt: ExpertFormat,
     group: int,
@@ -128,12 +135,8 @@ def _pack(
     weights: Any,
     measure: bool,
 ) -> _Packed:
-    pack_expert = getattr(fmt, "pack_expert", None)
     try:
-        if pack_expert is not None:  # experts with biases, or blocks kept as they are
-            packed = pack_expert(weights, group)  # [bytes] uint8
-        else:
-            packed = fmt.pack(*weights, group)
+        packed = pack_expert(fmt, weights, group)  # [bytes] uint8
     except MERError as e:  # say which expert: the format's message cannot
         raise type(e)(f"expert {key[1]} of layer {key[0]}: {e}") from None
     if packed.numel() != per_expert:
