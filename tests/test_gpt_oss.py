@@ -120,7 +120,10 @@ def test_quantized_stores_load_and_generate(case, dtype):
         assert streamed.provider.format.name.startswith(f"gptoss:{dtype}")
         out = streamed.logits(ids)
         assert np.array_equal(out, resident.logits(ids))
-        assert rel_err(out, ref) < (0.1 if dtype == "q8" else 0.3)
+        if dtype == "q8":
+            assert rel_err(out, ref) < 0.1
+        else:  # 4-bit weights everywhere on a tiny sharp random model: a rough copy
+            assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.7
         steps = list(streamed.generate(ids, 8, temperature=0, stop_at_eos=False))
         assert len(steps) == 8
 
@@ -170,10 +173,13 @@ def test_mxfp4_checkpoint_kept_lossless(case, tmp_path):
     hf = build(seed=4)
     write_mxfp4_checkpoint(hf, tmp_path / "mx", tmp_path / "float")
     notes: list[str] = []
-    convert(tmp_path / "mx", tmp_path / "store", dtype="mxfp4", progress=False, log=notes.append)
+    # dense="f32": this test's attention weights are random float32 (the release's are bf16,
+    # the default dense format of an mxfp4 store)
+    convert(tmp_path / "mx", tmp_path / "store", dtype="mxfp4", dense="f32", progress=False,
+            log=notes.append)  # fmt: skip
     assert any("lossless" in n for n in notes)
     store = Store.open(tmp_path / "store")
-    assert store.format.name == "mxfp4"
+    assert store.format.name == "mxfp4:1.702:1.5"
     report = json.loads((tmp_path / "store" / "conversion_report.json").read_text())
     assert report["summary"]["gate"]["max"] == 0.0  # the checkpoint's own values
     with torch.no_grad():
@@ -187,7 +193,7 @@ def test_mxfp4_checkpoint_kept_lossless(case, tmp_path):
     with mer.load(tmp_path / "store", dtype="bfloat16") as engine:  # int8 activations
         assert len(list(engine.generate(ids, 4, temperature=0, stop_at_eos=False))) == 4
     # the resident checkpoint runs MXFP4 too; a bf16 store is the exact dequantization
-    assert mer.load(tmp_path / "mx").provider.format.name == "mxfp4"
+    assert mer.load(tmp_path / "mx").provider.format.name.startswith("mxfp4")
     notes.clear()
     convert(tmp_path / "mx", tmp_path / "bf16", dtype="bf16", progress=False, log=notes.append)
     assert any("exact" in n for n in notes)
