@@ -11,10 +11,10 @@
 //   1 AVX2 f32 / 0 scalar f32: x in float32, permuted once per block into [even | odd] order so a
 //     low-nibble vector and a high-nibble vector each meet their 16 activations in order;
 //       s_l = sum over 4 chunks c of v(c, l) x(c, l)   (8 lanes l, mul then 3 fma)
-//       acc_l = fma(s_l, d_b, acc_l);   dot = tree8(acc)
+//       acc_l = fma(s_l, d_b, acc_l);   dot = tree8(acc even blocks + acc odd blocks)
 //   2 AVX2 int8 / 3 scalar int8: x rounded to int8 per block of 32 (sx = max|x| / 127), the same
 //     permutation; lane l holds the exact int32 sum of 4 adjacent byte products (vpmaddubsw then
-//     vpmaddwd), acc_l = fma(float(lane_l), d_b sx_b, acc_l);   dot = tree8(acc)
+//     vpmaddwd), acc_l = fma(float(lane_l), d_b sx_b, acc_l), two accumulators as above
 // The scalar code does the same float operations in the same order (explicit fmaf, the same
 // lanes and sum tree; -ffp-contract=off), so the SIMD and scalar paths give identical bits.
 //
@@ -51,12 +51,18 @@ namespace {
 constexpr int8_t kValues[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
 // 2^(e-128) (half the e8m0 scale: the values are doubled); ggml's ggml_e8m0_to_fp32_half.
-inline float half_scale(uint8_t e) {
-  uint32_t bits = e < 2 ? (0x00200000u << e) : (uint32_t(e - 1) << 23);
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+struct HalfScales {
+  float v[256];
+  HalfScales() {
+    for (int e = 0; e < 256; ++e) {
+      uint32_t bits = e < 2 ? (0x00200000u << e) : (uint32_t(e - 1) << 23);
+      std::memcpy(&v[e], &bits, 4);
+    }
+  }
+};
+const HalfScales kHalf;
+inline float half_scale(uint8_t e) { return kHalf.v[e]; }
+
 
 // float32 -> the nearest bfloat16 (ties to even), kept as a float32 (finite inputs).
 inline float round_bf16(float f) {
@@ -71,6 +77,13 @@ inline float tree8(const float* a) {
   float s4[4];
   for (int i = 0; i < 4; ++i) s4[i] = a[i] + a[i + 4];
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// The two accumulators (even blocks, odd blocks) of a dot, lane by lane, then the sum tree.
+inline float finish(const float* a0, const float* a1) {
+  float a[8];
+  for (int l = 0; l < 8; ++l) a[l] = a0[l] + a1[l];
+  return tree8(a);
 }
 
 // The code of element (chunk c, lane l) of a block: chunks 0/1 are the low nibbles of bytes
@@ -126,7 +139,7 @@ struct Act {
 // ---- scalar (the reference order) ------------------------------------------------------------
 
 float dot_f32_scalar(const uint8_t* q, const uint8_t* e, const float* xp, int64_t nb) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float acc[2][8] = {};
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* qb = q + b * 16;
     const float* xb = xp + b * 32;
@@ -134,15 +147,15 @@ float dot_f32_scalar(const uint8_t* q, const uint8_t* e, const float* xp, int64_
     for (int l = 0; l < 8; ++l) {
       float s = float(kValues[code(qb, 0, l)]) * xb[l];
       for (int c = 1; c < 4; ++c) s = std::fmaf(float(kValues[code(qb, c, l)]), xb[c * 8 + l], s);
-      acc[l] = std::fmaf(s, d, acc[l]);
+      acc[b & 1][l] = std::fmaf(s, d, acc[b & 1][l]);
     }
   }
-  return tree8(acc);
+  return finish(acc[0], acc[1]);
 }
 
 float dot_i8_scalar(const uint8_t* q, const uint8_t* e, const int8_t* xq, const float* xs,
                     int64_t nb) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float acc[2][8] = {};
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* qb = q + b * 16;
     const int8_t* xb = xq + b * 32;
@@ -156,10 +169,10 @@ float dot_i8_scalar(const uint8_t* q, const uint8_t* e, const int8_t* xq, const 
         const int c = p < 16 ? (qb[p] & 15) : (qb[p - 16] >> 4);
         sum += int32_t(kValues[c]) * int32_t(xb[p]);
       }
-      acc[l] = std::fmaf(float(sum), d, acc[l]);
+      acc[b & 1][l] = std::fmaf(float(sum), d, acc[b & 1][l]);
     }
   }
-  return tree8(acc);
+  return finish(acc[0], acc[1]);
 }
 
 #if MX_X86
@@ -168,52 +181,74 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-MX_AVX2 inline float hsum8_tree(__m256 v) {
-  alignas(32) float a[8];
-  _mm256_store_ps(a, v);
-  return tree8(a);
+MX_AVX2 inline float finish_avx2(__m256 a0, __m256 a1) {
+  alignas(32) float a[8], c[8];
+  _mm256_store_ps(a, a0);
+  _mm256_store_ps(c, a1);
+  return finish(a, c);
+}
+
+// One block's 8-lane float sum (before its scale): mul, then 3 fma, as the scalar code.
+MX_AVX2 inline __m256 block_f32(const uint8_t* q, const float* xb, __m128i lut, __m128i m4) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(v, m4));
+  const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+  __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(xb));
+  s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+                      _mm256_loadu_ps(xb + 8), s);
+  s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(xb + 16), s);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+                         _mm256_loadu_ps(xb + 24), s);
 }
 
 MX_AVX2 float dot_f32_avx2(const uint8_t* q, const uint8_t* e, const float* xp, int64_t nb) {
   const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues));
   const __m128i m4 = _mm_set1_epi8(15);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
-    const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(v, m4));
-    const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m4));
-    const float* xb = xp + b * 32;
-    __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(xb));
-    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
-                        _mm256_loadu_ps(xb + 8), s);
-    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(xb + 16), s);
-    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
-                        _mm256_loadu_ps(xb + 24), s);
-    acc = _mm256_fmadd_ps(s, _mm256_set1_ps(half_scale(e[b])), acc);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) {
+    const __m256 s0 = block_f32(q + b * 16, xp + b * 32, lut, m4);
+    const __m256 s1 = block_f32(q + b * 16 + 16, xp + b * 32 + 32, lut, m4);
+    a0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(half_scale(e[b])), a0);
+    a1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(half_scale(e[b + 1])), a1);
   }
-  return hsum8_tree(acc);
+  if (b < nb)
+    a0 = _mm256_fmadd_ps(block_f32(q + b * 16, xp + b * 32, lut, m4),
+                         _mm256_set1_ps(half_scale(e[b])), a0);
+  return finish_avx2(a0, a1);
+}
+
+// One block's 8 exact int32 lane sums as floats: codes through the table, then
+// |w| * sign(x, w) in vpmaddubsw, pairs of int16 in vpmaddwd.
+MX_AVX2 inline __m256 block_i8(const uint8_t* q, const int8_t* xb, __m256i lut, __m256i m4,
+                               __m256i ones) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  // low lane: low nibbles (even elements), high lane: high nibbles (odd elements)
+  const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+  const __m256i w = _mm256_shuffle_epi8(lut, c);
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
 }
 
 MX_AVX2 float dot_i8_avx2(const uint8_t* q, const uint8_t* e, const int8_t* xq, const float* xs,
                           int64_t nb) {
-  const __m256i lut = _mm256_broadcastsi128_si256(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues)));
+  const __m256i lut =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues)));
   const __m256i m4 = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
-    // low lane: low nibbles (even elements), high lane: high nibbles (odd elements)
-    const __m256i c = _mm256_and_si256(
-        _mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
-    const __m256i w = _mm256_shuffle_epi8(lut, c);
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32));
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    const __m256i p32 = _mm256_madd_epi16(p16, ones);
-    const float d = half_scale(e[b]) * xs[b];
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(d), acc);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) {
+    const __m256 s0 = block_i8(q + b * 16, xq + b * 32, lut, m4, ones);
+    const __m256 s1 = block_i8(q + b * 16 + 16, xq + b * 32 + 32, lut, m4, ones);
+    a0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(half_scale(e[b]) * xs[b]), a0);
+    a1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(half_scale(e[b + 1]) * xs[b + 1]), a1);
   }
-  return hsum8_tree(acc);
+  if (b < nb)
+    a0 = _mm256_fmadd_ps(block_i8(q + b * 16, xq + b * 32, lut, m4, ones),
+                         _mm256_set1_ps(half_scale(e[b]) * xs[b]), a0);
+  return finish_avx2(a0, a1);
 }
 #else
 bool cpu_has_avx2() { return false; }
