@@ -92,8 +92,9 @@ def test_logits_and_greedy_match_transformers(case):
     assert rel_err(engine.logits(seq), full) <= 1e-4
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.25, None])
-def test_store_streams_bit_identically(case, fraction):
+@pytest.mark.parametrize(("fraction", "split"), [(0.0, 1.0), (0.25, 1.0), (None, 1.0),
+                                                 (0.25, 0.5)])  # fmt: skip
+def test_store_streams_bit_identically(case, fraction, split):
     root, _, ids = case
     if not (root / "store").exists():
         convert(root / "ckpt", root / "store", progress=False, log=None)
@@ -102,7 +103,7 @@ def test_store_streams_bit_identically(case, fraction):
     tokens = [s.token for s in ref.generate(ids, 16, temperature=0, stop_at_eos=False)]
     total = Store.open(root / "store").total_expert_bytes
     budget = None if fraction is None else int(fraction * total)
-    with mer.load(root / "store", cache_bytes=budget) as engine:
+    with mer.load(root / "store", cache_bytes=budget, split=split) as engine:
         assert engine.provider.format.name == "gptoss:f32:1.702:1.5"  # limit 1.5: named
         assert np.array_equal(engine.logits(ids), logits)
         steps = list(engine.generate(ids, 16, temperature=0, stop_at_eos=False))
@@ -180,6 +181,16 @@ def test_mxfp4_checkpoint_kept_lossless(case, tmp_path):
     assert any("lossless" in n for n in notes)
     store = Store.open(tmp_path / "store")
     assert store.format.name == "mxfp4:1.702:1.5"
+    # the store's bytes are the checkpoint's blocks and scales, regrouped
+    from micro_expert_router.checkpoint import Checkpoint
+    from micro_expert_router.models.gpt_oss import read_expert
+
+    entry, data = next(store.iter_extents())
+    got = store.format.unpack_raw(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                  64, 128, store.group)  # fmt: skip
+    with Checkpoint(tmp_path / "mx") as ckpt:
+        want = read_expert(ckpt, entry.layer, entry.expert)
+    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(got, want, strict=True))
     report = json.loads((tmp_path / "store" / "conversion_report.json").read_text())
     assert report["summary"]["gate"]["max"] == 0.0  # the checkpoint's own values
     with torch.no_grad():
