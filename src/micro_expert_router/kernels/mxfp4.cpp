@@ -313,17 +313,20 @@ void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D
     }
   });
   std::vector<Act> aa(n * T);
-  std::vector<float> a(g);
-  for (int64_t k = 0; k < n * T; ++k) {
-    const float* hk = h.data() + k * rows;
-    for (int64_t i = 0; i < g; ++i) {
-      const float gt = std::fmin(hk[2 * i], lim);
-      const float up = std::fmin(std::fmax(hk[2 * i + 1], -lim), lim);
-      const float glu = gt * (1.0f / (1.0f + std::exp(-(gt * al))));
-      a[i] = (up + 1.0f) * glu;
+  std::vector<float> a(n * T * g);
+  at::parallel_for(0, n * T, 1, [&](int64_t b, int64_t e) {  // per (group, token)
+    for (int64_t k = b; k < e; ++k) {
+      const float* hk = h.data() + k * rows;
+      float* ak = a.data() + k * g;
+      for (int64_t i = 0; i < g; ++i) {
+        const float gt = std::fmin(hk[2 * i], lim);
+        const float up = std::fmin(std::fmax(hk[2 * i + 1], -lim), lim);
+        const float glu = gt * (1.0f / (1.0f + std::exp(-(gt * al))));
+        ak[i] = (up + 1.0f) * glu;
+      }
+      aa[k].prepare(ak, g, dot.i8);
     }
-    aa[k].prepare(a.data(), g, dot.i8);
-  }
+  });
   at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
     for (int64_t dr = b; dr < e; ++dr)
       for (int64_t t = 0; t < T; ++t) {
