@@ -202,6 +202,7 @@ def transformer(*args: Any, **kw: Any) -> Any:
     """The GPT-OSS model (``Transformer``'s arguments): built here so that ``model.py`` is
     imported only when a model is made."""
     from ..kernels.attention import decode_attention
+    from ..kernels.layer_ops import rope_attend
     from ..model import Transformer
     from .rope import apply_rope, rope_tables
     from .routing import route
@@ -223,14 +224,19 @@ def transformer(*args: Any, **kw: Any) -> Any:
                    pos: int) -> torch.Tensor:  # fmt: skip
             a = self.args
             t = q.shape[0]
+            sinks = self.w[f"model.layers.{i}.self_attn.sinks"]  # [H]
+            if t == 1:  # decode: RoPE, cache append, window and sinks in one native call
+                o = rope_attend(q[0], k[0], v[0], kv.k[i], kv.v[i], self.cos[pos], self.sin[pos],
+                                pos, a.attn_scale, window(a, i), sinks)  # fmt: skip
+                if o is not None:
+                    return o.view(1, a.n_heads * a.head_dim)
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H|Hk, T, Dh]
             cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]  # [T, Dh]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kv.k[i][:, pos : pos + t] = k
             kv.v[i][:, pos : pos + t] = v
             s, win = pos + t, window(a, i)
-            sinks = self.w[f"model.layers.{i}.self_attn.sinks"]  # [H]
-            if t == 1:  # decode: the native kernel takes the window and the sinks
+            if t == 1:  # decode without the native op: decode attention (window, sinks)
                 o = decode_attention(q[:, 0], kv.k[i], kv.v[i], s, a.attn_scale, win, sinks)
                 return o.to(q.dtype).view(1, a.n_heads * a.head_dim)
             keys, vals = kv.k[i][:, :s].to(q.dtype), kv.v[i][:, :s].to(q.dtype)  # [Hk, S, Dh]
