@@ -1,8 +1,8 @@
 """MXFP4 experts (GPT-OSS): decode GB/s of the native kernel against DRAM read bandwidth.
 
-Runs ``expert_forward`` on the ``mxfp4`` format (the engine's decode path: ``mxfp4.cpp`` on the
-bytes in place) with one token, over enough distinct experts (>= --rotate-mb) that the weights
-stream from DRAM. GB/s = the expert's bytes (blocks, scales, biases, padding) / time. The DRAM
+Runs ``experts_forward`` on the ``mxfp4`` format, ``--k`` experts per call (the engine's decode
+path for the K experts of a layer: ``mxfp4.cpp`` on the bytes in place) with one token, over
+enough distinct experts (>= --rotate-mb) that the weights stream from DRAM. GB/s = the expert's bytes (blocks, scales, biases, padding) / time. The DRAM
 read reference (``torch.sum`` over 1 GiB of float32, the same thread count) is measured in the
 same rounds; every round runs both once (ABAB...), ratios are paired per round.
 
@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from micro_expert_router.kernels import choose_group, expert_forward, get_format
+from micro_expert_router.kernels import choose_group, get_format
+from micro_expert_router.kernels.experts import experts_forward
 from micro_expert_router.kernels.mxfp4 import RawExpert, available
 
 
@@ -45,6 +46,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--rotate-mb", type=int, default=512)
+    p.add_argument("--k", type=int, default=4, help="experts per call (GPT-OSS routes 4)")
     a = p.parse_args()
     if not available():
         raise SystemExit("the native MXFP4 kernel is not available (compiler, AVX2)")
@@ -53,13 +55,14 @@ def main() -> None:
     group = choose_group(fmt, a.inter)
     one = fmt.pack_raw(random_expert(a.hidden, a.inter, 0), group)
     count = max(2, -(-(a.rotate_mb << 20) // one.numel()))
+    count = -(-count // a.k) * a.k  # whole calls
     bufs = [one] + [
         fmt.pack_raw(random_expert(a.hidden, a.inter, s), group) for s in range(1, count)
     ]
     views = [fmt.view(b, a.hidden, group) for b in bufs]
     big = torch.ones(1 << 28)  # 1 GiB of float32
     print(f"D={a.hidden} I={a.inter} g={group}: {count} experts x {one.numel() / 1e6:.2f} MB, "
-          f"{a.threads} threads")  # fmt: skip
+          f"{a.k} per call, {a.threads} threads")  # fmt: skip
     ratios: dict[str, list[float]] = {"bf16": [], "f32": []}
     for r in range(a.rounds):
         t = time.perf_counter()
@@ -67,10 +70,10 @@ def main() -> None:
         dram = big.numel() * 4 / (time.perf_counter() - t) / 1e9
         for name, dtype in (("bf16", torch.bfloat16), ("f32", torch.float32)):
             x = torch.randn(1, a.hidden).to(dtype)
-            expert_forward(fmt, x, [views[0]])  # warm: the activation path and the op
+            experts_forward(fmt, x, views[: a.k])  # warm: the activation path and the op
             t = time.perf_counter()
-            for v in views:
-                expert_forward(fmt, x, [v])
+            for c in range(0, count, a.k):
+                experts_forward(fmt, x, views[c : c + a.k])
             gbs = one.numel() * count / (time.perf_counter() - t) / 1e9
             ratios[name].append(gbs / dram)
             print(f"round {r} {name}: kernel {gbs:.2f} GB/s, DRAM read {dram:.2f} GB/s, "

@@ -143,3 +143,22 @@ def test_expert_within_bound_and_split_identical(dtype: torch.dtype) -> None:
         err = ((whole.double() - ref).abs() / cond).max().item()
         bound = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: x and h rounded to 8 bits
         assert err <= bound, (t, err)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_several_experts_in_one_call_identical_to_one_each(dtype: torch.dtype) -> None:
+    from micro_expert_router.kernels.experts import experts_forward
+
+    d, inter, g = 64, 128, 32
+    fmt: MXFP4 = get_format("mxfp4")  # type: ignore[assignment]
+    per = fmt.group_nbytes(d, g)
+    bufs = [fmt.pack_raw(_expert(d, inter, seed=s), g) for s in range(3)]
+    views = [fmt.view(bufs[0], d, g), fmt.view(bufs[1][:per], d, g), fmt.view(bufs[2], d, g)]
+    x = torch.randn(1, d, generator=torch.Generator().manual_seed(7)).to(dtype)
+    together = experts_forward(fmt, x, views)
+    for v, y in zip(views, together, strict=True):
+        assert torch.equal(y, expert_forward(fmt, x, [v]))
+    # a split expert continued in a second call (its bottom), as the MoE block does
+    rest = experts_forward(fmt, x, [fmt.view(bufs[1][per:], d, g)], out=[together[1].clone()])
+    assert torch.equal(rest[0], expert_forward(fmt, x, [fmt.view(bufs[1], d, g)]))

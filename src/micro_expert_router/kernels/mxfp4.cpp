@@ -18,10 +18,11 @@
 // The scalar code does the same float operations in the same order (explicit fmaf, the same
 // lanes and sum tree; -ffp-contract=off), so the SIMD and scalar paths give identical bits.
 //
-// swiglu_ computes one segment (n groups) of one expert, per token t:
+// swiglu_many_ computes one segment (n groups) of each of several experts on the same x (the K
+// experts of a decode step share each parallel phase); swiglu_ is it for one expert. Per token t:
 //   1. every gate/up row of every group (parallel over rows): h_r = dot(row r, x) + bias_r
 //   2. a_i = (clamp(h_2i+1, -L, L) + 1) * g sigmoid(alpha g),  g = min(h_2i, L)
-//   3. per down row (parallel over D): y += p_j for j in order, p_j = dot(down_j row, a_j) + bd_j
+//   3. per (expert, down row) (parallel): y += p_j for j in order, p_j = dot(down_j row, a_j) + bd_j
 // so each group's partial is independent of the other groups of the call and added in group
 // order, as kernels/formats.py requires. With bf16 set (bfloat16 activations), y is rounded to
 // bfloat16 after every group, as adding bfloat16 partials one at a time would: then a split
@@ -277,70 +278,88 @@ Dot dot_for(int64_t isa) {
   return {i8, v ? dot_f32_avx2 : dot_f32_scalar, v ? dot_i8_avx2 : dot_i8_scalar};
 }
 
-// offs: gate/up blocks, gate/up scales, down blocks, down scales, gate/up bias, down bias
-void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D, int64_t g,
-             int64_t per, at::IntArrayRef offs, double alpha, double limit, int64_t isa,
-             bool bf16) {
-  TORCH_CHECK(y.dtype() == at::kFloat && y.is_contiguous(), "mer_mxfp4: y must be contiguous f32");
+// offs: gate/up blocks, gate/up scales, down blocks, down scales, gate/up bias, down bias.
+// ys[e] += the segment bufs[e] of expert e on the same x (decode: the K experts of a layer share
+// each parallel phase); every expert's groups are added to its y in group order.
+void swiglu_many_(at::TensorList ys, const at::Tensor& x, at::TensorList bufs, int64_t D,
+                  int64_t g, int64_t per, at::IntArrayRef offs, double alpha, double limit,
+                  int64_t isa, bool bf16) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.is_contiguous() && x.dim() == 2,
               "mer_mxfp4: x must be contiguous f32 [T, D]");
-  TORCH_CHECK(buf.dtype() == at::kByte && buf.is_contiguous(), "mer_mxfp4: buf must be uint8");
   TORCH_CHECK(offs.size() == 6, "mer_mxfp4: 6 section offsets expected");
   TORCH_CHECK(D % 32 == 0 && g % 32 == 0 && per > 0, "mer_mxfp4: D and g must be multiples of 32");
-  const int64_t T = x.size(0), n = buf.numel() / per;
-  TORCH_CHECK(x.size(1) == D && y.numel() == T * D && buf.numel() == n * per && n > 0,
-              "mer_mxfp4::swiglu_: shapes disagree");
+  TORCH_CHECK(ys.size() == bufs.size() && !bufs.empty(), "mer_mxfp4: one y per buffer");
+  const int64_t T = x.size(0), E = int64_t(bufs.size());
+  TORCH_CHECK(x.size(1) == D, "mer_mxfp4::swiglu_: x is not [T, D]");
+  std::vector<float*> yp(E);
+  std::vector<int64_t> first(E + 1, 0);  // groups of expert e: [first[e], first[e + 1])
+  std::vector<const uint8_t*> grp;  // every group's bytes, experts in order
+  for (int64_t e = 0; e < E; ++e) {
+    const at::Tensor &y = ys[e], &buf = bufs[e];
+    TORCH_CHECK(y.dtype() == at::kFloat && y.is_contiguous() && y.numel() == T * D,
+                "mer_mxfp4: y must be contiguous f32 [T, D]");
+    TORCH_CHECK(buf.dtype() == at::kByte && buf.is_contiguous() && buf.numel() % per == 0 &&
+                    buf.numel() > 0,
+                "mer_mxfp4: a buffer is not whole uint8 groups");
+    yp[e] = y.data_ptr<float>();
+    for (int64_t j = 0; j < buf.numel() / per; ++j) grp.push_back(buf.data_ptr<uint8_t>() + j * per);
+    first[e + 1] = int64_t(grp.size());
+  }
+  const int64_t n = int64_t(grp.size());
   const Dot dot = dot_for(isa);
   const float al = float(alpha), lim = float(limit);
   const int64_t og = offs[0], os = offs[1], odb = offs[2], ods = offs[3], ob = offs[4],
                 obd = offs[5];
   const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const uint8_t* bp = buf.data_ptr<uint8_t>();
   std::vector<Act> ax(T);
   for (int64_t t = 0; t < T; ++t) ax[t].prepare(xp + t * D, D, dot.i8);
   const int64_t rows = 2 * g, nbx = D / 32, nba = g / 32;
-  std::vector<float> h(n * T * rows);  // [n, T, 2g]
+  std::vector<float> h(n * T * rows);  // [groups, T, 2g]
   at::parallel_for(0, n * rows, 8, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t j = r / rows, i = r % rows;
-      const uint8_t* grp = bp + j * per;
-      const uint8_t* blocks = grp + og + i * nbx * 16;
-      const uint8_t* scales = grp + os + i * nbx;
+      const uint8_t* blocks = grp[j] + og + i * nbx * 16;
+      const uint8_t* scales = grp[j] + os + i * nbx;
       float bias;
-      std::memcpy(&bias, grp + ob + i * 4, 4);
-      for (int64_t t = 0; t < T; ++t) h[(j * T + t) * rows + i] = dot(blocks, scales, ax[t], nbx) + bias;
+      std::memcpy(&bias, grp[j] + ob + i * 4, 4);
+      for (int64_t t = 0; t < T; ++t)
+        h[(j * T + t) * rows + i] = dot(blocks, scales, ax[t], nbx) + bias;
     }
   });
   std::vector<Act> aa(n * T);
-  std::vector<float> a(n * T * g);
-  at::parallel_for(0, n * T, 1, [&](int64_t b, int64_t e) {  // per (group, token)
-    for (int64_t k = b; k < e; ++k) {
-      const float* hk = h.data() + k * rows;
-      float* ak = a.data() + k * g;
-      for (int64_t i = 0; i < g; ++i) {
-        const float gt = std::fmin(hk[2 * i], lim);
-        const float up = std::fmin(std::fmax(hk[2 * i + 1], -lim), lim);
-        const float glu = gt * (1.0f / (1.0f + std::exp(-(gt * al))));
-        ak[i] = (up + 1.0f) * glu;
-      }
-      aa[k].prepare(ak, g, dot.i8);
+  std::vector<float> a(g);
+  for (int64_t k = 0; k < n * T; ++k) {  // the clamped SwiGLU, per (group, token)
+    const float* hk = h.data() + k * rows;
+    for (int64_t i = 0; i < g; ++i) {
+      const float gt = std::fmin(hk[2 * i], lim);
+      const float up = std::fmin(std::fmax(hk[2 * i + 1], -lim), lim);
+      const float glu = gt * (1.0f / (1.0f + std::exp(-(gt * al))));
+      a[i] = (up + 1.0f) * glu;
     }
-  });
-  at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
-    for (int64_t dr = b; dr < e; ++dr)
+    aa[k].prepare(a.data(), g, dot.i8);
+  }
+  at::parallel_for(0, E * D, 16, [&](int64_t b, int64_t e) {
+    for (int64_t idx = b; idx < e; ++idx) {
+      const int64_t ex = idx / D, dr = idx % D;
       for (int64_t t = 0; t < T; ++t) {
-        float acc = yp[t * D + dr];
-        for (int64_t j = 0; j < n; ++j) {
-          const uint8_t* grp = bp + j * per;
+        float acc = yp[ex][t * D + dr];
+        for (int64_t j = first[ex]; j < first[ex + 1]; ++j) {
           float bias;
-          std::memcpy(&bias, grp + obd + dr * 4, 4);
-          acc += dot(grp + odb + dr * nba * 16, grp + ods + dr * nba, aa[j * T + t], nba) + bias;
+          std::memcpy(&bias, grp[j] + obd + dr * 4, 4);
+          acc += dot(grp[j] + odb + dr * nba * 16, grp[j] + ods + dr * nba, aa[j * T + t], nba) +
+                 bias;
           if (bf16) acc = round_bf16(acc);  // y is bfloat16: rounded after every group
         }
-        yp[t * D + dr] = acc;
+        yp[ex][t * D + dr] = acc;
       }
+    }
   });
+}
+
+void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D, int64_t g,
+             int64_t per, at::IntArrayRef offs, double alpha, double limit, int64_t isa,
+             bool bf16) {
+  swiglu_many_({y}, x, {buf}, D, g, per, offs, alpha, limit, isa, bf16);
 }
 
 // y [T, N] = x [T, K] . W^T for MXFP4 rows W: blocks [N, K/32, 16], scales [N, K/32] (tests and
@@ -375,6 +394,8 @@ bool has_avx2() { return cpu_has_avx2(); }
 TORCH_LIBRARY(mer_mxfp4, m) {
   m.def("swiglu_(Tensor(a!) y, Tensor x, Tensor buf, int hidden, int group, int per, int[] offs, "
         "float alpha, float limit, int isa, bool bf16) -> ()", &swiglu_);
+  m.def("swiglu_many_(Tensor(a!)[] ys, Tensor x, Tensor[] bufs, int hidden, int group, int per, "
+        "int[] offs, float alpha, float limit, int isa, bool bf16) -> ()", &swiglu_many_);
   m.def("linear_(Tensor(a!) y, Tensor x, Tensor blocks, Tensor scales, int isa) -> ()", &linear_);
   m.def("has_avx2() -> bool", &has_avx2);
 }

@@ -280,19 +280,32 @@ class MXFP4:
         self, x: torch.Tensor, w: MXFP4View, y: torch.Tensor | None
     ) -> torch.Tensor | None:
         """The whole segment added to y by the native kernel, or ``None`` (use partials)."""
-        if x.dim() != 2 or x.shape[0] >= self.native_below or x.shape[1] != w.hidden:
+        out = self.accumulate_many(x, [w], [y])
+        return None if out is None else out[0]
+
+    def accumulate_many(
+        self, x: torch.Tensor, views: list[MXFP4View], ys: list[torch.Tensor | None]
+    ) -> list[torch.Tensor] | None:
+        """Segments of several experts on the same x, each added to its y (new when ``None``),
+        in one native call (``kernels/experts.py``, decode); ``None``: use partials. Each
+        expert's result has the same bits as ``accumulate`` on it alone."""
+        if x.dim() != 2 or x.shape[0] >= self.native_below or not views:
             return None
         if x.dtype not in (torch.float32, torch.bfloat16) or not available():
             return None
-        if y is None:
-            y = torch.zeros((x.shape[0], w.hidden), dtype=x.dtype)
-        yf = y if y.dtype == torch.float32 else y.float()
-        torch.ops.mer_mxfp4.swiglu_(yf, x.float().contiguous(), w.buf, w.hidden, w.group, w.per,
-                                    list(w.offsets), self.alpha, self.limit,
-                                    isa_for(x.dtype), y.dtype == torch.bfloat16)  # fmt: skip
-        if yf is not y:
-            y.copy_(yf)
-        return y
+        w = views[0]
+        if any((v.hidden, v.group) != (w.hidden, w.group) for v in views) or x.shape[1] != w.hidden:
+            return None
+        ys = [torch.zeros((x.shape[0], w.hidden), dtype=x.dtype) if y is None else y for y in ys]
+        yf = [y if y.dtype == torch.float32 else y.float() for y in ys]
+        torch.ops.mer_mxfp4.swiglu_many_(yf, x.float().contiguous(), [v.buf for v in views],
+                                         w.hidden, w.group, w.per, list(w.offsets), self.alpha,
+                                         self.limit, isa_for(x.dtype),
+                                         x.dtype == torch.bfloat16)  # fmt: skip
+        for y, f in zip(ys, yf, strict=True):
+            if f is not y:
+                y.copy_(f)
+        return ys
 
 
 FORMATS["mxfp4"] = MXFP4()
