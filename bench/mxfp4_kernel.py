@@ -2,9 +2,10 @@
 
 Runs ``experts_forward`` on the ``mxfp4`` format, ``--k`` experts per call (the engine's decode
 path for the K experts of a layer: ``mxfp4.cpp`` on the bytes in place) with one token, over
-enough distinct experts (>= --rotate-mb) that the weights stream from DRAM. GB/s = the expert's bytes (blocks, scales, biases, padding) / time. The DRAM
-read reference (``torch.sum`` over 1 GiB of float32, the same thread count) is measured in the
-same rounds; every round runs both once (ABAB...), ratios are paired per round.
+enough distinct experts (>= --rotate-mb) that the weights stream from DRAM. GB/s = the experts'
+bytes (blocks, scales, biases, padding) / time. The DRAM read reference (``torch.sum`` over
+1 GiB of float32, the same thread count) is measured in the same rounds; every round runs both
+once (ABAB...), ratios are paired per round.
 
     python bench/mxfp4_kernel.py [--hidden 2880] [--inter 2880] [--threads 2] [--rounds 5]
 
