@@ -20,7 +20,8 @@
 //
 // swiglu_many_ computes one segment (n groups) of each of several experts on the same x (the K
 // experts of a decode step share each parallel phase); swiglu_ is it for one expert. Per token t:
-//   1. every gate/up row of every group (parallel over rows): h_r = dot(row r, x) + bias_r
+//   1. per neuron i of every group (parallel): its gate and up rows 2i, 2i+1,
+//      h_r = dot(row r, x) + bias_r, then
 //   2. a_i = (clamp(h_2i+1, -L, L) + 1) * g sigmoid(alpha g),  g = min(h_2i, L)
 //   3. per (expert, down row) (parallel): y += p_j for j in order, p_j = dot(down_j row, a_j) + bd_j
 // so each group's partial is independent of the other groups of the call and added in group
@@ -290,7 +291,7 @@ void swiglu_many_(at::TensorList ys, const at::Tensor& x, at::TensorList bufs, i
   TORCH_CHECK(D % 32 == 0 && g % 32 == 0 && per > 0, "mer_mxfp4: D and g must be multiples of 32");
   TORCH_CHECK(ys.size() == bufs.size() && !bufs.empty(), "mer_mxfp4: one y per buffer");
   const int64_t T = x.size(0), E = int64_t(bufs.size());
-  TORCH_CHECK(x.size(1) == D, "mer_mxfp4::swiglu_: x is not [T, D]");
+  TORCH_CHECK(x.size(1) == D && T > 0 && T < 16, "mer_mxfp4::swiglu_: x is not [T < 16, D]");
   std::vector<float*> yp(E);
   std::vector<int64_t> first(E + 1, 0);  // groups of expert e: [first[e], first[e + 1])
   std::vector<const uint8_t*> grp;  // every group's bytes, experts in order
@@ -313,31 +314,30 @@ void swiglu_many_(at::TensorList ys, const at::Tensor& x, at::TensorList bufs, i
   const float* xp = x.data_ptr<float>();
   std::vector<Act> ax(T);
   for (int64_t t = 0; t < T; ++t) ax[t].prepare(xp + t * D, D, dot.i8);
-  const int64_t rows = 2 * g, nbx = D / 32, nba = g / 32;
-  std::vector<float> h(n * T * rows);  // [groups, T, 2g]
-  at::parallel_for(0, n * rows, 8, [&](int64_t b, int64_t e) {
+  const int64_t nbx = D / 32, nba = g / 32;
+  // gate/up rows and the clamped SwiGLU, parallel over neurons (rows 2i and 2i+1 of a group)
+  std::vector<float> a(n * T * g);  // [groups, T, g]
+  at::parallel_for(0, n * g, 4, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const int64_t j = r / rows, i = r % rows;
-      const uint8_t* blocks = grp[j] + og + i * nbx * 16;
-      const uint8_t* scales = grp[j] + os + i * nbx;
-      float bias;
-      std::memcpy(&bias, grp[j] + ob + i * 4, 4);
-      for (int64_t t = 0; t < T; ++t)
-        h[(j * T + t) * rows + i] = dot(blocks, scales, ax[t], nbx) + bias;
+      const int64_t j = r / g, i = r % g;
+      float hv[2][16];  // [gate, up][T] (T < 16: decode)
+      for (int u = 0; u < 2; ++u) {
+        const int64_t row = 2 * i + u;
+        float bias;
+        std::memcpy(&bias, grp[j] + ob + row * 4, 4);
+        for (int64_t t = 0; t < T; ++t)
+          hv[u][t] = dot(grp[j] + og + row * nbx * 16, grp[j] + os + row * nbx, ax[t], nbx) + bias;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const float gt = std::fmin(hv[0][t], lim);
+        const float up = std::fmin(std::fmax(hv[1][t], -lim), lim);
+        const float glu = gt * (1.0f / (1.0f + std::exp(-(gt * al))));
+        a[(j * T + t) * g + i] = (up + 1.0f) * glu;
+      }
     }
   });
   std::vector<Act> aa(n * T);
-  std::vector<float> a(g);
-  for (int64_t k = 0; k < n * T; ++k) {  // the clamped SwiGLU, per (group, token)
-    const float* hk = h.data() + k * rows;
-    for (int64_t i = 0; i < g; ++i) {
-      const float gt = std::fmin(hk[2 * i], lim);
-      const float up = std::fmin(std::fmax(hk[2 * i + 1], -lim), lim);
-      const float glu = gt * (1.0f / (1.0f + std::exp(-(gt * al))));
-      a[i] = (up + 1.0f) * glu;
-    }
-    aa[k].prepare(a.data(), g, dot.i8);
-  }
+  for (int64_t k = 0; k < n * T; ++k) aa[k].prepare(a.data() + k * g, g, dot.i8);
   at::parallel_for(0, E * D, 16, [&](int64_t b, int64_t e) {
     for (int64_t idx = b; idx < e; ++idx) {
       const int64_t ex = idx / D, dr = idx % D;
