@@ -203,20 +203,39 @@ MX_AVX2 inline __m256 block_f32(const uint8_t* q, const float* xb, __m128i lut, 
                          _mm256_loadu_ps(xb + 24), s);
 }
 
+// The block scales of blocks b..b+7: half_scale(e) (times xs when given), as the scalar code.
+MX_AVX2 inline void scales8(const uint8_t* e, const float* xs, float* out) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e)));
+  const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(v, _mm256_set1_epi32(1)), 23);
+  const __m256i tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), v);  // e < 2
+  const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), v);
+  __m256 d = _mm256_castsi256_ps(_mm256_blendv_epi8(normal, tiny, small));
+  if (xs != nullptr) d = _mm256_mul_ps(d, _mm256_loadu_ps(xs));
+  _mm256_store_ps(out, d);
+}
+
 MX_AVX2 float dot_f32_avx2(const uint8_t* q, const uint8_t* e, const float* xp, int64_t nb) {
   const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues));
   const __m128i m4 = _mm_set1_epi8(15);
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  alignas(32) float d[8];
   int64_t b = 0;
-  for (; b + 1 < nb; b += 2) {
-    const __m256 s0 = block_f32(q + b * 16, xp + b * 32, lut, m4);
-    const __m256 s1 = block_f32(q + b * 16 + 16, xp + b * 32 + 32, lut, m4);
-    a0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(half_scale(e[b])), a0);
-    a1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(half_scale(e[b + 1])), a1);
+  for (; b + 8 <= nb; b += 8) {
+    scales8(e + b, nullptr, d);
+    for (int k = 0; k < 8; k += 2) {
+      const __m256 s0 = block_f32(q + (b + k) * 16, xp + (b + k) * 32, lut, m4);
+      const __m256 s1 = block_f32(q + (b + k) * 16 + 16, xp + (b + k) * 32 + 32, lut, m4);
+      a0 = _mm256_fmadd_ps(s0, _mm256_broadcast_ss(d + k), a0);
+      a1 = _mm256_fmadd_ps(s1, _mm256_broadcast_ss(d + k + 1), a1);
+    }
   }
-  if (b < nb)
-    a0 = _mm256_fmadd_ps(block_f32(q + b * 16, xp + b * 32, lut, m4),
-                         _mm256_set1_ps(half_scale(e[b])), a0);
+  for (; b < nb; ++b) {
+    const __m256 s = block_f32(q + b * 16, xp + b * 32, lut, m4);
+    if (b & 1)
+      a1 = _mm256_fmadd_ps(s, _mm256_set1_ps(half_scale(e[b])), a1);
+    else
+      a0 = _mm256_fmadd_ps(s, _mm256_set1_ps(half_scale(e[b])), a0);
+  }
   return finish_avx2(a0, a1);
 }
 
@@ -240,16 +259,25 @@ MX_AVX2 float dot_i8_avx2(const uint8_t* q, const uint8_t* e, const int8_t* xq, 
   const __m256i m4 = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  alignas(32) float d[8];
   int64_t b = 0;
-  for (; b + 1 < nb; b += 2) {
-    const __m256 s0 = block_i8(q + b * 16, xq + b * 32, lut, m4, ones);
-    const __m256 s1 = block_i8(q + b * 16 + 16, xq + b * 32 + 32, lut, m4, ones);
-    a0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(half_scale(e[b]) * xs[b]), a0);
-    a1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(half_scale(e[b + 1]) * xs[b + 1]), a1);
+  for (; b + 8 <= nb; b += 8) {
+    scales8(e + b, xs + b, d);
+    for (int k = 0; k < 8; k += 2) {
+      const __m256 s0 = block_i8(q + (b + k) * 16, xq + (b + k) * 32, lut, m4, ones);
+      const __m256 s1 = block_i8(q + (b + k) * 16 + 16, xq + (b + k) * 32 + 32, lut, m4, ones);
+      a0 = _mm256_fmadd_ps(s0, _mm256_broadcast_ss(d + k), a0);
+      a1 = _mm256_fmadd_ps(s1, _mm256_broadcast_ss(d + k + 1), a1);
+    }
   }
-  if (b < nb)
-    a0 = _mm256_fmadd_ps(block_i8(q + b * 16, xq + b * 32, lut, m4, ones),
-                         _mm256_set1_ps(half_scale(e[b]) * xs[b]), a0);
+  for (; b < nb; ++b) {
+    const __m256 s = block_i8(q + b * 16, xq + b * 32, lut, m4, ones);
+    const __m256 sc = _mm256_set1_ps(half_scale(e[b]) * xs[b]);
+    if (b & 1)
+      a1 = _mm256_fmadd_ps(s, sc, a1);
+    else
+      a0 = _mm256_fmadd_ps(s, sc, a0);
+  }
   return finish_avx2(a0, a1);
 }
 #else
