@@ -128,8 +128,11 @@ struct Act {
       float m = 0.0f;
       for (int k = 0; k < 32; ++k) m = std::fmax(m, std::fabs(v[k]));
       const float sc = m / 127.0f;
+      // |v / sc| <= 127: adding and subtracting 1.5 * 2^23 rounds to the nearest integer, ties
+      // to even, exactly (as nearbyint in the default mode, without a libm call)
+      const float magic = 12582912.0f;
       for (int k = 0; k < 32; ++k) {
-        float r = sc > 0.0f ? std::nearbyint(v[k] / sc) : 0.0f;
+        float r = sc > 0.0f ? (v[k] / sc + magic) - magic : 0.0f;
         tmp[k] = int8_t(std::fmin(std::fmax(r, -127.0f), 127.0f));
       }
       permute32(tmp, q.data() + b * 32);
