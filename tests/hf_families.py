@@ -32,8 +32,8 @@ FAMILY_CONFIGS = {
         max_position_embeddings=256, rope_parameters=YARN_V2, tie_word_embeddings=False)),
     # DeepSeek-V2 with q_lora, plain greedy, default RoPE, attention bias
     "dsv2-lora-greedy": ("DeepseekV2Config", dict(
-        hidden_size=48, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=3, n_routed_experts=6, num_experts_per_tok=2, topk_method="greedy",
+        hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, n_routed_experts=6, num_experts_per_tok=2, topk_method="greedy",
         first_k_dense_replace=0, q_lora_rank=20, kv_lora_rank=16, qk_nope_head_dim=8,
         qk_rope_head_dim=4, v_head_dim=8, n_shared_experts=1, attention_bias=True,
         vocab_size=96, max_position_embeddings=128,
@@ -48,7 +48,7 @@ FAMILY_CONFIGS = {
         vocab_size=128, max_position_embeddings=128, rope_parameters=YARN)),
     # DeepSeek-V3 without q_lora nor interleave, no renormalization, one group
     "dsv3-plain": ("DeepseekV3Config", dict(
-        hidden_size=48, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, n_routed_experts=6,
         num_experts_per_tok=3, n_group=1, topk_group=1, first_k_dense_replace=0,
         q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
@@ -67,13 +67,21 @@ FAMILY_CONFIGS = {
                          "partial_rotary_factor": 0.5})),
     # GLM-4.5-Air-like: no biases nor q/k norms, all layers MoE, no renormalization
     "glm-plain": ("Glm4MoeConfig", dict(
-        hidden_size=48, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=3, num_key_value_heads=1, n_routed_experts=6,
+        hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, n_routed_experts=6,
         num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0,
         n_shared_experts=1, routed_scaling_factor=1.0, norm_topk_prob=False,
         use_qk_norm=False, attention_bias=False, vocab_size=96, max_position_embeddings=128,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                          "partial_rotary_factor": 0.5}, tie_word_embeddings=True)),
+    # DeepSeek-V3 for the FP8 test: sizes off the 128-blocks so edge blocks are short
+    "dsv3-fp8": ("DeepseekV3Config", dict(
+        hidden_size=192, intermediate_size=256, moe_intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+        q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_shared_experts=1, routed_scaling_factor=2.5, vocab_size=128,
+        max_position_embeddings=128, rope_parameters=YARN)),
 }  # fmt: skip
 
 

@@ -21,8 +21,9 @@ Two ways to attend over it, the same math in a different order:
   ``kernels.attention.decode_attention`` computes when given the cache as both keys and values.
   A step reads each cached row once: ``S x H x (2r + dr)`` multiply-adds, no expansion.
 
-The absorbed weights are ``kv_b_proj`` split per head (``Wk [H, dn, r]``, ``Wv^T [H, r, dv]``,
-dequantized once if the store quantized it), built on a layer's first decode step.
+The absorbed weights are ``kv_b_proj`` split per head (``Wk [H, dn, r]``, ``Wv [H, dv, r]``):
+views of the weight, or, when a q8/q4 dense store quantized it, one dequantized copy per layer
+made on the layer's first decode step.
 
 Legend: T tokens, S cached positions, C capacity, D hidden, H heads, r kv_lora_rank,
 dr qk_rope_head_dim, dn qk_nope_head_dim, dv v_head_dim, qr q_lora_rank.
@@ -156,7 +157,10 @@ class MLA:
         return out.transpose(0, 1)
 
     def absorbed_weights(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``i``'s ``kv_b_proj`` split per head: ``Wk [H, dn, r]``, ``Wv^T [H, r, dv]``."""
+        """Layer ``i``'s ``kv_b_proj`` split per head: ``Wk [H, dn, r]`` and ``Wv [H, dv, r]``.
+        Views of the weight when it is a float tensor of ``dtype`` (each head's block is
+        contiguous); a quantized one (q8/q4 dense stores) is dequantized once, which holds
+        its float bytes in RAM beside it."""
         got = self._absorbed.get(i)
         if got is None:
             a = self.a
@@ -164,7 +168,7 @@ class MLA:
             wb = wb if isinstance(wb, torch.Tensor) else wb.dequantize()
             wb = wb.to(dtype).view(a.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
             dn = a.qk_nope_head_dim
-            got = (wb[:, :dn].contiguous(), wb[:, dn:].transpose(1, 2).contiguous())
+            got = (wb[:, :dn], wb[:, dn:])
             self._absorbed[i] = got
         return got
 
@@ -173,7 +177,7 @@ class MLA:
     ) -> torch.Tensor:
         """One query per head (``[H, dn]``, ``[H, dr]``) over the ``s`` cached latents,
         without expanding them: ``[H, dv]``."""
-        wk, wvt = self.absorbed_weights(i, q_nope.dtype)
+        wk, wv = self.absorbed_weights(i, q_nope.dtype)
         h, r = q_nope.shape[0], self.a.kv_lora_rank
         # one mm per head: a batched matmul with one row per batch is several times slower
         # on CPU (MKL's bmm), and the heads' weights are read once either way
@@ -183,7 +187,7 @@ class MLA:
         query[:, r:] = q_pe
         o = decode_attention(query, cache, cache, s, self.a.attn_scale)  # [H, r+dr] float32
         o_lat = o[:, :r].to(q_nope.dtype)  # [H, r]
-        out = torch.empty((h, wvt.shape[2]), dtype=q_nope.dtype)  # [H, dv]
+        out = torch.empty((h, wv.shape[1]), dtype=q_nope.dtype)  # [H, dv]
         for j in range(h):
-            torch.mm(o_lat[j : j + 1], wvt[j], out=out[j : j + 1])
+            torch.mm(o_lat[j : j + 1], wv[j].t(), out=out[j : j + 1])
         return out

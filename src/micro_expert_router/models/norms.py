@@ -1,13 +1,9 @@
-"""RMSNorm, the one norm the supported families use (transformers' ``*RMSNorm``: float32
-statistics, the weight applied in the input's dtype)."""
+"""RMSNorm, the one norm the supported families use: ``kernels.layer_ops.rms_norm`` (native
+for float32 activations, else transformers' expression), re-exported so every block and
+``model.py`` normalize through the same function."""
 
 from __future__ import annotations
 
-import torch
+from ..kernels.layer_ops import rms_norm
 
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x [..., N]`` normalized over its last dim, times ``w [N]``."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
+__all__ = ["rms_norm"]
