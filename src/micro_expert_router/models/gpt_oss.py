@@ -204,21 +204,12 @@ def transformer(*args: Any, **kw: Any) -> Any:
     from ..kernels.attention import decode_attention
     from ..kernels.layer_ops import rope_attend
     from ..model import Transformer
-    from .rope import apply_rope, rope_tables
-    from .routing import route
+    from .rope import apply_rope
 
     class GptOss(Transformer):
-        """``Transformer`` with GPT-OSS's attention (YaRN, sinks, per-layer windows) and
-        router; the experts' biases and activation live in the expert formats."""
-
-        def __init__(self, *args: Any, **kw: Any) -> None:
-            super().__init__(*args, **kw)
-            self.cos, self.sin = rope_tables(self.args, self.max_context, self.dtype)
-
-        def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if self.router is not None:
-                return self.router.route(i, x.shape[0], x.dtype)
-            return route(self.args, self.w, i, x)
+        """``Transformer`` with GPT-OSS's attention (sinks, a window on some layers); YaRN and
+        the ``topk_softmax`` router are ModelArgs data the shared blocks read, and the
+        experts' biases and activation live in the expert formats."""
 
         def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Any,
                    pos: int) -> torch.Tensor:  # fmt: skip
