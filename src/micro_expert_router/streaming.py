@@ -485,7 +485,7 @@ def load_store(path: Path, config: EngineConfig):
     """An ``Engine`` over an expert store: dense weights in RAM, experts streamed."""
     from .engine import TORCH_DTYPES, Engine, kv_dtype
     from .memory import process_rss, scale_budgets, store_split
-    from .model import Transformer
+    from .models import transformer
     from .tokenizer import Tokenizer
 
     rss = process_rss()  # the runtime's share of the memory limit, before anything is loaded
@@ -510,7 +510,7 @@ def load_store(path: Path, config: EngineConfig):
                                  verify=config.verify, split=split, layer_budgets=layer_budgets,
                                  prefetch_slots=slots)  # fmt: skip
     try:  # the provider owns threads, files and pools: closed if the engine is never built
-        model = Transformer(store.args, dense, provider, dtype, config.max_context, kvd)
+        model = transformer(store.args, dense, provider, dtype, config.max_context, kvd)
         if prefetch != "off":
             from .prefetcher import Prefetcher
 

@@ -56,6 +56,9 @@ def experts_forward(
     outs = list(out) if out is not None else [None] * len(views)
     if len(outs) != len(views):
         raise ConfigError(f"experts_forward: {len(views)} views but {len(outs)} outputs")
+    many = getattr(fmt, "accumulate_many", None)  # formats with their own fused op (mxfp4)
+    if many is not None and (ys := many(x, list(views), outs)) is not None:
+        return ys
     dims = {_dims(v) for v in views}
     fused = getattr(fmt, "name", None) in ("q8", "q4") and len(dims) == 1 and None not in dims
     bn = native.q4_block_rows()
