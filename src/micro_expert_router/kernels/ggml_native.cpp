@@ -1,15 +1,26 @@
-// Native decode kernels over GGUF blocks (Q4_K, Q5_K, Q6_K, Q8_0), read in place from an expert
-// buffer of the "gguf:" formats (kernels/ggml_formats.py) or from a dense GGUF matrix. Built and
-// loaded by kernels/ggml_native.py as the torch ops mer_ggml::swiglu_ and mer_ggml::linear_.
+// Native decode kernels over GGUF blocks (Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K), read in place
+// from an expert buffer of the "gguf:" formats (kernels/ggml_formats.py) or from a dense GGUF
+// matrix. Built and loaded by kernels/ggml_native.py as the torch ops mer_ggml::swiglu_ and
+// mer_ggml::linear_.
 //
-// Activations are float32 (llama.cpp instead rounds them to 8 bits: we keep the f32 path close
-// to the dequantized reference). Each row dot product uses the block algebra
-//   Q4_K/Q5_K:  sum_s d sc_s (sum q x) - dmin m_s (sum x)     (s: 8 sub-blocks of 32)
-//   Q6_K:       sum_c d sc_c (sum q x - 32 sum x)              (c: 16 chunks of 16, q in 0..63)
-//   Q8_0:       sum_b d (sum q x)                              (b: blocks of 32)
-// with the sums of x per chunk computed once per activation vector. The AVX2 paths (chosen at run
-// time, compiled with per-function target attributes) and the scalar paths compute the same
-// algebra in a different summation order, so they agree to float rounding, not bit for bit.
+// Every type is described by one small decoder (struct Q4K, ...): a block of B weights is
+//   w_i = f1 sc_c q_i - f2 mn_c        (integer codes q_i, integer sc_c and mn_c per G weights)
+// with f1, f2 the block's float scales (Q4_K: d, dmin; Q6_K: d, 32 d and mn = sc with codes
+// 0..63; Q4_0: d, d, mn = 8; Q8_0/MXFP4: d, 0). Two generic row dots use the decoders:
+//
+//   int8 activations (bfloat16 mode; as llama.cpp, which always does this): x is rounded per
+//     block of B to int8 codes with one float scale dx (dx = max|x| / 127), so a block is
+//       dx (f1 I1 - f2 I2),  I1 = sum_c sc_c sum_{i in c} q_i xq_i,  I2 = sum_c mn_c sum xq_c
+//     I1 and I2 are exact int32 (AVX2: vpmaddubsw + vpmaddwd on 32 weights at a time, sign
+//     trick for signed codes); only the per-block combination is float:
+//       sum = fma(dx f1, I1, sum); sum = fma(-(dx f2), I2, sum)
+//   float32 activations (float32 mode): 8 float lanes; per 16-weight chunk c, lane l
+//       p_l = q_l x_l;  p_l = fma(q_{l+8}, x_{l+8}, p_l);  acc_l = fma(f1 sc_c, p_l, acc_l)
+//     and off = fma(f2 mn_c, (sum of x over the G weights of c), off) per scale; the row is
+//     tree8(acc) - off.
+// The scalar code performs the same float operations in the same order (same lanes, std::fma,
+// the same sum tree) and the integer sums are exact, so the AVX2 and scalar paths give identical
+// bits in both modes (the tests check this).
 //
 // swiglu_: one call computes a whole segment (n groups) of one expert:
 //   1. gate and up rows of every group (parallel over rows): h, u = W x
@@ -18,11 +29,11 @@
 // so every group's partial is independent of the other groups of the call and added in group
 // order, as kernels/formats.py requires.
 //
-// Legend: T tokens, D hidden, g neurons per group, n groups, N rows, K reduction length.
+// Legend: T tokens, D hidden, g neurons per group, n groups, N rows, K reduction length,
+// B weights per block, G weights per integer scale (16 or 32), c chunk of 16 weights.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -30,414 +41,467 @@
 #include <cstring>
 #include <vector>
 
+// Helpers called from the AVX2 functions are always inlined: an out-of-line call would run
+// SSE-encoded code with dirty upper ymm halves, which costs hundreds of cycles here.
+#define MERG_INLINE __attribute__((always_inline)) inline
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define MERG_X86 1
-#define MERG_AVX2 __attribute__((target("avx2,fma")))
+#define MERG_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MERG_AVX2I __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 #else
 #define MERG_X86 0
+#define MERG_AVX2
+#define MERG_AVX2I inline
 #endif
 
 namespace {
 
-constexpr int64_t kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
+constexpr int64_t kQ4_0 = 2, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kMXFP4 = 39;
+constexpr int8_t kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-inline float h2f(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return float(c10::Half(v, c10::Half::from_bits()));
-}
-
-// 6-bit scales and mins of a Q4_K/Q5_K block (ggml's get_scale_min_k4).
-inline void scale_min(const uint8_t* q, float* sc, float* mn) {
-  for (int j = 0; j < 8; ++j) {
-    uint8_t s, m;
-    if (j < 4) {
-      s = q[j] & 63;
-      m = q[j + 4] & 63;
-    } else {
-      s = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-      m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
-    sc[j] = float(s);
-    mn[j] = float(m);
+// f16 -> f32, exact (IEEE bit arithmetic; inlined into the AVX2 code too).
+MERG_INLINE float h2f(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff;
+  uint32_t bits = sign | ((e == 31 ? 255 : e + 112) << 23) | (m << 13);
+  float f;
+  if (e == 0) {  // zero or subnormal: m 2^-24, exact
+    f = float(m) * 0x1p-24f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
   }
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
-// ---- scalar row dots: row of K weights . x, xs = sums of x per chunk -----------------------
+MERG_INLINE uint32_t u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
 
-float dot_q4k_scalar(const uint8_t* row, const float* x, const float* xs, int64_t K) {
-  float sum = 0.0f;
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* blk = row + b * 144;
-    float d = h2f(blk), dmin = h2f(blk + 2), sc[8], mn[8];
-    scale_min(blk + 4, sc, mn);
-    const uint8_t* qs = blk + 16;
-    const float* xb = x + b * 256;
-    for (int s = 0; s < 8; ++s) {
-      float acc = 0.0f;
-      for (int l = 0; l < 32; ++l) {
-        uint8_t v = qs[(s / 2) * 32 + l];
-        acc += float(s % 2 ? v >> 4 : v & 15) * xb[s * 32 + l];
+// A decoded block header: the float scales and the integer scales/mins per G weights.
+struct Scales {
+  float f1, f2;
+  int8_t sc[16], mn[16];  // B / G entries used
+};
+
+// ---- decoders: scales(blk, s), codes(blk, q) (scalar, all B codes), and avx2(blk, k)
+// (AVX2, the codes of weights 32k..32k+31 as 32 int8). Codes are 0..63 unless kSigned.
+
+struct Q4K {
+  static constexpr int B = 256, NB = 144, G = 32;
+  static constexpr bool kSigned = false;
+  MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
+    s.f1 = h2f(b);
+    s.f2 = h2f(b + 2);
+    const uint32_t w0 = u32(b + 4), w1 = u32(b + 8), w2 = u32(b + 12);
+    const uint32_t v[4] = {w0 & 0x3f3f3f3fu, (w2 & 0x0f0f0f0fu) | ((w0 >> 2) & 0x30303030u),
+                           w1 & 0x3f3f3f3fu, ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 2) & 0x30303030u)};
+    std::memcpy(s.sc, v, 8);
+    std::memcpy(s.mn, v + 2, 8);
+  }
+  static int8_t code(const uint8_t* b, int i) {  // weight i: nibble of sub-block i / 32
+    const uint8_t v = b[16 + (i / 64) * 32 + i % 32];
+    return int8_t((i / 32) % 2 ? v >> 4 : v & 15);
+  }
+#if MERG_X86
+  MERG_AVX2I static __m256i avx2(const uint8_t* b, int k) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + (k / 2) * 32));
+    return _mm256_and_si256(k % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+  }
+#endif
+};
+
+struct Q5K {
+  static constexpr int B = 256, NB = 176, G = 32;
+  static constexpr bool kSigned = false;
+  MERG_INLINE static void scales(const uint8_t* b, Scales& s) { Q4K::scales(b, s); }
+  static int8_t code(const uint8_t* b, int i) {  // Q4_K's nibble after 32 B of high bits
+    const uint8_t v = b[48 + (i / 64) * 32 + i % 32];
+    const int s = i / 32;
+    return int8_t((s % 2 ? v >> 4 : v & 15) | (((b[16 + i % 32] >> s) & 1) << 4));
+  }
+#if MERG_X86
+  MERG_AVX2I static __m256i avx2(const uint8_t* b, int k) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 48 + (k / 2) * 32));
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+    h = _mm256_and_si256(_mm256_srli_epi16(h, k), _mm256_set1_epi8(1));
+    return _mm256_or_si256(_mm256_and_si256(k % 2 ? _mm256_srli_epi16(v, 4) : v, m15),
+                           _mm256_slli_epi16(h, 4));
+  }
+#endif
+};
+
+struct Q6K {  // w = d sc (q - 32): f1 = d, f2 = 32 d, mn = sc
+  static constexpr int B = 256, NB = 210, G = 16;
+  static constexpr bool kSigned = false;
+  MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
+    s.f1 = h2f(b + 208);
+    s.f2 = 32.0f * s.f1;
+    std::memcpy(s.sc, b + 192, 16);
+    std::memcpy(s.mn, b + 192, 16);
+  }
+  static int8_t code(const uint8_t* b, int i) {
+    const int h = i / 128, qd = (i % 128) / 32, l = i % 32;
+    const uint8_t v = b[h * 64 + (qd & 1) * 32 + l];
+    return int8_t((qd >= 2 ? v >> 4 : v & 15) | (((b[128 + h * 32 + l] >> (2 * qd)) & 3) << 4));
+  }
+#if MERG_X86
+  MERG_AVX2I static __m256i avx2(const uint8_t* b, int k) {
+    const int h = k / 4, qd = k % 4;
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + h * 64 + (qd & 1) * 32));
+    __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + h * 32));
+    v = _mm256_and_si256(qd >= 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+    hb = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * qd), _mm256_set1_epi8(3));
+    return _mm256_or_si256(v, _mm256_slli_epi16(hb, 4));
+  }
+#endif
+};
+
+// 32-weight blocks: one integer scale of 1 per block (G = 32).
+struct Q80 {
+  static constexpr int B = 32, NB = 34, G = 32;
+  static constexpr bool kSigned = true;
+  MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
+    s.f1 = h2f(b);
+    s.f2 = 0.0f;
+    s.sc[0] = 1;
+    s.mn[0] = 0;
+  }
+  static int8_t code(const uint8_t* b, int i) { return int8_t(b[2 + i]); }
+#if MERG_X86
+  MERG_AVX2I static __m256i avx2(const uint8_t* b, int) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  }
+#endif
+};
+
+#if MERG_X86
+// 16 bytes of nibbles -> 32 codes: low nibbles are weights 0..15, high ones 16..31.
+MERG_AVX2I __m256i nibbles32(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+}
+#endif
+
+struct Q40 {  // w = d (q - 8): f1 = f2 = d, mn = 8
+  static constexpr int B = 32, NB = 18, G = 32;
+  static constexpr bool kSigned = false;
+  MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
+    s.f1 = s.f2 = h2f(b);
+    s.sc[0] = 1;
+    s.mn[0] = 8;
+  }
+  static int8_t code(const uint8_t* b, int i) {
+    return int8_t(i < 16 ? b[2 + i] & 15 : b[2 + i - 16] >> 4);
+  }
+#if MERG_X86
+  MERG_AVX2I static __m256i avx2(const uint8_t* b, int) { return nibbles32(b + 2); }
+#endif
+};
+
+struct MXFP4 {  // w = 2^(e - 128) kvalue[q] (the table holds doubled e2m1 values)
+  static constexpr int B = 32, NB = 17, G = 32;
+  static constexpr bool kSigned = true;
+  MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
+    const uint32_t e = b[0], bits = e < 2 ? 0x00200000u << e : (e - 1) << 23;
+    std::memcpy(&s.f1, &bits, 4);
+    s.f2 = 0.0f;
+    s.sc[0] = 1;
+    s.mn[0] = 0;
+  }
+  static int8_t code(const uint8_t* b, int i) {
+    return kMXFP4Values[i < 16 ? b[1 + i] & 15 : b[1 + i - 16] >> 4];
+  }
+#if MERG_X86
+  MERG_AVX2I static __m256i avx2(const uint8_t* b, int) {
+    const __m256i table = _mm256_broadcastsi128_si256(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(kMXFP4Values)));
+    return _mm256_shuffle_epi8(table, nibbles32(b + 1));
+  }
+#endif
+};
+
+// ---- activations -------------------------------------------------------------------------
+
+// One activation vector of length K, prepared for the row dots of one type: int8 codes per
+// block of B with a float scale and code sums per G (int8 mode), or float sums per G.
+struct Act {
+  const float* x = nullptr;
+  std::vector<float> xs;      // f32 mode: sums of x per G
+  std::vector<int8_t> q;      // int8 mode: codes [K]
+  std::vector<float> d;       // scales [K / B]
+  std::vector<int16_t> bs;    // code sums per G (|sum| <= 32 x 127)
+  bool i8 = false;
+
+  void prepare(const float* v, int64_t K, int64_t B, int64_t G, bool int8) {
+    x = v;
+    i8 = int8;
+    if (i8) {
+      q.resize(K);
+      d.resize(K / B);
+      for (int64_t b = 0; b < K / B; ++b) {
+        float amax = 0.0f;
+        for (int64_t i = 0; i < B; ++i) amax = std::fmax(amax, std::fabs(v[b * B + i]));
+        const float s = amax / 127.0f, inv = s > 0 ? 1.0f / s : 0.0f;
+        d[b] = s;
+        for (int64_t i = 0; i < B; ++i)
+          q[b * B + i] = int8_t(std::nearbyint(std::fmin(127.0f, v[b * B + i] * inv)));
       }
-      sum += d * sc[s] * acc - dmin * mn[s] * xs[b * 8 + s];
     }
-  }
-  return sum;
-}
-
-float dot_q5k_scalar(const uint8_t* row, const float* x, const float* xs, int64_t K) {
-  float sum = 0.0f;
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* blk = row + b * 176;
-    float d = h2f(blk), dmin = h2f(blk + 2), sc[8], mn[8];
-    scale_min(blk + 4, sc, mn);
-    const uint8_t *qh = blk + 16, *qs = blk + 48;
-    const float* xb = x + b * 256;
-    for (int s = 0; s < 8; ++s) {
-      float acc = 0.0f;
-      for (int l = 0; l < 32; ++l) {
-        uint8_t v = qs[(s / 2) * 32 + l];
-        int q = (s % 2 ? v >> 4 : v & 15) | (((qh[l] >> s) & 1) << 4);
-        acc += float(q) * xb[s * 32 + l];
+    bs.clear();
+    xs.clear();
+    for (int64_t c = 0; c < K / G; ++c) {
+      int32_t ti = 0;
+      float tf = 0.0f;
+      for (int64_t i = 0; i < G; ++i) {
+        if (i8) ti += q[c * G + i];
+        else tf += v[c * G + i];
       }
-      sum += d * sc[s] * acc - dmin * mn[s] * xs[b * 8 + s];
+      if (i8) bs.push_back(int16_t(ti));
+      else xs.push_back(tf);
     }
+  }
+};
+
+inline float tree8(const float* a) {
+  float s4[4];
+  for (int i = 0; i < 4; ++i) s4[i] = a[i] + a[i + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// The float combination of one block's exact integer sums (both int8 paths).
+MERG_INLINE float combine8(float sum, float dx, const Scales& s, int32_t i1, int32_t i2) {
+  sum = std::fma(dx * s.f1, float(i1), sum);
+  return std::fma(-(dx * s.f2), float(i2), sum);
+}
+
+// I2 = sum over the block's scales of mn . (code sums): exact, any order.
+template <class T>
+MERG_INLINE int32_t min_sum(const Scales& s, const int16_t* bs) {
+  int32_t t = 0;
+  for (int j = 0; j < T::B / T::G; ++j) t += int32_t(s.mn[j]) * bs[j];
+  return t;
+}
+
+// ---- scalar row dots (the reference for the AVX2 ones: same bits) -----------------------
+
+template <class T>
+inline float dot8_scalar(const uint8_t* row, const Act& a, int64_t nb) {
+  float sum = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * T::NB;
+    const int8_t* xq = a.q.data() + b * T::B;
+    Scales s;
+    T::scales(blk, s);
+    int32_t i1 = 0;
+    for (int j = 0; j < T::B / T::G; ++j) {
+      int32_t t = 0;
+      for (int i = j * T::G; i < (j + 1) * T::G; ++i) t += int32_t(T::code(blk, i)) * xq[i];
+      i1 += int32_t(s.sc[j]) * t;
+    }
+    sum = combine8(sum, a.d[b], s, i1, min_sum<T>(s, a.bs.data() + b * (T::B / T::G)));
   }
   return sum;
 }
 
-float dot_q6k_scalar(const uint8_t* row, const float* x, const float* xs, int64_t K) {
-  float sum = 0.0f;
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* blk = row + b * 210;
-    const uint8_t *ql = blk, *qh = blk + 128;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    float d = h2f(blk + 208);
-    const float* xb = x + b * 256;
-    for (int c = 0; c < 16; ++c) {
-      float acc = 0.0f;
-      for (int i = 0; i < 16; ++i) {
-        int w = c * 16 + i, h = w / 128, r = w % 128, qd = r / 32, l = r % 32;
-        uint8_t v = ql[h * 64 + (qd & 1) * 32 + l];
-        int q = (qd >= 2 ? v >> 4 : v & 15) | (((qh[h * 32 + l] >> (2 * qd)) & 3) << 4);
-        acc += float(q) * xb[w];
+template <class T>
+inline float dotf_scalar(const uint8_t* row, const Act& a, int64_t nb) {
+  float acc[8] = {}, off = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * T::NB;
+    const float* xb = a.x + b * T::B;
+    Scales s;
+    T::scales(blk, s);
+    for (int c = 0; c < T::B / 16; ++c) {
+      const float f = s.f1 * float(s.sc[c * 16 / T::G]);
+      for (int l = 0; l < 8; ++l) {
+        float p = float(T::code(blk, c * 16 + l)) * xb[c * 16 + l];
+        p = std::fma(float(T::code(blk, c * 16 + 8 + l)), xb[c * 16 + 8 + l], p);
+        acc[l] = std::fma(f, p, acc[l]);
       }
-      sum += d * float(sc[c]) * (acc - 32.0f * xs[b * 16 + c]);
     }
+    for (int j = 0; j < T::B / T::G; ++j)
+      off = std::fma(s.f2 * float(s.mn[j]), a.xs[b * (T::B / T::G) + j], off);
   }
-  return sum;
-}
-
-float dot_q80_scalar(const uint8_t* row, const float* x, const float*, int64_t K) {
-  float sum = 0.0f;
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const uint8_t* blk = row + b * 34;
-    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-    float acc = 0.0f;
-    for (int l = 0; l < 32; ++l) acc += float(q[l]) * x[b * 32 + l];
-    sum += h2f(blk) * acc;
-  }
-  return sum;
+  return tree8(acc) - off;
 }
 
 // ---- AVX2 row dots -----------------------------------------------------------------------
 
 #if MERG_X86
-MERG_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
+// tree8 of the 8 lanes, the same additions in the same order (no SSE call with dirty ymm).
+MERG_AVX2I float tree8_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // a_i + a_i+4
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));  // (s0 + s2), (s1 + s3)
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
-MERG_AVX2 inline __m256i load8u(const uint8_t* p) {
-  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+// The block's integer scales as int16: G = 32, the 8 scales in both 128-bit lanes; G = 16, all
+// 16 (low lane 0..7).
+template <class T>
+MERG_AVX2I __m256i scale_vector(const Scales& s) {
+  if constexpr (T::G == 16)
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.sc)));
+  else
+    return _mm256_broadcastsi128_si256(
+        _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.sc))));
 }
 
-MERG_AVX2 float dot_q4k_avx2(const uint8_t* row, const float* x, const float* xs, int64_t K) {
-  const __m256i m15 = _mm256_set1_epi32(15);
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.0f;
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* blk = row + b * 144;
-    _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
-    float d = h2f(blk), dmin = h2f(blk + 2), sc[8], mn[8];
-    scale_min(blk + 4, sc, mn);
-    const uint8_t* qs = blk + 16;
-    const float* xb = x + b * 256;
-    for (int c = 0; c < 4; ++c) {
-      __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-      for (int i = 0; i < 32; i += 8) {
-        __m256i v = load8u(qs + c * 32 + i);
-        lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m15)),
-                             _mm256_loadu_ps(xb + c * 64 + i), lo);
-        hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)),
-                             _mm256_loadu_ps(xb + c * 64 + 32 + i), hi);
-      }
-      acc = _mm256_fmadd_ps(lo, _mm256_set1_ps(d * sc[2 * c]), acc);
-      acc = _mm256_fmadd_ps(hi, _mm256_set1_ps(d * sc[2 * c + 1]), acc);
+// int16 multipliers of the 32 weights 32k..32k+31 (low 128 bits: weights 0..15 of them).
+template <class T>
+MERG_AVX2I __m256i scale16(__m256i v, int k) {
+  if constexpr (T::B == 32) return _mm256_set1_epi16(1);  // one scale of 1 (sc[0])
+  if constexpr (T::G == 32) return _mm256_shuffle_epi8(v, _mm256_set1_epi16(0x0100 + 0x0202 * k));
+  const __m256i pair = _mm256_permutevar8x32_epi32(v, _mm256_set1_epi32(k));  // sc 2k, 2k+1
+  return _mm256_shuffle_epi8(pair, _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0,
+                                                    1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+                                                    2, 3));  // fmt: skip
+}
+
+// I2 = sum of mn . (code sums) of the block, as 4 int32 to add up.
+template <class T>
+MERG_AVX2I __m128i min_sum4(const Scales& s, const int16_t* bs) {
+  if constexpr (T::B == 32) return _mm_cvtsi32_si128(int32_t(s.mn[0]) * bs[0]);
+  if constexpr (T::G == 32)
+    return _mm_madd_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.mn))),
+                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(bs)));
+  const __m256i m = _mm256_madd_epi16(
+      _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.mn))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bs)));
+  return _mm_add_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+}
+
+template <class T>
+MERG_AVX2I float dot8_avx2(const uint8_t* row, const Act& a, int64_t nb) {
+  float sum = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * T::NB;
+    const int8_t* xq = a.q.data() + b * T::B;
+    Scales s;
+    T::scales(blk, s);
+    const __m256i sv = scale_vector<T>(s);
+    __m256i acc = _mm256_setzero_si256();
+    for (int k = 0; k < T::B / 32; ++k) {
+      const __m256i w = T::avx2(blk, k);
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * k));
+      const __m256i p = T::kSigned ? _mm256_maddubs_epi16(_mm256_sign_epi8(w, w),
+                                                          _mm256_sign_epi8(x, w))
+                                   : _mm256_maddubs_epi16(w, x);
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scale16<T>(sv, k)));
     }
-    for (int s = 0; s < 8; ++s) mins += dmin * mn[s] * xs[b * 8 + s];
+    __m128i h = _mm_hadd_epi32(
+        _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1)),
+        min_sum4<T>(s, a.bs.data() + b * (T::B / T::G)));
+    h = _mm_hadd_epi32(h, h);  // I1, I2, I1, I2
+    sum = combine8(sum, a.d[b], s, _mm_cvtsi128_si32(h), _mm_extract_epi32(h, 1));
   }
-  return hsum8(acc) - mins;
+  return sum;
 }
 
-MERG_AVX2 float dot_q6k_avx2(const uint8_t* row, const float* x, const float* xs, int64_t K) {
-  const __m256i m15 = _mm256_set1_epi32(15), m3 = _mm256_set1_epi32(3);
+template <class T>
+MERG_AVX2I float dotf_avx2(const uint8_t* row, const Act& a, int64_t nb) {
   __m256 acc = _mm256_setzero_ps();
   float off = 0.0f;
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* blk = row + b * 210;
-    _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    float d = h2f(blk + 208), ds[16];
-    for (int c = 0; c < 16; ++c) {
-      ds[c] = d * float(sc[c]);
-      off += ds[c] * xs[b * 16 + c];
-    }
-    const float* xb = x + b * 256;
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t *ql = blk + h * 64, *qh = blk + 128 + h * 32;
-      for (int l = 0; l < 32; l += 8) {
-        __m256i a = load8u(ql + l), bb = load8u(ql + 32 + l), hb = load8u(qh + l);
-        __m256i q[4] = {
-            _mm256_or_si256(_mm256_and_si256(a, m15),
-                            _mm256_slli_epi32(_mm256_and_si256(hb, m3), 4)),
-            _mm256_or_si256(_mm256_and_si256(bb, m15),
-                            _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 2), m3), 4)),
-            _mm256_or_si256(_mm256_srli_epi32(a, 4),
-                            _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 4), m3), 4)),
-            _mm256_or_si256(_mm256_srli_epi32(bb, 4), _mm256_slli_epi32(_mm256_srli_epi32(hb, 6), 4))};
-        for (int qd = 0; qd < 4; ++qd) {
-          int w = h * 128 + qd * 32 + l;
-          __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(q[qd]), _mm256_loadu_ps(xb + w));
-          acc = _mm256_fmadd_ps(p, _mm256_set1_ps(ds[w / 16]), acc);
-        }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * T::NB;
+    const float* xb = a.x + b * T::B;
+    Scales s;
+    T::scales(blk, s);
+    for (int k = 0; k < T::B / 32; ++k) {
+      const __m256i w = T::avx2(blk, k);
+      for (int h = 0; h < 2; ++h) {
+        const int c = 2 * k + h;
+        const __m128i w16 = h ? _mm256_extracti128_si256(w, 1) : _mm256_castsi256_si128(w);
+        const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w16));
+        const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w16, 8)));
+        __m256 p = _mm256_mul_ps(q0, _mm256_loadu_ps(xb + c * 16));
+        p = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb + c * 16 + 8), p);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(s.f1 * float(s.sc[c * 16 / T::G])), p, acc);
       }
     }
+    for (int j = 0; j < T::B / T::G; ++j)
+      off = std::fma(s.f2 * float(s.mn[j]), a.xs[b * (T::B / T::G) + j], off);
   }
-  return hsum8(acc) - 32.0f * off;
-}
-
-MERG_AVX2 float dot_q80_avx2(const uint8_t* row, const float* x, const float*, int64_t K) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const uint8_t* blk = row + b * 34;
-    __m256 s = _mm256_setzero_ps();
-    for (int i = 0; i < 32; i += 8) {
-      __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + i)));
-      s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(x + b * 32 + i), s);
-    }
-    acc = _mm256_fmadd_ps(s, _mm256_set1_ps(h2f(blk)), acc);
-  }
-  return hsum8(acc);
+  return tree8_avx2(acc) - off;
 }
 
 bool cpu_has_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 }
 #else
 bool cpu_has_avx2() { return false; }
-#define dot_q4k_avx2 dot_q4k_scalar
-#define dot_q6k_avx2 dot_q6k_scalar
-#define dot_q80_avx2 dot_q80_scalar
 #endif
 
-// ---- int8 activations (bfloat16 mode, as llama.cpp's Q8_K): x ~ dx q per block of 256 --------
-// Row dot = sum over blocks of dx * (integer sums of weight codes x q, scaled per sub-block).
-// Only Q4_K and Q6_K have this path.
+// ---- dispatch ----------------------------------------------------------------------------
 
-struct Q8Act {
-  const int8_t* q;    // [K] int8 codes
-  const float* d;     // [K / 256] scales
-  const int32_t* bs;  // [K / 16] sums of the codes per 16
+// The n segments of one output: acc + dot_0 + dot_1 + ... in order (segment j: the rows at
+// row + j stride against act[j astride], nb blocks). One call per output keeps the call overhead
+// off the one-block down rows.
+struct Segs {
+  const uint8_t* row;
+  int64_t stride;
+  const Act* act;
+  int64_t astride, n, nb;
 };
+using Dot = float (*)(const Segs&, float);
 
-float dot8_q4k_scalar(const uint8_t* row, const Q8Act& a, int64_t K) {
-  float sum = 0.0f;
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* blk = row + b * 144;
-    float d = h2f(blk), dmin = h2f(blk + 2), sc[8], mn[8];
-    scale_min(blk + 4, sc, mn);
-    int32_t isum = 0, msum = 0;
-    for (int s = 0; s < 8; ++s) {
-      int32_t acc = 0;
-      for (int l = 0; l < 32; ++l) {
-        uint8_t v = blk[16 + (s / 2) * 32 + l];
-        acc += int32_t(s % 2 ? v >> 4 : v & 15) * a.q[b * 256 + s * 32 + l];
-      }
-      isum += int32_t(sc[s]) * acc;
-      msum += int32_t(mn[s]) * (a.bs[b * 16 + 2 * s] + a.bs[b * 16 + 2 * s + 1]);
-    }
-    sum += a.d[b] * (d * float(isum) - dmin * float(msum));
+#define MERG_SEGMENTS(NAME, ROW, ATTR)                                       \
+  template <class T>                                                         \
+  ATTR float NAME(const Segs& s, float acc) {                                \
+    for (int64_t j = 0; j < s.n; ++j)                                        \
+      acc += ROW<T>(s.row + j * s.stride, s.act[j * s.astride], s.nb);       \
+    return acc;                                                              \
   }
-  return sum;
-}
-
-float dot8_q6k_scalar(const uint8_t* row, const Q8Act& a, int64_t K) {
-  float sum = 0.0f;
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t *blk = row + b * 210, *ql = blk, *qh = blk + 128;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    int32_t isum = 0;
-    for (int c = 0; c < 16; ++c) {
-      int32_t acc = 0;
-      for (int i = 0; i < 16; ++i) {
-        int w = c * 16 + i, h = w / 128, r = w % 128, qd = r / 32, l = r % 32;
-        uint8_t v = ql[h * 64 + (qd & 1) * 32 + l];
-        int q = (qd >= 2 ? v >> 4 : v & 15) | (((qh[h * 32 + l] >> (2 * qd)) & 3) << 4);
-        acc += q * a.q[b * 256 + w];
-      }
-      isum += int32_t(sc[c]) * (acc - 32 * a.bs[b * 16 + c]);
-    }
-    sum += a.d[b] * h2f(blk + 208) * float(isum);
-  }
-  return sum;
-}
-
+MERG_SEGMENTS(segs8_scalar, dot8_scalar, )
+MERG_SEGMENTS(segsf_scalar, dotf_scalar, )
 #if MERG_X86
-MERG_AVX2 float dot8_q4k_avx2(const uint8_t* row, const Q8Act& a, int64_t K) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.0f;
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* blk = row + b * 144;
-    _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
-    float d = h2f(blk), dmin = h2f(blk + 2), sc[8], mn[8];
-    scale_min(blk + 4, sc, mn);
-    const int8_t* xq = a.q + b * 256;
-    __m256i isum = _mm256_setzero_si256();
-    for (int c = 0; c < 4; ++c) {
-      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + c * 32));
-      __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      __m256i plo = _mm256_maddubs_epi16(
-          lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 64)));
-      __m256i phi = _mm256_maddubs_epi16(
-          hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 64 + 32)));
-      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(plo, _mm256_set1_epi16(int16_t(sc[2 * c]))));
-      isum = _mm256_add_epi32(isum,
-                              _mm256_madd_epi16(phi, _mm256_set1_epi16(int16_t(sc[2 * c + 1]))));
-    }
-    int32_t msum = 0;
-    for (int s = 0; s < 8; ++s)
-      msum += int32_t(mn[s]) * (a.bs[b * 16 + 2 * s] + a.bs[b * 16 + 2 * s + 1]);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(a.d[b] * d), acc);
-    mins += a.d[b] * dmin * float(msum);
-  }
-  return hsum8(acc) - mins;
-}
-
-MERG_AVX2 float dot8_q6k_avx2(const uint8_t* row, const Q8Act& a, int64_t K) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t *blk = row + b * 210, *ql = blk, *qh = blk + 128;
-    _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    const int8_t* xq = a.q + b * 256;
-    __m256i isum = _mm256_setzero_si256();
-    int32_t off = 0;
-    for (int c = 0; c < 16; ++c) off += int32_t(sc[c]) * a.bs[b * 16 + c];
-    for (int h = 0; h < 2; ++h) {
-      __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + h * 64));
-      __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + h * 64 + 32));
-      __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + h * 32));
-      __m256i nib[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
-                        _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                        _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
-      for (int qd = 0; qd < 4; ++qd) {
-        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * qd), m2);
-        __m256i q = _mm256_or_si256(nib[qd], _mm256_slli_epi16(hi, 4));
-        const int w = h * 128 + qd * 32;
-        __m256i p = _mm256_maddubs_epi16(
-            q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + w)));
-        __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[w / 16 + 1]), _mm_set1_epi16(sc[w / 16]));
-        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, s));
-      }
-    }
-    const float dd = a.d[b] * h2f(blk + 208);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dd), acc);
-    acc = _mm256_sub_ps(acc, _mm256_setr_ps(dd * 32.0f * float(off), 0, 0, 0, 0, 0, 0, 0));
-  }
-  return hsum8(acc);
-}
+MERG_SEGMENTS(segs8_avx2, dot8_avx2, MERG_AVX2)
+MERG_SEGMENTS(segsf_avx2, dotf_avx2, MERG_AVX2)
 #else
-#define dot8_q4k_avx2 dot8_q4k_scalar
-#define dot8_q6k_avx2 dot8_q6k_scalar
+MERG_SEGMENTS(segs8_avx2, dot8_scalar, )
+MERG_SEGMENTS(segsf_avx2, dotf_scalar, )
 #endif
-
-// ---- dispatch and activations -----------------------------------------------------------
-
-using Dot = float (*)(const uint8_t*, const float*, const float*, int64_t);
-using Dot8 = float (*)(const uint8_t*, const Q8Act&, int64_t);
 
 struct Kind {
-  int64_t block, nbytes, chunk;  // chunk: length of the x sums the f32 dot needs (0: none)
+  int64_t block, nbytes, gran;
+  bool i8;
   Dot dot;
-  Dot8 dot8;  // nullptr: no int8-activation path
+
+  int64_t row_bytes(int64_t K) const { return K / block * nbytes; }
+  void prepare(Act& a, const float* v, int64_t K) const { a.prepare(v, K, block, gran, i8); }
+  float dot_row(const uint8_t* row, const Act& a, int64_t K) const {
+    return dot(Segs{row, 0, &a, 0, 1, K / block}, 0.0f);
+  }
 };
 
-// isa: 0 scalar f32, 1 AVX2 f32, 2 AVX2 with int8 activations (Q4_K/Q6_K), 3 scalar int8
+template <class T>
+Kind make_kind(bool avx2, bool i8) {
+  Dot d = i8 ? (avx2 ? segs8_avx2<T> : segs8_scalar<T>) : (avx2 ? segsf_avx2<T> : segsf_scalar<T>);
+  return {T::B, T::NB, T::G, i8, d};
+}
+
+// isa: 0 scalar f32, 1 AVX2 f32, 2 AVX2 with int8 activations, 3 scalar int8
 Kind kind(int64_t type, int64_t isa) {
-  static const bool avx2 = cpu_has_avx2();
-  const bool v = avx2 && (isa == 1 || isa == 2);
+  static const bool has = cpu_has_avx2();
+  const bool v = has && (isa == 1 || isa == 2), i8 = isa >= 2;
   switch (type) {
-    case kQ4_K: return {256, 144, 32, v ? dot_q4k_avx2 : dot_q4k_scalar,
-                        v ? dot8_q4k_avx2 : dot8_q4k_scalar};
-    case kQ5_K: return {256, 176, 32, dot_q5k_scalar, nullptr};
-    case kQ6_K: return {256, 210, 16, v ? dot_q6k_avx2 : dot_q6k_scalar,
-                        v ? dot8_q6k_avx2 : dot8_q6k_scalar};
-    case kQ8_0: return {32, 34, 0, v ? dot_q80_avx2 : dot_q80_scalar, nullptr};
+    case kQ4_0: return make_kind<Q40>(v, i8);
+    case kQ8_0: return make_kind<Q80>(v, i8);
+    case kQ4_K: return make_kind<Q4K>(v, i8);
+    case kQ5_K: return make_kind<Q5K>(v, i8);
+    case kQ6_K: return make_kind<Q6K>(v, i8);
+    case kMXFP4: return make_kind<MXFP4>(v, i8);
   }
   TORCH_CHECK(false, "mer_ggml: GGML type ", type, " has no native kernel");
 }
-
-// One activation vector of length K, prepared for the dots of one Kind.
-struct Act {
-  std::vector<float> xs;   // f32 path: sums per chunk
-  std::vector<int8_t> q;   // int8 path
-  std::vector<float> d;
-  std::vector<int32_t> bs;
-  const float* x = nullptr;
-  bool i8 = false;
-
-  void prepare(const float* v, int64_t K, const Kind& k, bool int8) {
-    x = v;
-    i8 = int8 && k.dot8 != nullptr;
-    if (i8) {
-      q.resize(K);
-      d.resize(K / 256);
-      bs.resize(K / 16);
-      for (int64_t b = 0; b < K / 256; ++b) {
-        float amax = 0.0f;
-        for (int i = 0; i < 256; ++i) amax = std::fmax(amax, std::fabs(v[b * 256 + i]));
-        const float s = amax / 127.0f, inv = s > 0 ? 1.0f / s : 0.0f;
-        d[b] = s;
-        for (int i = 0; i < 256; ++i)
-          q[b * 256 + i] = int8_t(std::nearbyint(std::fmin(127.0f, v[b * 256 + i] * inv)));
-      }
-      for (int64_t c = 0; c < K / 16; ++c) {
-        int32_t t = 0;
-        for (int i = 0; i < 16; ++i) t += q[c * 16 + i];
-        bs[c] = t;
-      }
-    } else if (k.chunk) {
-      xs.resize(K / k.chunk);
-      for (int64_t c = 0; c < K / k.chunk; ++c) {
-        float t = 0.0f;
-        for (int64_t i = 0; i < k.chunk; ++i) t += v[c * k.chunk + i];
-        xs[c] = t;
-      }
-    }
-  }
-
-  float dot(const Kind& k, const uint8_t* row, int64_t K) const {
-    if (i8) return k.dot8(row, Q8Act{q.data(), d.data(), bs.data()}, K);
-    return k.dot(row, x, xs.data(), K);
-  }
-};
 
 inline float silu_mul(float h, float u) { return h / (1.0f + std::exp(-h)) * u; }
 
@@ -456,30 +520,28 @@ void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D
   TORCH_CHECK(x.size(1) == D && y.numel() == T * D && buf.numel() == n * per && n > 0,
               "mer_ggml::swiglu_: shapes disagree");
   const Kind kg = kind(tg, isa), ku = kind(tu, isa), kd = kind(td, isa);
-  const bool i8 = isa >= 2;
   TORCH_CHECK(D % kg.block == 0 && D % ku.block == 0 && g % kd.block == 0,
               "mer_ggml::swiglu_: rows are not whole blocks");
-  const int64_t rg = D / kg.block * kg.nbytes, ru = D / ku.block * ku.nbytes;
-  const int64_t rd = g / kd.block * kd.nbytes;
+  const int64_t rg = kg.row_bytes(D), ru = ku.row_bytes(D), rd = kd.row_bytes(g);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const uint8_t* bp = buf.data_ptr<uint8_t>();
   std::vector<Act> ag(T), au(T);
   for (int64_t t = 0; t < T; ++t) {
-    ag[t].prepare(xp + t * D, D, kg, i8);
-    au[t].prepare(xp + t * D, D, ku, i8);
+    kg.prepare(ag[t], xp + t * D, D);
+    ku.prepare(au[t], xp + t * D, D);
   }
   std::vector<float> h(n * T * g), u(n * T * g);  // [n, T, g]
-  at::parallel_for(0, n * 2 * g, 8, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, n * 2 * g, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t j = r / (2 * g), i = r % (2 * g);
       const bool gate = i < g;
       const uint8_t* row = bp + j * per + (gate ? og + i * rg : ou + (i - g) * ru);
       for (int64_t t = 0; t < T; ++t) {
         if (gate)
-          h[(j * T + t) * g + i] = ag[t].dot(kg, row, D);
+          h[(j * T + t) * g + i] = kg.dot_row(row, ag[t], D);
         else
-          u[(j * T + t) * g + i - g] = au[t].dot(ku, row, D);
+          u[(j * T + t) * g + i - g] = ku.dot_row(row, au[t], D);
       }
     }
   });
@@ -487,15 +549,13 @@ void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D
   std::vector<Act> ad(n * T);
   for (int64_t k = 0; k < n * T; ++k) {
     for (int64_t i = 0; i < g; ++i) a[k * g + i] = silu_mul(h[k * g + i], u[k * g + i]);
-    ad[k].prepare(a.data() + k * g, g, kd, i8);
+    kd.prepare(ad[k], a.data() + k * g, g);
   }
   at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
     for (int64_t dr = b; dr < e; ++dr)
       for (int64_t t = 0; t < T; ++t) {
-        float acc = yp[t * D + dr];
-        for (int64_t j = 0; j < n; ++j)
-          acc += ad[j * T + t].dot(kd, bp + j * per + od + dr * rd, g);
-        yp[t * D + dr] = acc;
+        const Segs down{bp + od + dr * rd, per, &ad[t], T, n, g / kd.block};
+        yp[t * D + dr] = kd.dot(down, yp[t * D + dr]);
       }
   });
 }
@@ -505,17 +565,17 @@ void linear_(at::Tensor y, const at::Tensor& x, const at::Tensor& w, int64_t typ
   check_common(y, x, w);
   const Kind k = kind(type, isa);
   const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % k.block == 0 && w.size(1) == K / k.block * k.nbytes && y.numel() == T * N,
+  TORCH_CHECK(K % k.block == 0 && w.size(1) == k.row_bytes(K) && y.numel() == T * N,
               "mer_ggml::linear_: shapes disagree");
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t rb = w.size(1);
   std::vector<Act> acts(T);
-  for (int64_t t = 0; t < T; ++t) acts[t].prepare(xp + t * K, K, k, isa >= 2);
+  for (int64_t t = 0; t < T; ++t) k.prepare(acts[t], xp + t * K, K);
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)
-      for (int64_t t = 0; t < T; ++t) yp[t * N + r] = acts[t].dot(k, wp + r * rb, K);
+      for (int64_t t = 0; t < T; ++t) yp[t * N + r] = k.dot_row(wp + r * rb, acts[t], K);
   });
 }
 
