@@ -33,7 +33,8 @@ from ..kernels.ggml import TYPES, BlockType
 from ..kernels.ggml_formats import GGUFExperts
 from ..kernels.quality import rel_l2
 from .convert import EXPERT_FILE, _progress
-from .format import ALIGN, FORMAT_NAME, FORMAT_VERSION, Store, checksum, place_store
+from .experts import Packed, default_workers, write_extents
+from .format import FORMAT_NAME, FORMAT_VERSION, Store, checksum, place_store
 from .gguf_file import GGUFFile, TensorInfo
 from .gguf_model import dense_tensors, expert_tensors, model_args, unpermute_rows
 
@@ -114,6 +115,42 @@ def _write_dense(src: _Source, path: Path, items) -> list[list[Any]]:
     return index
 
 
+class _ExpertReader:
+    """Reads one expert's GGUF bytes (gate, up, down) and their types, on the converter's reader
+    thread; first asks the kernel to start reading the next expert (readahead across the three
+    stacked tensors, which a single file's sequential readahead does not follow)."""
+
+    def __init__(self, src: _Source, args, keys: list[tuple[int, int]]) -> None:
+        self.src, self.args = src, args
+        self.next = {k: keys[i + 1] for i, k in enumerate(keys[:-1])}
+
+    def __call__(self, key: tuple[int, int]):
+        gf = self.src.gf
+        tensors = expert_tensors(gf, *key, self.args)
+        if (nxt := self.next.get(key)) is not None:
+            for t, off, n in expert_tensors(gf, *nxt, self.args):
+                gf.prefetch(t, off, n)
+        parts = tuple(self.src.read(t, off, n, rows=t.shape[-2]) for t, off, n in tensors)
+        return parts, tuple(self.src.type_of(t).name for t, _, _ in tensors)
+
+
+class _Packer:
+    """One expert's blocks into the store format and their checksum (the packer threads)."""
+
+    def __init__(self, fmt: GGUFExperts, args, group: int, per_expert: int) -> None:
+        self.fmt, self.args, self.group, self.per_expert = fmt, args, group, per_expert
+
+    def __call__(self, i: int, key: tuple[int, int], read) -> Packed:
+        parts, types = read
+        a = self.args
+        data = self.fmt.pack_blocks(parts, types, a.hidden_size, a.expert_inter,
+                                    self.group).numpy()  # fmt: skip
+        if len(data) != self.per_expert:
+            raise StoreError(f"expert ({key[0]}, {key[1]}) packed into {len(data)} bytes, "
+                             f"expected {self.per_expert}")  # fmt: skip
+        return Packed(data, checksum(data), None)
+
+
 def _expert_format(src: _Source, args) -> GGUFExperts:
     roles: list[set[str]] = [set(), set(), set()]
     for layer in range(args.n_layers):
@@ -155,24 +192,11 @@ def convert_gguf(
         keys = [(layer, e) for layer in range(args.n_layers) if args.moe_layers[layer]
                 for e in range(args.n_experts)]  # fmt: skip
         per_expert = (args.expert_inter // group) * fmt.group_nbytes(args.hidden_size, group)
-        entries = []
         bar = _progress(per_expert * len(keys), f"converting {src.name}", progress)
         with open(tmp / EXPERT_FILE, "wb") as f, bar:
-            for layer, e in keys:
-                tensors = expert_tensors(gf, layer, e, args)
-                parts = tuple(source.read(t, off, n, rows=t.shape[-2]) for t, off, n in tensors)
-                types = tuple(source.type_of(t).name for t, _, _ in tensors)
-                data = memoryview(fmt.pack_blocks(parts, types, args.hidden_size,
-                                                   args.expert_inter, group).numpy())  # fmt: skip
-                if len(data) != per_expert:
-                    raise StoreError(f"expert ({layer}, {e}) packed into {len(data)} bytes, "
-                                     f"expected {per_expert}")  # fmt: skip
-                offset = f.tell()
-                f.write(data)
-                f.write(b"\0" * (-len(data) % ALIGN))
-                entries.append({"layer": layer, "expert": e, "file": 0, "offset": offset,
-                                "length": len(data), "xxh3": checksum(data)})  # fmt: skip
-                bar.update(len(data))
+            entries, _ = write_extents(
+                keys, _ExpertReader(source, args, keys), _Packer(fmt, args, group, per_expert),
+                f, workers=default_workers(), progress=bar.update)  # fmt: skip
             f.flush()
             os.fsync(f.fileno())
         copied = write_tokenizer(gf, tmp, log)

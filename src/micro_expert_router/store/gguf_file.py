@@ -15,6 +15,7 @@ Shapes here are in NumPy order (``[rows, K]``, the reverse of ggml's ``ne``).
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ class GGUFFile:
         self.parts = self._find_parts(self.path)
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        self._files: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
         for i, part in enumerate(self.parts):
             self._read_part(part, first=i == 0)
 
@@ -198,22 +199,31 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: tensor {name} is missing from the GGUF file")
         return t
 
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)  # closed in close()
+        return fd
+
     def read(self, t: TensorInfo, start: int = 0, length: int | None = None) -> bytes:
-        """Bytes ``[start, start + length)`` of tensor ``t``'s data (one open file per part)."""
+        """Bytes ``[start, start + length)`` of tensor ``t``'s data (a positional read: threads
+        may read at once; the GIL is released while reading)."""
         length = t.nbytes - start if length is None else length
-        f = self._files.get(t.path)
-        if f is None:
-            f = self._files[t.path] = open(t.path, "rb")  # noqa: SIM115 (closed in close())
-        f.seek(t.offset + start)
-        data = f.read(length)
+        data = os.pread(self._fd(t.path), length, t.offset + start)
         if len(data) != length:
             raise GGUFError(f"{t.path}: short read of tensor {t.name} (file changed?)")
         return data
 
+    def prefetch(self, t: TensorInfo, start: int, length: int) -> None:
+        """Ask the kernel to start reading these bytes into the page cache (no wait)."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd(t.path), t.offset + start, length, os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
-        for f in getattr(self, "_files", {}).values():
-            f.close()
-        getattr(self, "_files", {}).clear()
+        fds = getattr(self, "_fds", {})
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
 
     def __del__(self) -> None:
         self.close()
