@@ -40,6 +40,7 @@ from .gguf_model import dense_tensors, expert_tensors, model_args, unpermute_row
 
 DENSE_GGUF = "dense.gguf"
 REQUANTIZE = ("q8",)
+BATCH_BYTES = 32 << 20  # per stacked expert tensor and read
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -116,22 +117,34 @@ def _write_dense(src: _Source, path: Path, items) -> list[list[Any]]:
 
 
 class _ExpertReader:
-    """Reads one expert's GGUF bytes (gate, up, down) and their types, on the converter's reader
-    thread; first asks the kernel to start reading the next expert (readahead across the three
-    stacked tensors, which a single file's sequential readahead does not follow)."""
+    """One expert's GGUF bytes (gate, up, down) and their types, on the converter's reader
+    thread. Stacked expert tensors (``ffn_*_exps``) are read a batch of consecutive experts at a
+    time, up to ``BATCH_BYTES`` per tensor, in three large sequential reads (``read_large``:
+    O_DIRECT); the experts' parts are views into them, so nothing is copied before packing."""
 
-    def __init__(self, src: _Source, args, keys: list[tuple[int, int]]) -> None:
+    def __init__(self, src: _Source, args) -> None:
         self.src, self.args = src, args
-        self.next = {k: keys[i + 1] for i, k in enumerate(keys[:-1])}
+        self.batch: dict[tuple[int, int], tuple[tuple, tuple[str, ...]]] = {}
 
     def __call__(self, key: tuple[int, int]):
-        gf = self.src.gf
-        tensors = expert_tensors(gf, *key, self.args)
-        if (nxt := self.next.get(key)) is not None:
-            for t, off, n in expert_tensors(gf, *nxt, self.args):
-                gf.prefetch(t, off, n)
-        parts = tuple(self.src.read(t, off, n, rows=t.shape[-2]) for t, off, n in tensors)
-        return parts, tuple(self.src.type_of(t).name for t, _, _ in tensors)
+        if key not in self.batch:
+            self._read(*key)
+        return self.batch.pop(key)
+
+    def _read(self, layer: int, first: int) -> None:
+        src, gf = self.src, self.src.gf
+        tensors = expert_tensors(gf, layer, first, self.args)
+        types = tuple(src.type_of(t).name for t, _, _ in tensors)
+        if not all(t.name.endswith("_exps.weight") and t.block for t, _, _ in tensors):
+            parts = tuple(src.read(t, off, n, rows=t.shape[-2]) for t, off, n in tensors)
+            self.batch[(layer, first)] = parts, types  # one tensor per expert, or requantized
+            return
+        count = max(1, min(BATCH_BYTES // max(n for _, _, n in tensors),
+                           self.args.n_experts - first))  # fmt: skip
+        roles = [(gf.read_large(t, off, n * count), n) for t, off, n in tensors]
+        for i in range(count):
+            parts = tuple(data[i * n : (i + 1) * n] for data, n in roles)
+            self.batch[(layer, first + i)] = parts, types
 
 
 class _Packer:
@@ -195,7 +208,7 @@ def convert_gguf(
         bar = _progress(per_expert * len(keys), f"converting {src.name}", progress)
         with open(tmp / EXPERT_FILE, "wb") as f, bar:
             entries, _ = write_extents(
-                keys, _ExpertReader(source, args, keys), _Packer(fmt, args, group, per_expert),
+                keys, _ExpertReader(source, args), _Packer(fmt, args, group, per_expert),
                 f, workers=default_workers(), progress=bar.update)  # fmt: skip
             f.flush()
             os.fsync(f.fileno())
