@@ -1,11 +1,12 @@
 """Opening GGUF files (one file, or the parts of a split file) and checking them.
 
-The header, metadata and tensor table are parsed by llama.cpp's ``gguf`` package
-(``GGUFReader``); this module keeps its parse lazy (no array views over the data are built, so a
-truncated file or an unknown type does not fail inside the package) and then checks what the
-package does not: the magic and version before parsing, every part of a split file present and
-agreeing, and every tensor's bytes (``shape`` and type give its size) inside its file and clear
-of the next tensor. Every problem is a ``GGUFError`` naming the file and the problem.
+The header, metadata and tensor table are parsed by ``gguf_header`` (the layout gguf-py's
+``GGUFReader`` reads, without its per-value NumPy views, which take seconds on a large
+vocabulary); this module checks the rest: the magic and version before parsing, every part of a
+split file present and agreeing, and every tensor's bytes (``shape`` and type give its size)
+inside its file and clear of the next tensor. Every problem is a ``GGUFError`` naming the file
+and the problem. Tensor bytes are read with positional reads (``read``), or for the converter's
+large sequential reads with O_DIRECT (``read_large``).
 
 A split file is named ``NAME-00001-of-0000N.gguf`` (llama.cpp's ``gguf-split``); given any part,
 ``GGUFFile`` opens all N, and the metadata comes from the first.
@@ -26,6 +27,7 @@ from typing import Any
 
 from ..errors import GGUFError
 from ..kernels.ggml import BY_ID, TYPES, BlockType
+from . import gguf_header
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -66,24 +68,6 @@ def _type_name(type_id: int) -> str:
         return gguf.GGMLQuantizationType(type_id).name
     except ValueError:
         return f"unknown type {type_id}"
-
-
-def _lazy_reader(path: Path):
-    """``gguf.GGUFReader`` that parses the header, metadata and tensor table but builds no
-    data views (its eager views fail with shape errors on truncated files)."""
-    import gguf
-
-    class LazyReader(gguf.GGUFReader):
-        def _build_tensors(self, start_offs: int, fields: list) -> None:
-            self.lazy_tensors = []
-            for field in fields:
-                _, name, _, dims, raw_type, offset = field.parts
-                self.lazy_tensors.append((bytes(name).decode("utf-8", "replace"),
-                                          [int(d) for d in dims], int(raw_type[0]),
-                                          int(start_offs + offset[0])))  # fmt: skip
-            self.tensors = []
-
-    return LazyReader(path)
 
 
 def _check_start(path: Path) -> None:
@@ -154,19 +138,12 @@ class GGUFFile:
 
     def _read_part(self, path: Path, first: bool) -> None:
         try:
-            r = _lazy_reader(path)
-        except Exception as e:  # the package raises ValueError/IndexError on bad headers
+            meta, tensors = gguf_header.parse(path)
+        except gguf_header.Truncated as e:
             raise GGUFError(f"{path}: cannot parse the GGUF header, metadata or tensor table "
-                            f"({type(e).__name__}: {e}); the file is truncated or "
-                            "corrupt") from None  # fmt: skip
-        meta = {}
-        for key, field in r.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                meta[key] = field.contents()
-            except Exception as e:
-                raise GGUFError(f"{path}: metadata key {key} is malformed ({e})") from None
+                            f"({e}); the file is truncated or corrupt") from None  # fmt: skip
+        except gguf_header.Malformed as e:
+            raise GGUFError(f"{path}: malformed GGUF metadata ({e})") from None
         if first:
             self.metadata = meta
         count = int(meta.get("split.count", 1))
@@ -175,7 +152,7 @@ class GGUFFile:
                             f"but {len(self.parts)} were found by name")  # fmt: skip
         size = path.stat().st_size
         infos = []
-        for name, dims, type_id, offset in r.lazy_tensors:
+        for name, dims, type_id, offset in tensors:
             if name in self.tensors:
                 raise GGUFError(f"{path}: tensor {name} appears twice in the model")
             nbytes = _tensor_nbytes(path, name, dims, type_id)
