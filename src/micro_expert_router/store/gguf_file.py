@@ -195,19 +195,23 @@ class GGUFFile:
             raise GGUFError(f"{t.path}: short read of tensor {t.name} (file changed?)")
         return data
 
-    def read_large(self, t: TensorInfo, start: int, length: int) -> memoryview:
+    def read_large(self, t: TensorInfo, start: int, length: int,
+                   buf: mmap.mmap | None = None) -> memoryview:  # fmt: skip
         """Bytes ``[start, start + length)`` of tensor ``t``'s data for a large sequential read:
-        one read of the enclosing 4096-byte pages into fresh page-aligned memory, with O_DIRECT
-        where the file system takes it (no copy out of the page cache, none left behind)."""
+        one read of the enclosing 4096-byte pages into page-aligned memory (``buf``, at least
+        ``length + 2 * PAGE`` bytes, reused by the caller: fresh pages cost as much as the read;
+        else a new one), with O_DIRECT where the file system takes it (no copy out of the page
+        cache, none left behind)."""
         at = t.offset + start
         lo, hi = at - at % PAGE, -(-(at + length) // PAGE) * PAGE
-        buf = mmap.mmap(-1, hi - lo)  # page-aligned, as O_DIRECT needs
+        if buf is None or len(buf) < hi - lo:
+            buf = mmap.mmap(-1, hi - lo)  # page-aligned, as O_DIRECT needs
         done = 0
         while done < at + length - lo:
             fd = self._direct_fd(t.path)
             try:
                 n = os.preadv(fd if fd is not None else self._fd(t.path),
-                              [memoryview(buf)[done:]], lo + done)  # fmt: skip
+                              [memoryview(buf)[done : hi - lo]], lo + done)  # fmt: skip
             except OSError as e:
                 if fd is None or e.errno != errno.EINVAL:
                     raise
