@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -25,15 +26,10 @@ from .config import ModelArgs
 from .errors import BudgetError
 from .kernels import expert_forward
 from .kernels.attention import decode_attention
-from .kernels.dense import embedding, linear
+from .kernels.dense import embedding, fuse_rows, linear
 from .kernels.experts import experts_forward
+from .kernels.layer_ops import rms_norm, rope_attend
 from .provider import ExpertProvider
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -104,6 +100,7 @@ class Transformer:
         self.cos, self.sin = rope_tables(args, max_context, dtype)
         self.lm_head = dense["model.embed_tokens.weight" if args.tie_word_embeddings
                              else "lm_head.weight"]  # fmt: skip
+        self.qkv_fused = [self._fuse_qkv(i) for i in range(args.n_layers)]
         self.on_route: list = []  # callbacks(Routing), e.g. trace recorders
         self.router = None  # routers.py: benchmark-only routing that bypasses the gates
 
@@ -116,13 +113,32 @@ class Transformer:
         q, k, v = self.qkv(i, x)
         return self.o_proj(i, self.attend(i, q, k, v, kv, pos))
 
+    def _fuse_qkv(self, i: int) -> tuple | None:
+        """q, k and v stacked into one weight (one GEMV per token instead of three); the dict
+        entries become views of its rows, so no weight is held twice."""
+        w, p = self.w, f"model.layers.{i}.self_attn"
+        names = [f"{p}.{n}_proj.weight" for n in "qkv"]
+        biases = [w.get(f"{p}.{n}_proj.bias") for n in "qkv"]
+        if any(n not in w for n in names) or len({b is None for b in biases}) > 1:
+            return None
+        fused = fuse_rows([w[n] for n in names])
+        if fused is None:
+            return None
+        for n, part in zip(names, fused[1], strict=True):
+            w[n] = part
+        bias = None if biases[0] is None else torch.cat(biases)  # [(H + 2 Hk) Dh]
+        return fused[0], bias, [part.shape[0] for part in fused[1]]
+
     def qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected and normalized q ``[T, H, Dh]``, k and v ``[T, Hk, Dh]`` (before RoPE)."""
         a, w, p = self.args, self.w, f"model.layers.{i}.self_attn"
         t = x.shape[0]
-        q = linear(x, w[f"{p}.q_proj.weight"], w.get(f"{p}.q_proj.bias"))  # [T, H*Dh]
-        k = linear(x, w[f"{p}.k_proj.weight"], w.get(f"{p}.k_proj.bias"))  # [T, Hk*Dh]
-        v = linear(x, w[f"{p}.v_proj.weight"], w.get(f"{p}.v_proj.bias"))  # [T, Hk*Dh]
+        if (fused := self.qkv_fused[i]) is not None:
+            q, k, v = linear(x, fused[0], fused[1]).split(fused[2], dim=1)  # [T, (H+2Hk)Dh]
+        else:
+            q = linear(x, w[f"{p}.q_proj.weight"], w.get(f"{p}.q_proj.bias"))  # [T, H*Dh]
+            k = linear(x, w[f"{p}.k_proj.weight"], w.get(f"{p}.k_proj.bias"))  # [T, Hk*Dh]
+            v = linear(x, w[f"{p}.v_proj.weight"], w.get(f"{p}.v_proj.bias"))  # [T, Hk*Dh]
         if a.qk_norm == "proj":
             q = rms_norm(q, w[f"{p}.q_norm.weight"], a.rms_norm_eps)
             k = rms_norm(k, w[f"{p}.k_norm.weight"], a.rms_norm_eps)
@@ -142,6 +158,11 @@ class Transformer:
         """RoPE, append k/v to the cache at ``pos``, causal attention: ``[T, H*Dh]``."""
         a = self.args
         t = q.shape[0]
+        if t == 1:  # decode: RoPE, cache append and one query per head in one native call
+            o = rope_attend(q[0], k[0], v[0], kv.k[i], kv.v[i], self.cos[pos], self.sin[pos],
+                            pos, a.head_dim**-0.5, a.sliding_window)  # fmt: skip
+            if o is not None:
+                return o.view(1, a.n_heads * a.head_dim)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H|Hk, T, Dh]
         cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]  # [T, Dh]
         q = q * cos + rotate_half(q) * sin
@@ -244,7 +265,6 @@ class Transformer:
         order = sorted(range(len(ids)), key=ids.__getitem__)
         needed = [ids[r] for r in order]  # [K] distinct ids, ascending
         fmt = self.provider.format
-        ys = torch.empty((len(needed), x.shape[1]), dtype=x.dtype)  # [K, D]
         with self.provider.acquire(i, needed) as handles:
             for cb in self.on_route:
                 cb(Routing(i, experts, weights, x))
@@ -253,13 +273,17 @@ class Transformer:
             first = [j for j in range(len(needed)) if started[j]]
             # in RAM first, while the reads run: every resident segment in one native call
             outs = experts_forward(fmt, x, [next(segs[j]) for j in first])  # [1, D] each
-            for j, y in zip(first, outs, strict=True):
-                ys[j] = y[0]
+            if len(first) == len(needed):  # all in RAM (the resident case): one copy
+                ys = torch.cat(outs)  # [K, D]
+            else:
+                ys = torch.empty((len(needed), x.shape[1]), dtype=x.dtype)  # [K, D]
+                for j, y in zip(first, outs, strict=True):
+                    ys[j] = y[0]
             for j in range(len(needed)):
-                if started[j]:
-                    expert_forward(fmt, x, segs[j], out=ys[j : j + 1])
-                else:
+                if not started[j]:
                     ys[j] = expert_forward(fmt, x, segs[j])[0]
+                elif (rest := next(segs[j], None)) is not None:  # a split expert's bottom
+                    expert_forward(fmt, x, chain((rest,), segs[j]), out=ys[j : j + 1])
         w = weights[0, torch.tensor(order)].to(x.dtype)  # [K] in id order
         return torch.matmul(w[None, :], ys)  # [1, D]
 

@@ -187,6 +187,10 @@ void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const 
   });
 }
 
+}  // namespace
+
+namespace mer_attn_detail {  // decode_ is also called by layer_ops.cpp's rope_attend_
+
 // out [H, Dh] f32 = attention of q [H, Dh] f32 over rows [0, length) of k, v [Hk, C, Dh]
 // (f32 or bf16, contiguous). sinks: [H] f32 logits joining each head's softmax, or empty.
 // isa: 0 = scalar, 1 = AVX2+FMA when the CPU has it.
@@ -221,10 +225,10 @@ void decode_(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, co
   }
 }
 
-}  // namespace
+}  // namespace mer_attn_detail
 
 TORCH_LIBRARY(mer_attn, m) {
   m.def("decode_(Tensor(a!) out, Tensor q, Tensor k, Tensor v, int length, float scale, "
         "int window, Tensor sinks, int isa) -> ()",
-        &decode_);
+        &mer_attn_detail::decode_);
 }

@@ -21,12 +21,14 @@ import torch
 from . import native
 
 SOURCE = Path(__file__).with_name("attention.cpp")
+# one library: the attention kernel and the fused per-layer ops of layer_ops.cpp that call it
+SOURCES = (SOURCE, Path(__file__).with_name("layer_ops.cpp"))
 
 
 @functools.cache
 def available() -> bool:
     """Whether the native decode attention kernel is loaded (built on first use)."""
-    info = native.load_library((SOURCE,), "decode attention kernel", "torch's batched matmuls")
+    info = native.load_library(SOURCES, "decode attention kernel", "torch's batched matmuls")
     return info is not None
 
 

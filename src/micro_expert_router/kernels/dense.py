@@ -61,3 +61,38 @@ def nbytes(w: torch.Tensor | DenseWeight) -> int:
     if isinstance(w, torch.Tensor):
         return w.numel() * w.element_size()
     return w.nbytes
+
+
+def fuse_rows(
+    ws: list[torch.Tensor | DenseWeight],
+) -> tuple[torch.Tensor | DenseWeight, list[torch.Tensor | DenseWeight]] | None:
+    """Stack matrices that share their input (q, k and v) into one ``[sum N, K]`` weight, so one
+    GEMV reads them all: ``(fused, parts)``, where ``parts[j]`` views rows of ``fused`` and
+    replaces ``ws[j]`` (no second copy is kept). ``None`` when the kinds differ or the format
+    has no row stacking. Every output row depends only on its own weight row, so
+    ``linear(x, fused)`` sliced equals the separate products.
+    """
+    from .dense_quant import Q4Dense, Q8Dense
+
+    if all(isinstance(w, torch.Tensor) for w in ws):
+        if len({(w.dtype, w.dim(), w.shape[-1]) for w in ws}) != 1 or ws[0].dim() != 2:
+            return None
+        fused = torch.cat(ws)  # [sum N, K]
+    elif all(type(w) is Q8Dense for w in ws) and len({w.shape[1] for w in ws}) == 1:
+        fused = Q8Dense(torch.cat([w.q for w in ws]), torch.cat([w.s for w in ws]))
+    elif all(type(w) is Q4Dense for w in ws) and len({w.shape[1] for w in ws}) == 1:
+        fused = Q4Dense(torch.cat([w.packed for w in ws]), torch.cat([w.sz for w in ws]))
+    else:
+        return None
+    parts: list[torch.Tensor | DenseWeight] = []
+    r0 = 0
+    for w in ws:
+        r1 = r0 + (w.shape[0])
+        if isinstance(fused, torch.Tensor):
+            parts.append(fused[r0:r1])
+        elif isinstance(fused, Q8Dense):
+            parts.append(Q8Dense(fused.q[r0:r1], fused.s[r0:r1]))
+        else:
+            parts.append(Q4Dense(fused.packed[r0:r1], fused.sz[r0:r1]))
+        r0 = r1
+    return fused, parts

@@ -1,0 +1,129 @@
+// Small per-layer ops of a decode step, fused so that one token does not pay a dozen torch
+// dispatches for a few thousand floats of arithmetic (see kernels/layer_ops.py).
+//
+//   rms_norm_      out[r] = w * (x[r] * (1 / sqrt(mean(x[r]^2) + eps)))       [R, D] rows
+//   rope_attend_   rotate q and k (rotate-half RoPE at one position), append k and v to the
+//                  layer's cache, then decode attention over the cache (attention.cpp's kernel)
+//
+// The RoPE arithmetic is the same sequence of float32 roundings as the torch expression
+// q * cos + rotate_half(q) * sin (two products, one sum; the build turns FMA contraction off),
+// so a cache row written here has the bits the torch path writes, and a prompt (torch path)
+// followed by decode steps (this path) matches a run that does everything one way.
+//
+// Legend: R rows, D row length, H query heads, Hk kv heads, Dh head dim, C cache capacity.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace mer_attn_detail {
+void decode_(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             int64_t length, double scale, int64_t window, const at::Tensor& sinks, int64_t isa);
+}
+
+namespace {
+
+template <typename W>
+void norm_rows(float* out, const float* x, const W* w, int64_t R, int64_t D, float eps) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * D;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // eight lanes, then a fixed tree: vectorisable
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += xr[d + j] * xr[d + j];
+    float ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; d < D; ++d) ss += xr[d] * xr[d];
+    const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
+    float* o = out + r * D;
+    for (d = 0; d < D; ++d) o[d] = static_cast<float>(w[d]) * (xr[d] * inv);
+  }
+}
+
+void rms_norm_(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "rms_norm_: x must be a contiguous float32 [R, D] tensor");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(),
+              "rms_norm_: out must be a contiguous float32 tensor shaped like x");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(),
+              "rms_norm_: w must be a contiguous [D] tensor");
+  const int64_t R = x.size(0), D = x.size(1);
+  if (w.scalar_type() == at::kFloat)
+    norm_rows(out.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(), R, D, float(eps));
+  else if (w.scalar_type() == at::kBFloat16)
+    norm_rows(out.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), R, D,
+              float(eps));
+  else
+    TORCH_CHECK(false, "rms_norm_: w must be float32 or bfloat16");
+}
+
+// In place: x[r] <- x[r] * cos + rotate_half(x[r]) * sin, rotate_half(a, b) = (-b, a).
+void rope_rows(float* x, int64_t R, int64_t dh, const float* c, const float* s) {
+  const int64_t h = dh / 2;
+  for (int64_t r = 0; r < R; ++r) {
+    float* a = x + r * dh;
+    for (int64_t d = 0; d < h; ++d) {
+      const float lo = a[d], hi = a[d + h];
+      const float plo = lo * c[d], qlo = (-hi) * s[d];
+      const float phi = hi * c[d + h], qhi = lo * s[d + h];
+      a[d] = plo + qlo;
+      a[d + h] = phi + qhi;
+    }
+  }
+}
+
+template <typename T>
+void append_rows(const at::Tensor& cache, const float* src, int64_t Hk, int64_t dh, int64_t pos) {
+  const int64_t C = cache.size(1);
+  T* base = cache.data_ptr<T>();
+  for (int64_t h = 0; h < Hk; ++h) {
+    T* dst = base + (h * C + pos) * dh;
+    for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<T>(src[h * dh + d]);  // bf16: RNE
+  }
+}
+
+void rope_attend_(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, const at::Tensor& kc, const at::Tensor& vc,
+                  const at::Tensor& cos, const at::Tensor& sin, int64_t pos, double scale,
+                  int64_t window, const at::Tensor& sinks, int64_t isa) {
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.sizes() == k.sizes(),
+              "rope_attend_: q must be [H, Dh], k and v [Hk, Dh]");
+  for (const at::Tensor* t : {&q, &k, &v, &cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "rope_attend_: q, k, v, cos and sin must be contiguous float32");
+  const int64_t H = q.size(0), dh = q.size(1), Hk = k.size(0);
+  TORCH_CHECK(k.size(1) == dh && dh % 2 == 0 && cos.numel() == dh && sin.numel() == dh,
+              "rope_attend_: head dims disagree");
+  TORCH_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes() && kc.size(0) == Hk &&
+                  kc.size(2) == dh && kc.is_contiguous() && vc.is_contiguous() &&
+                  kc.scalar_type() == vc.scalar_type(),
+              "rope_attend_: caches must be contiguous [Hk, C, Dh] of one dtype");
+  TORCH_CHECK(pos >= 0 && pos < kc.size(1), "rope_attend_: position ", pos,
+              " outside the cache of ", kc.size(1));
+  TORCH_CHECK(H % Hk == 0, "rope_attend_: heads ", H, " not a multiple of kv heads ", Hk);
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  rope_rows(q.data_ptr<float>(), H, dh, c, s);
+  rope_rows(k.data_ptr<float>(), Hk, dh, c, s);
+  if (kc.scalar_type() == at::kFloat) {
+    append_rows<float>(kc, k.data_ptr<float>(), Hk, dh, pos);
+    append_rows<float>(vc, v.data_ptr<float>(), Hk, dh, pos);
+  } else {
+    TORCH_CHECK(kc.scalar_type() == at::kBFloat16, "rope_attend_: cache must be f32 or bf16");
+    append_rows<c10::BFloat16>(kc, k.data_ptr<float>(), Hk, dh, pos);
+    append_rows<c10::BFloat16>(vc, v.data_ptr<float>(), Hk, dh, pos);
+  }
+  mer_attn_detail::decode_(out, q, kc, vc, pos + 1, scale, window, sinks, isa);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mer_attn, m) {
+  m.def("rms_norm_(Tensor(a!) out, Tensor x, Tensor w, float eps) -> ()", &rms_norm_);
+  m.def("rope_attend_(Tensor(a!) out, Tensor(b!) q, Tensor(c!) k, Tensor v, Tensor(d!) kc, "
+        "Tensor(e!) vc, Tensor cos, Tensor sin, int pos, float scale, int window, Tensor sinks, "
+        "int isa) -> ()",
+        &rope_attend_);
+}
