@@ -1,33 +1,27 @@
 // Native decode kernels over GGUF blocks (Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K), read in place
-// from an expert buffer of the "gguf:" formats (kernels/ggml_formats.py) or from a dense GGUF
-// matrix. Built and loaded by kernels/ggml_native.py as the torch ops mer_ggml::swiglu_ and
-// mer_ggml::linear_.
+// from a "gguf:" expert buffer (kernels/ggml_formats.py) or a dense GGUF matrix; loaded by
+// kernels/ggml_native.py as the torch ops mer_ggml::swiglu_ and mer_ggml::linear_.
 //
-// Every type is described by one small decoder (struct Q4K, ...): a block of B weights is
+// One small decoder per type (struct Q4K, ...): a block of B weights is
 //   w_i = f1 sc_c q_i - f2 mn_c        (integer codes q_i, integer sc_c and mn_c per G weights)
-// with f1, f2 the block's float scales (Q4_K: d, dmin; Q6_K: d, 32 d and mn = sc with codes
-// 0..63; Q4_0: d, d, mn = 8; Q8_0/MXFP4: d, 0). Two generic row dots use the decoders:
-//
-//   int8 activations (bfloat16 mode; as llama.cpp, which always does this): x is rounded per
-//     block of B to int8 codes with one float scale dx (dx = max|x| / 127), so a block is
-//       dx (f1 I1 - f2 I2),  I1 = sum_c sc_c sum_{i in c} q_i xq_i,  I2 = sum_c mn_c sum xq_c
-//     I1 and I2 are exact int32 (AVX2: vpmaddubsw + vpmaddwd on 32 weights at a time, sign
-//     trick for signed codes); only the per-block combination is float:
-//       sum = fma(dx f1, I1, sum); sum = fma(-(dx f2), I2, sum)
+// (Q4_K: f1, f2 = d, dmin; Q6_K: d, 32 d, mn = sc, codes 0..63; Q4_0: d, d, mn = 8; Q8_0 and
+// MXFP4: d, 0). Two generic row dots use the decoders:
+//   int8 activations (bfloat16 mode, as llama.cpp always does): x rounded per block of B to int8
+//     codes xq with one float scale dx = max|x| / 127; a block is dx (f1 I1 - f2 I2) with
+//     I1 = sum_c sc_c sum_{i in c} q_i xq_i and I2 = sum_c mn_c sum xq_c, exact int32 (AVX2:
+//     vpmaddubsw + vpmaddwd, sign trick for signed codes); then sum = fma(dx f1, I1, sum);
+//     sum = fma(-(dx f2), I2, sum). 32-weight blocks skip the per-block reduction: 8 float
+//     lanes, lane l = fma(dx f1, exact sum over weights 4l..4l+3, lane), minus the mn terms.
 //   float32 activations (float32 mode): 8 float lanes; per 16-weight chunk c, lane l
 //       p_l = q_l x_l;  p_l = fma(q_{l+8}, x_{l+8}, p_l);  acc_l = fma(f1 sc_c, p_l, acc_l)
-//     and off = fma(f2 mn_c, (sum of x over the G weights of c), off) per scale; the row is
-//     tree8(acc) - off.
+//     and off = fma(f2 mn_c, sum of x over the G weights of c, off); the row is tree8(acc) - off.
 // The scalar code performs the same float operations in the same order (same lanes, std::fma,
-// the same sum tree) and the integer sums are exact, so the AVX2 and scalar paths give identical
-// bits in both modes (the tests check this).
+// the same sum tree; the integer sums are exact): AVX2 and scalar give identical bits.
 //
-// swiglu_: one call computes a whole segment (n groups) of one expert:
-//   1. gate and up rows of every group (parallel over rows): h, u = W x
-//   2. a_j = silu(h_j) u_j for every group j
-//   3. per down row (parallel over D): y += p_j for j in order, p_j = W_down_j a_j
-// so every group's partial is independent of the other groups of the call and added in group
-// order, as kernels/formats.py requires.
+// swiglu_ computes a whole segment (n groups) of one expert: gate and up rows of every group
+// (parallel over rows), a_j = silu(h_j) u_j, then per down row (parallel over D) y += p_j for j
+// in order (p_j = W_down_j a_j), so each group's partial is independent of the call's other
+// groups and added in group order, as kernels/formats.py requires.
 //
 // Legend: T tokens, D hidden, g neurons per group, n groups, N rows, K reduction length,
 // B weights per block, G weights per integer scale (16 or 32), c chunk of 16 weights.
@@ -93,8 +87,7 @@ struct Scales {
 // (AVX2, the codes of weights 32k..32k+31 as 32 int8). Codes are 0..63 unless kSigned.
 
 struct Q4K {
-  static constexpr int B = 256, NB = 144, G = 32;
-  static constexpr bool kSigned = false;
+  static constexpr int B = 256, NB = 144, G = 32; static constexpr bool kSigned = false;
   MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
     s.f1 = h2f(b);
     s.f2 = h2f(b + 2);
@@ -117,8 +110,7 @@ struct Q4K {
 };
 
 struct Q5K {
-  static constexpr int B = 256, NB = 176, G = 32;
-  static constexpr bool kSigned = false;
+  static constexpr int B = 256, NB = 176, G = 32; static constexpr bool kSigned = false;
   MERG_INLINE static void scales(const uint8_t* b, Scales& s) { Q4K::scales(b, s); }
   static int8_t code(const uint8_t* b, int i) {  // Q4_K's nibble after 32 B of high bits
     const uint8_t v = b[48 + (i / 64) * 32 + i % 32];
@@ -138,8 +130,7 @@ struct Q5K {
 };
 
 struct Q6K {  // w = d sc (q - 32): f1 = d, f2 = 32 d, mn = sc
-  static constexpr int B = 256, NB = 210, G = 16;
-  static constexpr bool kSigned = false;
+  static constexpr int B = 256, NB = 210, G = 16; static constexpr bool kSigned = false;
   MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
     s.f1 = h2f(b + 208);
     s.f2 = 32.0f * s.f1;
@@ -164,15 +155,16 @@ struct Q6K {  // w = d sc (q - 32): f1 = d, f2 = 32 d, mn = sc
 };
 
 // 32-weight blocks: one integer scale of 1 per block (G = 32).
+MERG_INLINE void unit_scales(Scales& s, float f1, float f2, int8_t mn) {
+  s.f1 = f1;
+  s.f2 = f2;
+  s.sc[0] = 1;
+  s.mn[0] = mn;
+}
+
 struct Q80 {
-  static constexpr int B = 32, NB = 34, G = 32;
-  static constexpr bool kSigned = true;
-  MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
-    s.f1 = h2f(b);
-    s.f2 = 0.0f;
-    s.sc[0] = 1;
-    s.mn[0] = 0;
-  }
+  static constexpr int B = 32, NB = 34, G = 32; static constexpr bool kSigned = true;
+  MERG_INLINE static void scales(const uint8_t* b, Scales& s) { unit_scales(s, h2f(b), 0, 0); }
   static int8_t code(const uint8_t* b, int i) { return int8_t(b[2 + i]); }
 #if MERG_X86
   MERG_AVX2I static __m256i avx2(const uint8_t* b, int) {
@@ -190,12 +182,9 @@ MERG_AVX2I __m256i nibbles32(const uint8_t* p) {
 #endif
 
 struct Q40 {  // w = d (q - 8): f1 = f2 = d, mn = 8
-  static constexpr int B = 32, NB = 18, G = 32;
-  static constexpr bool kSigned = false;
+  static constexpr int B = 32, NB = 18, G = 32; static constexpr bool kSigned = false;
   MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
-    s.f1 = s.f2 = h2f(b);
-    s.sc[0] = 1;
-    s.mn[0] = 8;
+    unit_scales(s, h2f(b), h2f(b), 8);
   }
   static int8_t code(const uint8_t* b, int i) {
     return int8_t(i < 16 ? b[2 + i] & 15 : b[2 + i - 16] >> 4);
@@ -206,14 +195,12 @@ struct Q40 {  // w = d (q - 8): f1 = f2 = d, mn = 8
 };
 
 struct MXFP4 {  // w = 2^(e - 128) kvalue[q] (the table holds doubled e2m1 values)
-  static constexpr int B = 32, NB = 17, G = 32;
-  static constexpr bool kSigned = true;
+  static constexpr int B = 32, NB = 17, G = 32; static constexpr bool kSigned = true;
   MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
     const uint32_t e = b[0], bits = e < 2 ? 0x00200000u << e : (e - 1) << 23;
-    std::memcpy(&s.f1, &bits, 4);
-    s.f2 = 0.0f;
-    s.sc[0] = 1;
-    s.mn[0] = 0;
+    float d;
+    std::memcpy(&d, &bits, 4);
+    unit_scales(s, d, 0, 0);
   }
   static int8_t code(const uint8_t* b, int i) {
     return kMXFP4Values[i < 16 ? b[1 + i] & 15 : b[1 + i - 16] >> 4];
@@ -254,17 +241,11 @@ struct Act {
           q[b * B + i] = int8_t(std::nearbyint(std::fmin(127.0f, v[b * B + i] * inv)));
       }
     }
-    bs.clear();
-    xs.clear();
-    for (int64_t c = 0; c < K / G; ++c) {
-      int32_t ti = 0;
-      float tf = 0.0f;
-      for (int64_t i = 0; i < G; ++i) {
-        if (i8) ti += q[c * G + i];
-        else tf += v[c * G + i];
-      }
-      if (i8) bs.push_back(int16_t(ti));
-      else xs.push_back(tf);
+    bs.assign(i8 ? K / G : 0, 0);
+    xs.assign(i8 ? 0 : K / G, 0.0f);
+    for (int64_t i = 0; i < K; ++i) {
+      if (i8) bs[i / G] = int16_t(bs[i / G] + q[i]);
+      else xs[i / G] += v[i];
     }
   }
 };
@@ -291,8 +272,28 @@ MERG_INLINE int32_t min_sum(const Scales& s, const int16_t* bs) {
 
 // ---- scalar row dots (the reference for the AVX2 ones: same bits) -----------------------
 
+// 32-weight blocks (int8 mode): no integer reduction per block; 8 float lanes, lane l taking
+// the exact int32 sum over weights 4l..4l+3 of each block: acc_l = fma(dx f1, L_l, acc_l).
+template <class T>
+inline float dot8_lanes_scalar(const uint8_t* row, const Act& a, int64_t nb) {
+  float acc[8] = {}, off = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * T::NB;
+    Scales s;
+    T::scales(blk, s);
+    for (int l = 0; l < 8; ++l) {
+      int32_t t = 0;
+      for (int i = 4 * l; i < 4 * l + 4; ++i) t += int32_t(T::code(blk, i)) * a.q[b * 32 + i];
+      acc[l] = std::fma(a.d[b] * s.f1, float(t), acc[l]);
+    }
+    off = std::fma(a.d[b] * s.f2, float(int32_t(s.mn[0]) * a.bs[b]), off);
+  }
+  return tree8(acc) - off;
+}
+
 template <class T>
 inline float dot8_scalar(const uint8_t* row, const Act& a, int64_t nb) {
+  if constexpr (T::B == 32) return dot8_lanes_scalar<T>(row, a, nb);
   float sum = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * T::NB;
@@ -335,6 +336,14 @@ inline float dotf_scalar(const uint8_t* row, const Act& a, int64_t nb) {
 // ---- AVX2 row dots -----------------------------------------------------------------------
 
 #if MERG_X86
+// The 16 int16 pair sums of 32 codes times 32 activation codes.
+template <class T>
+MERG_AVX2I __m256i pairs(__m256i w, __m256i x) {
+  if constexpr (T::kSigned)
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  return _mm256_maddubs_epi16(w, x);
+}
+
 // tree8 of the 8 lanes, the same additions in the same order (no SSE call with dirty ymm).
 MERG_AVX2I float tree8_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // a_i + a_i+4
@@ -369,8 +378,9 @@ template <class T>
 MERG_AVX2I __m128i min_sum4(const Scales& s, const int16_t* bs) {
   if constexpr (T::B == 32) return _mm_cvtsi32_si128(int32_t(s.mn[0]) * bs[0]);
   if constexpr (T::G == 32)
-    return _mm_madd_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.mn))),
-                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(bs)));
+    return _mm_madd_epi16(
+        _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.mn))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(bs)));
   const __m256i m = _mm256_madd_epi16(
       _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.mn))),
       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bs)));
@@ -378,7 +388,26 @@ MERG_AVX2I __m128i min_sum4(const Scales& s, const int16_t* bs) {
 }
 
 template <class T>
+MERG_AVX2I float dot8_lanes_avx2(const uint8_t* row, const Act& a, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  float off = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * T::NB;
+    Scales s;
+    T::scales(blk, s);
+    const __m256i w = T::avx2(blk, 0);
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * 32));
+    const __m256i p = pairs<T>(w, x);
+    const __m256 lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(a.d[b] * s.f1), lanes, acc);
+    off = std::fma(a.d[b] * s.f2, float(int32_t(s.mn[0]) * a.bs[b]), off);
+  }
+  return tree8_avx2(acc) - off;
+}
+
+template <class T>
 MERG_AVX2I float dot8_avx2(const uint8_t* row, const Act& a, int64_t nb) {
+  if constexpr (T::B == 32) return dot8_lanes_avx2<T>(row, a, nb);
   float sum = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * T::NB;
@@ -390,10 +419,7 @@ MERG_AVX2I float dot8_avx2(const uint8_t* row, const Act& a, int64_t nb) {
     for (int k = 0; k < T::B / 32; ++k) {
       const __m256i w = T::avx2(blk, k);
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * k));
-      const __m256i p = T::kSigned ? _mm256_maddubs_epi16(_mm256_sign_epi8(w, w),
-                                                          _mm256_sign_epi8(x, w))
-                                   : _mm256_maddubs_epi16(w, x);
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scale16<T>(sv, k)));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs<T>(w, x), scale16<T>(sv, k)));
     }
     __m128i h = _mm_hadd_epi32(
         _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1)),
@@ -579,13 +605,11 @@ void linear_(at::Tensor y, const at::Tensor& x, const at::Tensor& w, int64_t typ
   });
 }
 
-bool has_avx2() { return cpu_has_avx2(); }
-
 }  // namespace
 
 TORCH_LIBRARY(mer_ggml, m) {
   m.def("swiglu_(Tensor(a!) y, Tensor x, Tensor buf, int hidden, int group, int per, "
         "int tg, int tu, int td, int og, int ou, int od, int isa) -> ()", &swiglu_);
   m.def("linear_(Tensor(a!) y, Tensor x, Tensor w, int type, int isa) -> ()", &linear_);
-  m.def("has_avx2() -> bool", &has_avx2);
+  m.def("has_avx2() -> bool", &cpu_has_avx2);
 }
