@@ -1,4 +1,5 @@
-"""Builds and loads the native GGUF block kernels (``ggml_native.cpp``) as the torch ops
+"""Builds and loads the native GGUF block kernels (``ggml_native.cpp``: the ops;
+``ggml_blocks.cpp``: the block decoders and row dots; one library) as the torch ops
 ``torch.ops.mer_ggml.swiglu_`` (a segment of a ``gguf:`` expert) and ``linear_`` (a dense GGUF
 matrix), by the same compile-on-first-use mechanism as ``native.py``.
 
@@ -24,6 +25,7 @@ import torch
 from .native import NativeInfo, load_library
 
 SOURCE = Path(__file__).with_name("ggml_native.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("ggml_blocks.cpp"))
 NATIVE_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})
 INT8_TYPES = NATIVE_TYPES  # types with an int8-activation path
 INFO = NativeInfo()
@@ -35,7 +37,7 @@ def load() -> bool:
     if os.environ.get("MER_NATIVE", "1") == "0":
         INFO.reason = "disabled by MER_NATIVE=0"
         return False
-    info = load_library((SOURCE,), "GGUF block kernels",
+    info = load_library(SOURCES, "GGUF block kernels",
                         "dequantize + torch matmul, which is slower for decode")  # fmt: skip
     if info is None:
         INFO.reason = "the build or load failed (see the warning)"
