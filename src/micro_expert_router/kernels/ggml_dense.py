@@ -1,7 +1,7 @@
 """Dense (RAM-resident) matrices kept in their GGUF block type: ``GGMLDense`` implements the
 ``DenseWeight`` protocol of ``dense.py`` for every type of ``ggml.TYPES``.
 
-``linear`` runs the native block kernel (``ggml_native.cpp`` / ``ggml_blocks.cpp``) for decode-sized batches of the
+``linear`` runs the native block kernel (``ggml_native.cpp``) for decode-sized batches of the
 types that have one; otherwise it dequantizes ``ROWS`` rows at a time (so the temporary stays
 small even for an embedding-sized matrix) and multiplies in the activations' dtype. ``rows``
 dequantizes only the rows asked for (the embedding gather).
