@@ -23,7 +23,7 @@ import torch
 
 import micro_expert_router as mer
 from micro_expert_router.plan import Plan, predict
-from micro_expert_router.planning import build_profile, make_plan
+from micro_expert_router.plan.profile import build_profile, make_plan
 from micro_expert_router.store import Store, convert
 
 PROMPT = 16  # prompt tokens (ids 5..20)
@@ -99,7 +99,7 @@ def main() -> None:
     configs.append(("planner, budget 25%", result.plan))
     out = Path(__file__).resolve().parent / "results" / "latency_model.jsonl"
     out.parent.mkdir(exist_ok=True)
-    from micro_expert_router.planning import measure_disk
+    from micro_expert_router.plan.profile import measure_disk
 
     pred: dict[str, list[float]] = {name: [] for name, _ in configs}
     meas: dict[str, list[float]] = {name: [] for name, _ in configs}

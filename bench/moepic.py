@@ -23,7 +23,7 @@ from pathlib import Path
 import micro_expert_router as mer
 from micro_expert_router.demo.store import demo_store_path
 from micro_expert_router.demo.traces import record_demo_traces
-from micro_expert_router.planning import build_profile, make_plan
+from micro_expert_router.plan.profile import build_profile, make_plan
 from micro_expert_router.store import Store
 from micro_expert_router.trace import read_trace
 

@@ -7,7 +7,7 @@ S alone, warmup 200 tokens. ``--demo``: the bundled demo model's traces (recorde
 with hidden states; concatenated), predictors S+L+M, S, L and M, warmup 100 tokens. Sim
 conventions: capacity floor(f x layers x experts), one cache over all layers, sizes in experts.
 A disk window is what the disk reads while one layer computes (lookahead 1). Timing: the first
-prefetch replay against sim.py's plain replay, ABAB, median and spread.
+prefetch replay against sim/replay.py's plain replay, ABAB, median and spread.
 
     python bench/prefetch_table.py [--demo] [--trace FILE] [--json FILE] [--rounds N]
 """
@@ -33,7 +33,7 @@ def demo_trace(tmp: Path):
     """The demo traces as one trace (steps renumbered), its hidden states and its gates."""
     from micro_expert_router.demo.store import demo_store_path
     from micro_expert_router.demo.traces import record_demo_traces
-    from micro_expert_router.prefetch_sim import gates_from_store
+    from micro_expert_router.sim.prefetch import gates_from_store
     from micro_expert_router.trace import Trace, read_trace
 
     parts = [read_trace(p) for p in record_demo_traces()]
@@ -53,8 +53,8 @@ def demo_trace(tmp: Path):
 
 
 def big_table(replay, tr, sets, policies, warmup, gates, out) -> dict:
-    from micro_expert_router.prefetch_sim import summary
     from micro_expert_router.sim import experts_for_fraction
+    from micro_expert_router.sim.prefetch import summary
 
     names = [s.upper().replace(",", "+") for s in sets]
     print(
@@ -121,8 +121,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write one JSON line per run here")
     ap.add_argument("--rounds", type=int, default=3, help="ABAB timing rounds (default 3)")
     args = ap.parse_args()
-    from micro_expert_router.prefetch_sim import PrefetchReplay
     from micro_expert_router.sim import experts_for_fraction
+    from micro_expert_router.sim.prefetch import PrefetchReplay
     from micro_expert_router.trace import read_trace
 
     tmp = tempfile.TemporaryDirectory()
@@ -149,7 +149,7 @@ def main() -> int:
 
     cap = experts_for_fraction(tr, 0.25)
     a_times, b_times = [], []
-    print(f"\ntiming (25%, lru): A = {sets[0]} prefetch replay, B = sim.py replay")
+    print(f"\ntiming (25%, lru): A = {sets[0]} prefetch replay, B = sim/replay.py replay")
     for n in range(args.rounds):
         t0 = time.perf_counter()
         replay.run("lru", cap, predictors=sets[0], warmup=warmup, window_bytes=tr.top_k,

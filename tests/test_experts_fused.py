@@ -1,6 +1,7 @@
 """The fused multi-expert decode op (native.cpp ``q*_experts_swiglu_``, kernels/experts.py):
 bit-identical to one call per expert segment, with whole experts and split ones (tops in one
-call, bottoms in the next), float32 and bf16 outputs, 1 and 2 threads, every ISA this CPU has."""
+call, bottoms in the next), float32 and bf16 outputs, 1 and 2 threads, every ISA this CPU has,
+float32 and int8 activations."""
 
 from __future__ import annotations
 
@@ -31,29 +32,31 @@ def experts(name: str, k: int, group: int):
     return fmt, bufs
 
 
-def op(name: str, ys, x, bufs, group: int, isa: int, fused: bool) -> None:
+def op(name: str, ys, x, bufs, group: int, isa: int, fused: bool, int8: bool = False) -> None:
     offs, per = _offsets(name, D, group)
     if name == "q8":
         if fused:
-            torch.ops.mer.q8_experts_swiglu_(ys, x, bufs, D, group, offs, per, isa)
+            torch.ops.mer.q8_experts_swiglu_(ys, x, bufs, D, group, offs, per, isa, int8)
         else:
             for y, b in zip(ys, bufs, strict=True):
-                torch.ops.mer.q8_swiglu_(y, x, b, D, group, offs, per, isa)
+                torch.ops.mer.q8_swiglu_(y, x, b, D, group, offs, per, isa, int8)
         return
     layout = int4_layout()
     bn, split = ref.INT4_LAYOUTS[layout]
     blk = Q4.block_size(D, group)
     if fused:
-        torch.ops.mer.q4_experts_swiglu_(ys, x, bufs, D, group, blk, offs, per, bn, split, isa)
+        torch.ops.mer.q4_experts_swiglu_(ys, x, bufs, D, group, blk, offs, per, bn, split, isa,
+                                         int8)  # fmt: skip
     else:
         for y, b in zip(ys, bufs, strict=True):
-            torch.ops.mer.q4_swiglu_(y, x, b, D, group, blk, offs, per, bn, split, isa)
+            torch.ops.mer.q4_swiglu_(y, x, b, D, group, blk, offs, per, bn, split, isa, int8)
 
 
 @pytest.mark.parametrize("name", ["q8", "q4"])
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_equals_one_call_per_expert(name, t, dtype):
+@pytest.mark.parametrize("int8", [False, True])
+def test_fused_equals_one_call_per_expert(name, t, dtype, int8):
     group = 64
     fmt, bufs = experts(name, 5, group)
     per = fmt.group_nbytes(D, group)
@@ -62,23 +65,23 @@ def test_fused_equals_one_call_per_expert(name, t, dtype):
         if name == "q4" and isa and native.q4_block_rows() is None:
             continue
         sep = [torch.zeros(t, D, dtype=dtype) for _ in bufs]
-        op(name, sep, x, bufs, group, isa, fused=False)
+        op(name, sep, x, bufs, group, isa, fused=False, int8=int8)
         fused = [torch.zeros(t, D, dtype=dtype) for _ in bufs]
-        op(name, fused, x, bufs, group, isa, fused=True)
+        op(name, fused, x, bufs, group, isa, fused=True, int8=int8)
         assert all(torch.equal(a, b) for a, b in zip(sep, fused, strict=True))
         # split experts: every expert cut at its own group, tops fused, then bottoms fused
         cuts = [1, 2, 3, 1, 2]
         split = [torch.zeros(t, D, dtype=dtype) for _ in bufs]
         op(name, split, x, [b[: c * per] for b, c in zip(bufs, cuts, strict=True)], group, isa,
-           fused=True)  # fmt: skip
+           fused=True, int8=int8)  # fmt: skip
         op(name, split, x, [b[c * per :] for b, c in zip(bufs, cuts, strict=True)], group, isa,
-           fused=True)  # fmt: skip
+           fused=True, int8=int8)  # fmt: skip
         assert all(torch.equal(a, b) for a, b in zip(sep, split, strict=True))
         old = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
             one = [torch.zeros(t, D, dtype=dtype) for _ in bufs]
-            op(name, one, x, bufs, group, isa, fused=True)
+            op(name, one, x, bufs, group, isa, fused=True, int8=int8)
         finally:
             torch.set_num_threads(old)
         assert all(torch.equal(a, b) for a, b in zip(sep, one, strict=True))

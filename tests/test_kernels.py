@@ -423,8 +423,12 @@ gq, uq, dq = (t.double().numpy() for t in fmt.unpack(buf, d, group, group))
 xd = x.double().numpy()
 h, u = xd @ gq.T, xd @ uq.T
 want = (h / (1 + np.exp(-h)) * u) @ dq.T  # exact SwiGLU of the dequantized weights
-# the torch-op path rounds x to bf16 (~2^-9 per element), the native path keeps float32
-assert np.linalg.norm(y - want) <= 2**-7 * np.linalg.norm(want)
+tol = 2**-7  # the torch-op path rounds x to bf16 (~2^-9 per element)
+from micro_expert_router.kernels import native
+if native.available() and native.q4_block_rows() is not None and fmt.int8_activations:
+    # the native default quantizes x and a to int8 (1.2% here): the SwiGLU it computes
+    want, tol = ref.swiglu_int8_ref(x.numpy(), gq, uq, dq, group)[0], 2**-12
+assert np.linalg.norm(y - want) <= tol * np.linalg.norm(want)
 print(int4_layout())
 """
 

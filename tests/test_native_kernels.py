@@ -1,4 +1,6 @@
-"""The native q4/q8 decode kernels (kernels/native.cpp) against the NumPy reference.
+"""The native q4/q8 decode kernels with float32 activations (kernels/native_q4.cpp,
+native_q8.cpp; ``int8_x=False``, the formats' ``int8_activations = False``) against the NumPy
+reference. The int8-activation kernels, the default, are tested in tests/test_int8_experts.py.
 
 Tolerances (u = 2^-24, float32's unit roundoff; derived in docs/quantization.md). The kernels
 take float32 activations and accumulate in float32, so the reference is exact float64 math on
@@ -165,7 +167,8 @@ def _blockmax(w: np.ndarray, block: int) -> np.ndarray:
     ("d", "n", "group", "t"), [(128, 3, 64, 1), (96, 2, 32, 5), (256, 2, 128, 4), (2048, 1, 704, 2)]
 )
 def test_expert_matches_exact_reference_elementwise(name, d, n, group, t):
-    fmt = FORMATS[name]
+    fmt = type(FORMATS[name])()
+    fmt.int8_activations = False  # the float32 kernels (the int8 default: test_int8_experts.py)
     gate, up, down = weights(d, n * group, seed=d + t)
     buf = fmt.pack(gate, up, down, group)
     gq, uq, dq = (m.numpy() for m in fmt.unpack(buf, d, n * group, group))

@@ -13,7 +13,7 @@ from hf_models import save_hf_model
 import micro_expert_router as mer
 from micro_expert_router.cli import main
 from micro_expert_router.plan import LayerProfile, Plan, Profile, predict
-from micro_expert_router.planning import hit_curves, prefetch_accuracy
+from micro_expert_router.plan.profile import hit_curves, prefetch_accuracy
 from micro_expert_router.store import convert
 from micro_expert_router.trace import read_trace
 

@@ -31,8 +31,8 @@ from micro_expert_router.predict import (
     parse_predictors,
     window_budget,
 )
-from micro_expert_router.prefetch_sim import PrefetchReplay, simulate_prefetch, summary
 from micro_expert_router.sim import simulate
+from micro_expert_router.sim.prefetch import PrefetchReplay, simulate_prefetch, summary
 from micro_expert_router.trace import Trace
 
 OLMOE = Path(__file__).resolve().parents[1].parent / "shared/data/traces/olmoe-1b-7b-llamacpp"
@@ -433,7 +433,7 @@ def test_replay_errors_name_the_fix():
 
 
 @needs_olmoe
-def test_olmoe_prefetch_covers_misses_in_seconds():
+def test_olmoe_prefetch_covers_misses():
     from micro_expert_router.trace import read_trace
 
     tr = read_trace(OLMOE / "olmoe-all.tokens.jsonl")
@@ -443,7 +443,7 @@ def test_olmoe_prefetch_covers_misses_in_seconds():
     assert d["opt_misses_per_token"] < d["misses_per_token"]
     assert d["prefetch_bytes_per_token"] <= 8 * 16
     assert d["per_predictor"]["s"]["recall"] > d["per_predictor"]["l"]["recall"]
-    assert d["seconds"] < 60
+    # its speed is a benchmark figure (bench/prefetch_table.py), not a test: no time bound here
 
 
 # -- M on a recorded trace -----------------------------------------------------------------------
@@ -465,7 +465,7 @@ def recorded(tmp_path_factory):
 
 
 def test_store_gates_on_recorded_hidden_states_reproduce_the_routing(recorded):
-    from micro_expert_router.prefetch_sim import gates_from_store
+    from micro_expert_router.sim.prefetch import gates_from_store
     from micro_expert_router.trace import read_trace
 
     store, path = recorded

@@ -5,7 +5,8 @@ hit/miss/eviction counters; it does no I/O. The engine stores opaque values in i
 and is told through ``on_evict`` when one leaves, so it can release it; the simulator stores
 ``True``. A ``Policy`` only ranks: it hears about requests, inserts and evictions, names a victim
 outside an excluded set, and may decline to admit (only the offline OPT does). Policies are small
-classes in the ``POLICIES`` registry; the simulator (``sim.py``) and the engine use the same ones.
+classes in the ``POLICIES`` registry; the simulator (``sim/replay.py``) and the engine use the
+same ones.
 
 Conventions every policy follows (docs/simulator.md):
 

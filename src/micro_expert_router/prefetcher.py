@@ -2,7 +2,7 @@
 
 ``Prefetcher`` is a routing callback (``Transformer.on_route``): after each MoE layer's router has
 run and its demand reads are queued, it shows the routing to the ``PrefetchController``
-(``predict.py``: Markov S, locality L, neural speculator M with online scoring) and hands the
+(``predict/``: Markov S, locality L, neural speculator M with online scoring) and hands the
 controller's plan to ``StreamingProvider.prefetch``, which reads into staging slots outside the
 cache budget at prefetch priority and never evicts. See docs/prefetch.md.
 """

@@ -7,7 +7,7 @@ hidden states in a side ``.npy`` file), a ``TraceWriter`` the engine drives as i
 readers for it and for the third-party "layer-expert pairs" format (one JSON array of
 ``[layer, expert]`` pairs per decode token, as recorded by BrianBoitano/nvmoe from llama.cpp).
 ``read_trace`` tells the two apart by content, never by file name. Replaying a trace through a
-cache is ``sim.py``'s job; the engine decides when to call the writer.
+cache is ``sim/replay.py``'s job; the engine decides when to call the writer.
 
 Legend: T tokens, L MoE layers, K experts per token and layer (top-k), D hidden size.
 """

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import ConfigError
     from ..plan import Profile, predict
-    from ..planning import build_profile, make_plan, prefetch_accuracy
+    from ..plan.profile import build_profile, make_plan, prefetch_accuracy
     from ..store import Store
     from ..trace import read_trace
 

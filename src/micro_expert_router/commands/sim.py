@@ -148,7 +148,7 @@ def _run_one(args, trace, expert_bytes, policy, ConfigError) -> int:
 
 
 def _run_prefetch(args, trace, expert_bytes, policy, budget) -> int:
-    from ..prefetch_sim import PrefetchReplay, gates_from_store
+    from ..sim.prefetch import PrefetchReplay, gates_from_store
 
     gates = gates_from_store(args.store) if args.store else None
     unit = expert_bytes or 1

@@ -11,9 +11,12 @@ kernels as one call per expert, so ``experts_forward(fmt, x, views)[i]`` has the
 ``expert_forward(fmt, x, [views[i]])``; and ``out`` continues experts begun by an earlier call
 (a split expert's top segments, then its bottom segments), as ``expert_forward``'s ``out`` does.
 
-When the native path does not apply (no AVX-512 on the CPU, torch's "n32" int4 packing, T at or
-above ``native_below``, float formats), it falls back to one ``expert_forward`` per view, which
-gives the same bits as calling that directly.
+With the format's ``int8_activations`` (the default), x and the intermediate activations are
+quantized to int8 (``native_int8.cpp``); the choice is the format's, so every segment agrees.
+
+When the native path does not apply (no AVX-512 or AVX2 on the CPU, an int4 packing other than
+torch's "n64" and "n32", T at or above ``native_below``, float formats), it falls back to one
+``expert_forward`` per view, which gives the same bits as calling that directly.
 
 Legend: T tokens, D hidden, g neurons per group, K experts (views) in the call.
 """
@@ -68,8 +71,10 @@ def experts_forward(
     offs, per = _offsets(fmt.name, d, g)
     bufs = [v.buf for v in views]  # type: ignore[attr-defined]
     if fmt.name == "q8":
-        torch.ops.mer.q8_experts_swiglu_(ys, xf, bufs, d, g, offs, per, 1)
+        torch.ops.mer.q8_experts_swiglu_(ys, xf, bufs, d, g, offs, per, 1, fmt.int8_activations)
     else:
         block = views[0].block  # type: ignore[attr-defined]
-        torch.ops.mer.q4_experts_swiglu_(ys, xf, bufs, d, g, block, offs, per, bn, True, 1)
+        torch.ops.mer.q4_experts_swiglu_(
+            ys, xf, bufs, d, g, block, offs, per, bn, True, 1, fmt.int8_activations
+        )
     return ys

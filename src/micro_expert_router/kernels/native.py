@@ -1,22 +1,25 @@
-"""Builds and loads the native q4/q8 decode kernels (``native.cpp`` for experts,
-``native_dense.cpp`` for the quantized dense weights) as torch custom ops.
+"""Builds and loads the native q4/q8 decode kernels (``native.cpp`` and its row kernels
+``native_q4.cpp``, ``native_q8.cpp``, ``native_int8.cpp`` for experts, ``native_dense.cpp`` for
+the quantized dense weights) as torch custom ops, one library.
 
 The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``)
 against the installed torch, into the project's cache directory (``$MER_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/micro-expert-router``, else ``~/.cache/micro-expert-router``) under a name
-keyed by a hash of the source, the compile command and the torch version, so a new source or
-torch never loads a stale library. The build writes to a temporary name and renames, so
-concurrent first uses do not see a half-written file. There is no ninja or setuptools step.
+keyed by a hash of the sources (and the local headers they ``#include "..."``), the compile
+command and the torch version, so a new source or torch never loads a stale library. The build
+writes to a temporary name and renames, so concurrent first uses do not see a half-written file.
+There is no ninja or setuptools step.
 
 The ops use torch's own thread pool (``at::parallel_for``, OpenMP in torch's CPU wheels), linked
 against the ``libgomp`` torch ships, so there is no second OpenMP runtime. The
-AVX-512 code is compiled with per-function target attributes and chosen at run time, so the
-library runs on any x86-64; elsewhere only the portable scalar code is built.
+AVX-512 and AVX2 code is compiled with per-function target attributes and chosen at run time, so
+the library runs on any x86-64; elsewhere only the portable scalar code is built.
 
 ``available()`` is ``False`` (and the formats keep torch's int4/int8 ops) when ``MER_NATIVE=0``,
-when the build fails (one warning naming the reason), or when the CPU lacks AVX-512 (then the
-scalar C++ code would be slower than torch's vectorised kernels; tests still run it via
-``isa=0``). The ops themselves are in ``quant.py``'s ``accumulate`` methods.
+when the build fails (one warning naming the reason), or when the CPU has neither AVX-512 nor
+AVX2 + FMA (then the scalar C++ code would be slower than torch's vectorised kernels; tests still
+run it via ``isa=0``). The ops themselves are called by ``quant.py``'s ``accumulate`` methods and
+``experts.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,7 +41,11 @@ import torch
 from ..paths import cache_dir
 
 SOURCE = Path(__file__).with_name("native.cpp")  # the expert ops (q4/q8 SwiGLU)
-SOURCES = (SOURCE, Path(__file__).with_name("native_dense.cpp"))  # + the dense GEMV ops
+SOURCES = (
+    SOURCE,
+    *(SOURCE.with_name(f"native_{part}.cpp") for part in ("q4", "q8", "int8")),  # row kernels
+    SOURCE.with_name("native_dense.cpp"),  # the dense GEMV ops
+)
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers; the library
 # links torch's own libgomp (torch/lib), so the process keeps one OpenMP runtime.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-w"]
@@ -69,11 +77,23 @@ def _command(out: Path, sources: tuple[Path, ...] | None = None) -> list[str]:
     return cmd
 
 
+def _headers(sources: tuple[Path, ...]) -> list[Path]:
+    """The local headers (``#include "name"``, next to the source) the sources include."""
+    found: list[Path] = []
+    for src in sources:
+        for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', src.read_text(), re.M):
+            path = src.with_name(name)
+            if path not in found:
+                found.append(path)
+    return found
+
+
 def library_path(sources: tuple[Path, ...] | None = None) -> Path:
-    """Where the built library for these sources (default: the q4/q8 and dense ops), compiler
-    flags and torch lives."""
+    """Where the built library for these sources (default: the q4/q8 and dense ops), the
+    headers they include, compiler flags and torch lives."""
     sources = sources or SOURCES
-    h = hashlib.sha256(b"".join(src.read_bytes() for src in sources))
+    files = [*sources, *_headers(sources)]
+    h = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file()))
     cxx = os.environ.get("CXX", "g++")
     key = [torch.__version__, sys.platform, platform.machine(), cxx, *FLAGS]
     h.update("\0".join(key).encode())

@@ -21,8 +21,11 @@ about 30x slower), so ``partials`` casts x to bf16 once and returns x's dtype. F
 with oneDNN's bf16 GEMM; thresholds come from ``bench/kernels.py``.
 
 Below ``native_below`` tokens, when ``native.available()``, ``accumulate`` runs instead: the
-native kernel of ``native.cpp`` adds a whole segment (all its groups) to y in one call, in
-float32, reading the same bytes in place (``docs/quantization.md``). ``expert_forward`` tries it
+native kernel of ``native.cpp`` adds a whole segment (all its groups) to y in one call, reading
+the same bytes in place (``docs/quantization.md``). With ``int8_activations`` (the default) it
+quantizes x and the intermediate activations to int8 in blocks of 32 and multiplies in integer
+arithmetic (``native_int8.cpp``, specified by ``reference.linear_int8_ref``); without, it
+computes in float32. ``expert_forward`` tries it
 first; the choice depends only on x and the format, so all segments of an expert agree.
 
 Importing this module registers ``FORMATS["q8"]`` and ``FORMATS["q4"]``.
@@ -174,6 +177,7 @@ class Q8:
     prefill_min_tokens: ClassVar[int | None] = 48  # torch path: dense from here
     native: ClassVar[bool] = True  # T < native_below: kernels/native.cpp, when available
     native_below: ClassVar[int] = 48  # see docs/quantization.md
+    int8_activations: ClassVar[bool] = True  # native: int8 x and a (native_int8.cpp)
 
     def layout_tag(self) -> str:
         """A plain layout that no torch version or CPU changes; the store records it anyway."""
@@ -257,7 +261,7 @@ class Q8:
             return None
         y = _native_out(y, x, d)
         offs, per = _offsets(self.name, d, g)
-        torch.ops.mer.q8_swiglu_(y, xf, w.buf, d, g, offs, per, 1)
+        torch.ops.mer.q8_swiglu_(y, xf, w.buf, d, g, offs, per, 1, self.int8_activations)
         return y
 
     def partials(self, x: torch.Tensor, w: Q8View) -> Iterator[torch.Tensor]:
@@ -314,6 +318,7 @@ class Q4:
     prefill_min_tokens: ClassVar[int | None] = 96  # torch path: dense from here
     native: ClassVar[bool] = True  # T < native_below: kernels/native.cpp, when available
     native_below: ClassVar[int] = 192  # see docs/quantization.md
+    int8_activations: ClassVar[bool] = True  # native: int8 x and a (native_int8.cpp)
     TAG_PREFIX: ClassVar[str] = "q4:v1:int4pack-cpu:"
 
     @staticmethod
@@ -453,7 +458,9 @@ class Q4:
             return None
         y = _native_out(y, x, d)
         offs, per = _offsets(self.name, d, g)
-        torch.ops.mer.q4_swiglu_(y, xf, w.buf, d, g, w.block, offs, per, bn, True, 1)
+        torch.ops.mer.q4_swiglu_(
+            y, xf, w.buf, d, g, w.block, offs, per, bn, True, 1, self.int8_activations
+        )
         return y
 
     def partials(self, x: torch.Tensor, w: Q4View) -> Iterator[torch.Tensor]:

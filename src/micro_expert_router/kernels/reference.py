@@ -21,6 +21,11 @@ In a full block with the "split" packing, byte ``j`` of column ``k`` holds row `
 nibble and row ``j + block_n / 2`` in its high nibble; in a partial last block (and in every
 block of the scalar "pair" packing) byte ``j`` holds rows ``2j`` (low) and ``2j + 1`` (high).
 
+int8 activations (the native decode kernels' default, ``native_int8.cpp``): ``quantize_acts``
+is their bit-exact quantization of x (blocks of 32 along K, ``sx = max|x| / 127``,
+``qx = clip(rint(x / sx), -127, 127)``), ``linear_int8_ref`` and ``swiglu_int8_ref`` the exact
+products they approximate (only float32 roundings of the per-block scaling separate them).
+
 Legend: N output rows, K reduction length, b quantization block, D hidden, I intermediate,
 n groups, g neurons per group.
 """
@@ -294,3 +299,72 @@ def swiglu_bf16_ref(
         s = bf16_round((h / (1 + np.exp(-h))).astype(np.float32)).astype(np.float64)
     a = bf16_round((s * u).astype(np.float32)).astype(np.float64)
     return bf16_round((a @ down.T.astype(np.float64)).astype(np.float32)).astype(np.float64)
+
+
+# ---- int8 activations (the native decode kernels' default, native_int8.cpp) -------------------
+
+X_BLOCK = 32  # activations per int8 scale
+
+
+def quantize_acts(x: np.ndarray, block: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x ``[T, K]`` -> (qx int8 ``[T, K]``, sx ``[T, K/32]``, c ``[T, K/b]``), bit-exact with
+    native_int8.cpp: per block of 32, ``sx = max|x| / 127`` (NaN when the block holds a NaN or an
+    infinity), ``qx = clip(rint(x / sx), -127, 127)`` (0 when sx is 0 or NaN); per q4 block of
+    ``block`` (0: none, c is empty), ``c`` = the f32 sum, in order, of ``fl(sx_j * sum qx_j)``
+    over its 32-blocks j."""
+    x = np.asarray(x, dtype=np.float32)
+    t, k = x.shape
+    xb = x.reshape(t, k // X_BLOCK, X_BLOCK)  # [T, K/32, 32]
+    with np.errstate(invalid="ignore"):
+        m = np.abs(xb).max(axis=2)
+        sx = np.where(np.isfinite(xb).all(axis=2), m / np.float32(127), np.float32(np.nan))
+        sx = sx.astype(np.float32)  # [T, K/32]
+        use = sx > 0
+        q = np.rint(xb / np.where(use, sx, np.float32(1))[..., None])
+    qx = np.where(use[..., None], np.clip(q, -127, 127), 0).astype(np.int8)
+    if not block:
+        return qx.reshape(t, k), sx, np.zeros((t, 0), dtype=np.float32)
+    p = (sx * qx.astype(np.int32).sum(axis=2).astype(np.float32)).astype(np.float32)
+    p = p.reshape(t, k // block, block // X_BLOCK)  # [T, K/b, b/32]
+    c = p[..., 0].copy()
+    for j in range(1, block // X_BLOCK):
+        c = (c + p[..., j]).astype(np.float32)
+    return qx.reshape(t, k), sx, c
+
+
+def dequantize_acts(qx: np.ndarray, sx: np.ndarray) -> np.ndarray:
+    """``qx * sx`` per block of 32, in float64 (exact): ``[T, K]``."""
+    t, k = qx.shape
+    xq = qx.astype(np.float64).reshape(t, k // X_BLOCK, X_BLOCK) * sx[..., None]
+    return xq.reshape(t, k)
+
+
+def linear_int8_ref(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the native int8-activation kernels compute, exactly: ``x~ @ W.T`` in float64 with
+    ``x~`` = x quantized and dequantized (``quantize_acts``) and W the dequantized weights,
+    ``[T, K] -> [T, N]``; and ``|x~| @ |W|.T``, the magnitude their rounding errors scale with
+    (for q4 pass ``|W|`` as ``q |s| + |z - 8 s|`` per weight)."""
+    qx, sx, _ = quantize_acts(x)
+    xq = dequantize_acts(qx, sx)
+    w64 = np.asarray(w, dtype=np.float64)
+    return xq @ w64.T, np.abs(xq) @ np.abs(w64).T
+
+
+def swiglu_int8_ref(
+    x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, group: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The expert SwiGLU of the int8-activation kernels, in float64 on the dequantized weights:
+    x quantized once; per group j, ``a_j = silu(h_j) u_j`` rounded to f32 and quantized, then
+    ``y = sum_j a~_j @ down_j.T``: ``[T, D]`` -> (y ``[T, D]``, a ``[T, I]`` f32, the
+    intermediate activations before their quantization)."""
+    qx, sx, _ = quantize_acts(x)
+    xq = dequantize_acts(qx, sx)  # [T, D]
+    h = xq @ gate.T.astype(np.float64)  # [T, I]
+    u = xq @ up.T.astype(np.float64)
+    with np.errstate(over="ignore"):
+        a = (h / (1 + np.exp(-h)) * u).astype(np.float32)  # [T, I]
+    y = np.zeros((x.shape[0], down.shape[0]))
+    for j in range(gate.shape[0] // group):
+        sl = slice(j * group, (j + 1) * group)
+        y += dequantize_acts(*quantize_acts(a[:, sl])[:2]) @ down[:, sl].T.astype(np.float64)
+    return y, a

@@ -2,7 +2,9 @@
 
 ``schema`` holds the ``Plan`` record and its JSON; ``latency`` the profile records and the
 predicted timeline of a plan; ``planner`` the divide-and-conquer, fixed-point search and its
-brute-force reference. Pure functions, no I/O, no torch. See ``docs/planner.md``.
+brute-force reference: pure functions, no I/O, no torch. ``profile`` (import it by name; it
+is not loaded here) measures a store's disk and compute on this machine, builds hit-rate curves
+from a routing trace and calls the planner. See ``docs/planner.md``.
 """
 
 from __future__ import annotations

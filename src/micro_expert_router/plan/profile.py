@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .io import ALIGN, BufferPool, DirectReader, align_up
-from .plan import LayerProfile, Plan, PlanResult, Profile, plan_cache, predict
-from .store import Store
-from .trace import Trace, read_trace
+from ..errors import ConfigError
+from ..io import ALIGN, BufferPool, DirectReader, align_up
+from ..store import Store
+from ..trace import Trace, read_trace
+from . import LayerProfile, Plan, PlanResult, Profile, plan_cache, predict
 
 
 def measure_disk(store: Store, reads: int = 16, seed: int = 0) -> tuple[float, float]:
@@ -64,9 +64,9 @@ def measure_compute(
 ) -> dict[str, Any]:  # fmt: skip
     """Per MoE layer: dense (attention + router) and one-expert time for one decode token,
     with ``threads`` compute threads (use the setting the runs will use)."""
-    from .engine import load
-    from .kernels import expert_forward
-    from .kernels.dense import embedding, linear
+    from ..engine import load
+    from ..kernels import expert_forward
+    from ..kernels.dense import embedding, linear
 
     with load(store_path, dtype=dtype, threads=threads) as engine:
         m, a = engine.model, engine.args
@@ -135,7 +135,7 @@ def _median_time(fn, repeats: int) -> float:
 def hit_curves(trace: Trace, layers: list[int], n_experts: int, policy: str = "lcp",
                warmup: int = 0) -> dict[int, tuple[float, ...]]:  # fmt: skip
     """Per layer, the hit rate with C = 0 .. n_experts cached tops (per-layer caches)."""
-    from .sim import Replay
+    from ..sim import Replay
 
     if list(trace.layers) != layers:
         raise ConfigError(f"the trace's MoE layers {list(trace.layers)} are not the store's "
@@ -159,8 +159,8 @@ def prefetch_accuracy(trace: Trace, predictors: str, store_path: str | Path | No
     ``trace`` with an empty cache (every routed expert a miss, so the share does not depend on
     the cache) and at most ``top_k`` reads per layer, as the model assumes. ``m`` needs the
     store's gates and a trace recorded with hidden states."""
-    from .predict import parse_predictors
-    from .prefetch_sim import PrefetchReplay, gates_from_store
+    from ..predict import parse_predictors
+    from ..sim.prefetch import PrefetchReplay, gates_from_store
 
     names = {n for n, _ in parse_predictors(predictors)}
     gates = gates_from_store(store_path) if "m" in names and store_path is not None else None

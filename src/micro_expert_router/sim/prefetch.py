@@ -1,11 +1,11 @@
 """Replay a routing trace through a cache policy with the prefetch controller.
 
-This module owns the prefetch replay convention; residency and counting are ``sim.py``'s (the
+This module owns the prefetch replay convention; residency and counting are ``sim/replay.py``'s (the
 same request sequence, ``replay_steps``, the same ``ExpertCache`` and policies, the same warmup
-and budget conventions), prediction and ranking are ``predict.py``'s. Per MoE layer run:
+and budget conventions), prediction and ranking are ``predict/``'s. Per MoE layer run:
 
 1. the controller observes the routing (``resident`` = the cache before the lookups);
-2. every distinct expert is looked up (sim.py's order); a miss whose expert sits in a staging
+2. every distinct expert is looked up (sim/replay.py's order); a miss whose expert sits in a staging
    slot is *covered* (a prefetch hit), the other misses are *exposed* (the compute waits); this
    layer's staging slots are freed (used ones are adopted by the demand miss, the others were
    wasted reads), so staging holds at most ``lookahead`` windows of reads;
@@ -13,14 +13,14 @@ and budget conventions), prediction and ranking are ``predict.py``'s. Per MoE la
    router has run (before this layer's admissions; its experts count as in flight): at most
    ``window_bytes`` (what the disk reads while one layer computes; None: no limit) and the free
    staging slots; its reads land in staging slots;
-4. misses are admitted as in sim.py, covered ones included (a used prefetch enters the cache
+4. misses are admitted as in sim/replay.py, covered ones included (a used prefetch enters the cache
    under the policy, like any read).
 
 The cache sees exactly the calls it sees without prefetch, so the resident set and the hit and
-miss counts equal sim.py's: prefetch never evicts, and exposed misses <= misses. Prefetch reads
-are counted when their target runs (issued = used + wasted), inside the counted steps; reads for
-targets past the end of the trace are not counted. Staging slots are memory outside the cache
-budget: ``staging_slots x expert_bytes``.
+miss counts equal sim/replay.py's: prefetch never evicts, and exposed misses <= misses. Prefetch
+reads are counted when their target runs (issued = used + wasted), inside the counted steps;
+reads for targets past the end of the trace are not counted. Staging slots are memory outside the
+cache budget: ``staging_slots x expert_bytes``.
 """
 
 from __future__ import annotations
@@ -33,17 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from .cache import ExpertCache, make_policy, parse_policy_spec
-from .errors import ConfigError, StoreError
-from .predict import (
+from ..cache import ExpertCache, make_policy, parse_policy_spec
+from ..errors import ConfigError, StoreError
+from ..predict import (
     PredictorScore,
     PrefetchController,
     ScoringRule,
     make_predictor,
     parse_predictors,
 )
-from .sim import Replay, replay_steps
-from .trace import Trace
+from ..trace import Trace
+from .replay import Replay, replay_steps
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def gates_from_store(path: str | Path) -> dict[int, np.ndarray]:
     """The router gate weights ``{layer: [E, D] float32}`` of a store's MoE layers."""
     import torch
 
-    from .store import Store
+    from ..store import Store
 
     store = Store.open(path)
     a = store.args
@@ -192,7 +192,7 @@ class PrefetchReplay:
         ctl = PrefetchController(preds, *shape,
                                  lookahead=lookahead, per_predictor=per_predictor, rule=rule,
                                  audit=True)  # fmt: skip
-        # the cache, its policy, the warmup rule and the budget checks are sim.py's
+        # the cache, its policy, the warmup rule and the budget checks are sim/replay.py's
         probe = self.baseline.run(policy, budget_bytes, expert_bytes=expert_bytes, warmup=warmup)
         name, params = parse_policy_spec(policy)
         if name == "opt":
@@ -242,7 +242,7 @@ class PrefetchReplay:
         seconds = time.perf_counter() - t0
         st = cache.stats()
         if (st.hits, st.misses) != (probe.hits, probe.misses):
-            raise RuntimeError("the prefetch replay's cache diverged from sim.py's: a bug")
+            raise RuntimeError("the prefetch replay's cache diverged from sim/replay.py's: a bug")
         return PrefetchResult(
             policy=policy, predictors=names, capacity_experts=probe.capacity_experts or 0,
             expert_bytes=expert_bytes, window_bytes=window_bytes, staging_slots=staging_slots,

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cache import ExpertCache, FutureIndex, Key, Policy, make_policy, parse_policy_spec
-from .errors import ConfigError, DependencyError
-from .trace import Trace
+from ..cache import ExpertCache, FutureIndex, Key, Policy, make_policy, parse_policy_spec
+from ..errors import ConfigError, DependencyError
+from ..trace import Trace
 
 DEFAULT_SWEEP_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75)
 
