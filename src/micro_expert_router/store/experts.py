@@ -111,7 +111,7 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-class _Packed:
+class Packed:
     """One expert ready to write: its bytes, their hash and, if sampled, its error entry."""
 
     __slots__ = ("data", "xxh3", "error")
@@ -134,7 +134,7 @@ def _pack(
     key: ExpertKey,
     weights: Any,
     measure: bool,
-) -> _Packed:
+) -> Packed:
     try:
         packed = pack_expert(fmt, weights, group)  # [bytes] uint8
     except MERError as e:  # say which expert: the format's message cannot
@@ -148,7 +148,7 @@ def _pack(
         gate, up, down = float_weights(weights)  # [I, D], [I, D], [D, I]
         q = expert_error(fmt, packed, gate, up, down, group)
         error = {"layer": key[0], "expert": key[1], "gate": q.gate, "up": q.up, "down": q.down}
-    return _Packed(data, checksum(data), error)
+    return Packed(data, checksum(data), error)
 
 
 def write_experts(
@@ -175,11 +175,33 @@ def write_experts(
     a = ckpt.args
     read = read or ckpt.expert
     per_expert = (a.expert_inter // group) * fmt.group_nbytes(a.hidden_size, group)
+
+    def pack(i: int, key: ExpertKey, weights) -> Packed:
+        return _pack(fmt, group, per_expert, key, weights, i % error_every == 0)
+
+    return write_extents(keys, lambda key: read(*key), pack, f, workers=workers,
+                         file_index=file_index, progress=progress)  # fmt: skip
+
+
+def write_extents(
+    keys: list[ExpertKey],
+    read: Callable[[ExpertKey], Any],
+    pack: Callable[[int, ExpertKey, Any], Packed],
+    f: BinaryIO,
+    *,
+    workers: int = 1,
+    file_index: int = 0,
+    progress: Callable[[int], Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pipeline: ``read(key)`` on the reader thread, ``pack(i, key, what read returned)`` on
+    the packer threads, the packed extents written into ``f`` in the order of ``keys`` (the
+    GGUF converter uses it with its own read and pack). Returns the manifest entries and the
+    error entries of the packed experts that carry one."""
     entries: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     writeback, synced = _sync_file_range(), f.tell()
 
-    def write(key: ExpertKey, p: _Packed) -> None:
+    def write(key: ExpertKey, p: Packed) -> None:
         nonlocal synced
         offset = f.tell()
         f.write(p.data)
@@ -197,11 +219,11 @@ def write_experts(
 
     if workers == 1:  # the serial path: a plain loop
         for i, key in enumerate(keys):
-            write(key, _pack(fmt, group, per_expert, key, read(*key), i % error_every == 0))
+            write(key, pack(i, key, read(key)))
         return entries, errors
 
-    def pack_after_read(i: int, key: ExpertKey, read: Future) -> _Packed:
-        return _pack(fmt, group, per_expert, key, read.result(), i % error_every == 0)
+    def pack_after_read(i: int, key: ExpertKey, done: Future) -> Packed:
+        return pack(i, key, done.result())
 
     reader = ThreadPoolExecutor(1, thread_name_prefix="mer-convert-read")
     packers = ThreadPoolExecutor(workers, thread_name_prefix="mer-convert-pack")
@@ -209,8 +231,8 @@ def write_experts(
     try:
         with _torch_threads(1):
             for i, key in enumerate(keys):
-                got = reader.submit(read, *key)
-                pending.append((key, packers.submit(pack_after_read, i, key, got)))
+                done = reader.submit(read, key)
+                pending.append((key, packers.submit(pack_after_read, i, key, done)))
                 if len(pending) >= 2 * workers:  # slack for a slow (measured) expert
                     done_key, fut = pending.popleft()
                     write(done_key, fut.result())
