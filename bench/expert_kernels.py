@@ -70,7 +70,7 @@ def dram_read(a: torch.Tensor) -> float:
     return a.numel() * 4 / (time.perf_counter() - t) / 1e9
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--formats", default="q4,q8")
     p.add_argument("--threads", type=int, default=2)
@@ -122,7 +122,8 @@ def main() -> None:
         lo = min(worst)
         print(f"expert decode ratio (int8 kernel GB/s / DRAM read GB/s, T=1, {args.threads} "
               f"threads), lowest median: {lo[0]:.2f} ({lo[1]})")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,10 +2,10 @@
 bandwidth, measured in the same rounds.
 
 Decode runs the engine's path, ``expert_forward(fmt, x, [view])`` with T = 1 and bfloat16
-activations (``--dtype``; bf16 is the engine's fast mode, where Q4_K/Q6_K use int8 activations;
-float32 mode keeps float32 activations): the native block kernels of
-``kernels/ggml_native.cpp`` for Q4_K, Q5_K, Q6_K and Q8_0, the dequantize + torch path for the
-other types, rotating over enough distinct copies of the
+activations (``--dtype``; bf16 is the engine's fast mode, where the native types use int8
+activations; float32 mode keeps float32 activations): the native block kernels of
+``kernels/ggml_native.cpp`` for Q4_0, Q8_0, MXFP4, Q4_K, Q5_K and Q6_K, the dequantize + torch
+path for the other types, rotating over enough distinct copies of the
 expert (>= --rotate-mb) that its bytes come from DRAM, not L3. GB/s = expert bytes (GGUF blocks,
 headers included) / time. The DRAM reference is a ``torch.sum`` over a 1 GiB float32 tensor.
 Every round runs every measurement once, in the same order (ABAB); ratios are paired per round.

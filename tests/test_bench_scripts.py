@@ -78,3 +78,18 @@ def test_threads_bench_alternates_thread_counts(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out[:2]] == ["round 1 threads 1", "round 1 threads 2"]
     assert out[-1].startswith("ratio 2 threads / 1 thread")
+
+
+def test_expert_kernels_bench_prints_the_ratio_to_dram(monkeypatch, capsys):
+    from micro_expert_router.kernels import native
+
+    if not native.available():  # the bench measures the native kernels only
+        import pytest
+
+        pytest.skip(f"native kernels unavailable: {native.INFO.reason}")
+    run_main(load_bench("expert_kernels"), monkeypatch, "--hidden", "128", "--inter", "128",
+             "--rounds", "2", "--rotate-mb", "1", "--dram-mb", "8", "--tokens", "1,3")  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("round ") for line in out) == 2
+    assert sum("int8 / f32 speedup" in line for line in out) == 4  # q4, q8 x T = 1, 3
+    assert out[-1].startswith("expert decode ratio") and "lowest median" in out[-1]

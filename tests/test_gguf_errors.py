@@ -1,6 +1,7 @@
 """Bad GGUF input gets a named error, never a traceback: truncated files, a wrong magic, an
-unknown version, a missing part of a split file, a tensor whose size does not match its shape and
-type, an unsupported block type (and ``--requantize q8`` for it), an unsupported architecture."""
+unknown version, malformed metadata, a missing part of a split file, a tensor whose size does not
+match its shape and type, an unsupported block type (and ``--requantize q8`` for it), an
+unsupported architecture."""
 
 from __future__ import annotations
 
@@ -58,6 +59,34 @@ def test_truncated_file(tmp_path, cut):
     p.write_bytes(data[:cut])
     with pytest.raises(GGUFError, match="truncated"):
         GGUFFile(p)
+
+
+def test_malformed_metadata(tmp_path):
+    """An unknown value type, bad UTF-8 and a bad alignment are named errors too."""
+    p = _tiny(tmp_path / "x.gguf")
+    data = p.read_bytes()
+    key = b"general.architecture"
+    at = data.index(key) + len(key)  # the key's u32 value type (8: string) follows it
+    assert struct.unpack_from("<I", data, at)[0] == 8
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, at, 77)
+    p.write_bytes(bytes(bad))
+    with pytest.raises(GGUFError, match="malformed GGUF metadata .*value type 77"):
+        GGUFFile(p)
+    bad = bytearray(data)
+    bad[at + 4 + 8] = 0xFF  # the first byte of the architecture string
+    p.write_bytes(bytes(bad))
+    with pytest.raises(GGUFError, match="not UTF-8"):
+        GGUFFile(p)
+    w = gguf.GGUFWriter(str(tmp_path / "a.gguf"), arch="qwen3moe")
+    w.add_uint32("general.alignment", 24)
+    w.add_tensor("t0.weight", np.zeros((4, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="alignment 24 is not a power of two"):
+        GGUFFile(tmp_path / "a.gguf")
 
 
 def test_tensor_size_does_not_match_shape_and_type(tmp_path):

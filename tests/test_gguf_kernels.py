@@ -2,8 +2,12 @@
 for bit for every supported type; the expert format's reference path and the native kernels
 (``mer_ggml``: AVX2 and scalar) agree with a float64 computation on the dequantized weights
 within the stated bound: max |error| <= 2e-5 x max |y| (float32 dot products over K <= 512).
-With bfloat16 activations, Q4_K and Q6_K round activations to int8 per block of 256 (as
-llama.cpp does): bound 2e-2 x max |y|, and the AVX2 and scalar int8 code agree to 1e-6."""
+With bfloat16 activations the native types round activations to int8 per weight block (256 for
+the K-quants, 32 otherwise; as llama.cpp does): bound 3e-2 on the relative L2 error of y. (The
+rounding error of a code is uniform in +-max|x| / 254; for a Gaussian x that is about 0.7 % of
+its rms, and the heavy-tailed SwiGLU activation fed to the down rows loses about 1.4 %: 1.1-2.3 %
+over the type sets and seeds here.) The AVX2 and scalar code give the same bits in both
+modes."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from micro_expert_router.kernels.ggml_dense import GGMLDense
 from micro_expert_router.kernels.ggml_formats import GGUFExperts
 
 BOUND = 2e-5
-BOUND_INT8 = 2e-2
+BOUND_INT8 = 3e-2  # relative L2
 native = pytest.mark.skipif(not ggml_native.available(), reason="native GGUF kernels unavailable")
 
 
@@ -66,6 +70,11 @@ def _close(y, ref, bound=BOUND):
     assert err <= bound, err
 
 
+def _close_l2(y, ref, bound=BOUND_INT8):
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert err <= bound, err
+
+
 TYPE_SETS = [("Q4_K", "Q4_K", "Q6_K"), ("Q6_K", "Q5_K", "Q4_K"), ("Q8_0", "Q4_0", "MXFP4"),
              ("F16", "BF16", "F32"), ("Q4_K", "Q8_0", "Q8_0"),
              ("Q5_0", "Q4_1", "Q5_1")]  # fmt: skip
@@ -82,8 +91,19 @@ def test_reference_partials_and_unpack(types):
     _close(expert_forward(fmt, x, [view]), _ref(x, gate, up, down))
 
 
+NATIVE_SETS = [t for t in TYPE_SETS if all(n in ggml_native.NATIVE_TYPES for n in t)]
+
+
+def _swiglu(x, fmt, buf, g, isa):
+    view = fmt.view(buf, 256, g)
+    y = torch.zeros(x.shape[0], 256)
+    torch.ops.mer_ggml.swiglu_(y, x.float(), buf, 256, g, view.per, *[t.id for t in view.types],
+                               *fmt.offsets(256, g), isa)  # fmt: skip
+    return y
+
+
 @native
-@pytest.mark.parametrize("types", [t for t in TYPE_SETS if t[0] in ("Q4_K", "Q6_K")], ids="-".join)
+@pytest.mark.parametrize("types", NATIVE_SETS, ids="-".join)
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_native_swiglu_matches_reference(types, tokens):
     fmt, buf, g, (gate, up, down) = _expert(types)
@@ -92,14 +112,9 @@ def test_native_swiglu_matches_reference(types, tokens):
     y = fmt.accumulate(x, fmt.view(buf, 256, g), None)
     assert y is not None
     _close(y, ref)
-    og, ou, od = fmt.offsets(256, g)
-    view = fmt.view(buf, 256, g)
-    ids = [t.id for t in view.types]
-    ys = torch.zeros(tokens, 256)  # the portable scalar code
-    torch.ops.mer_ggml.swiglu_(ys, x, buf, 256, g, view.per, *ids, og, ou, od, 0)
-    _close(ys, ref)
+    assert torch.equal(_swiglu(x, fmt, buf, g, 0), y)  # the portable scalar code: same bits
     # one call over both groups == top group, then bottom group into the same y (same bits)
-    per = view.per
+    per = fmt.view(buf, 256, g).per
     top = fmt.accumulate(x, fmt.view(buf[:per], 256, g), None)
     both = fmt.accumulate(x, fmt.view(buf[per:], 256, g), top)
     assert torch.equal(both, y)
@@ -122,8 +137,7 @@ def test_dense_linear_and_rows(name):
 
 
 @native
-@pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q6_K"), ("Q6_K", "Q6_K", "Q4_K")],
-                         ids="-".join)  # fmt: skip
+@pytest.mark.parametrize("types", NATIVE_SETS + [("Q6_K", "Q6_K", "Q4_K")], ids="-".join)
 def test_native_int8_activations_in_bfloat16_mode(types):
     fmt, buf, g, (gate, up, down) = _expert(types)
     x = torch.randn(2, 256).to(torch.bfloat16)
@@ -131,10 +145,26 @@ def test_native_int8_activations_in_bfloat16_mode(types):
     view = fmt.view(buf, 256, g)
     y = fmt.accumulate(x, view, None)
     assert y.dtype == torch.bfloat16
-    _close(y.float(), ref, BOUND_INT8)
-    ids, offs = [t.id for t in view.types], fmt.offsets(256, g)
-    ya, ys = torch.zeros(2, 256), torch.zeros(2, 256)
-    torch.ops.mer_ggml.swiglu_(ya, x.float(), buf, 256, g, view.per, *ids, *offs, 2)
-    torch.ops.mer_ggml.swiglu_(ys, x.float(), buf, 256, g, view.per, *ids, *offs, 3)
-    _close(ya, ref, BOUND_INT8)
-    assert float((ya - ys).abs().max() / ys.abs().max()) <= 1e-6
+    _close_l2(y.float(), ref)
+    ya = _swiglu(x, fmt, buf, g, 2)
+    _close_l2(ya, ref)
+    assert torch.equal(ya, _swiglu(x, fmt, buf, g, 3))  # AVX2 and scalar int8 code: same bits
+
+
+@native
+@pytest.mark.parametrize("name", sorted(ggml_native.NATIVE_TYPES))
+def test_native_scalar_and_avx2_bits_on_arbitrary_blocks(name):
+    """Random bytes (NaN/Inf and extreme scales, every code): both paths, both modes, the same
+    bits (NaN payloads aside)."""
+    t = TYPES[name]
+    rng = np.random.default_rng(7)
+    raw = torch.from_numpy(rng.integers(0, 256, (64, t.row_bytes(512)), dtype=np.uint8))
+    x = torch.randn(3, 512)
+    for fast, slow in ((1, 0), (2, 3)):
+        ya, ys = torch.empty(3, 64), torch.empty(3, 64)
+        torch.ops.mer_ggml.linear_(ya, x, raw, t.id, fast)
+        torch.ops.mer_ggml.linear_(ys, x, raw, t.id, slow)
+        a, b = ya.numpy(), ys.numpy()
+        assert np.array_equal(np.isnan(a), np.isnan(b)), fast
+        fin = ~np.isnan(a)
+        assert np.array_equal(a[fin].view(np.uint32), b[fin].view(np.uint32)), fast

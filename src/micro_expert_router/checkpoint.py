@@ -27,6 +27,7 @@ import torch
 from .config import ModelArgs
 from .errors import CheckpointError, MERError
 from .fp8 import FP8_DTYPES, SCALE_SUFFIX, BlockFp8, dequantize_blockwise, parse_quantization
+from .models.mla import mla_tensor_shapes
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -323,7 +324,12 @@ class Checkpoint:
 
 def dense_tensor_shapes(a: ModelArgs) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Every RAM-resident tensor of the model: name and expected shape."""
-    d, hd = a.hidden_size, a.head_dim
+    if a.spec.family == "gpt_oss":  # its own names (router, sinks)
+        from .models.gpt_oss import dense_tensor_shapes as gpt_oss_shapes
+
+        yield from gpt_oss_shapes(a)
+        return
+    d = a.hidden_size
     yield "model.embed_tokens.weight", (a.vocab_size, d)
     yield "model.norm.weight", (d,)
     if not a.tie_word_embeddings:
@@ -332,32 +338,43 @@ def dense_tensor_shapes(a: ModelArgs) -> Iterator[tuple[str, tuple[int, ...]]]:
         p = f"model.layers.{i}"
         yield f"{p}.input_layernorm.weight", (d,)
         yield f"{p}.post_attention_layernorm.weight", (d,)
-        for name, rows in (("q", a.n_heads), ("k", a.n_kv_heads), ("v", a.n_kv_heads)):
-            yield f"{p}.self_attn.{name}_proj.weight", (rows * hd, d)
-            if a.qkv_bias:
-                yield f"{p}.self_attn.{name}_proj.bias", (rows * hd,)
-        yield f"{p}.self_attn.o_proj.weight", (d, a.n_heads * hd)
-        if a.o_bias:
-            yield f"{p}.self_attn.o_proj.bias", (d,)
-        if a.qk_norm == "head":
-            yield f"{p}.self_attn.q_norm.weight", (hd,)
-            yield f"{p}.self_attn.k_norm.weight", (hd,)
-        elif a.qk_norm == "proj":
-            yield f"{p}.self_attn.q_norm.weight", (a.n_heads * hd,)
-            yield f"{p}.self_attn.k_norm.weight", (a.n_kv_heads * hd,)
+        if a.attention == "mla":
+            yield from mla_tensor_shapes(a, i)
+        else:
+            yield from _gqa_shapes(a, p)
         if a.moe_layers[i]:
             yield f"{p}.{a.spec.moe_prefix}.gate.weight", (a.n_experts, d)
+            if a.topk_method == "noaux_tc":
+                yield f"{p}.{a.spec.moe_prefix}.gate.e_score_correction_bias", (a.n_experts,)
             if a.shared_expert_inter:
-                s = a.shared_expert_inter
-                yield f"{p}.mlp.shared_expert.gate_proj.weight", (s, d)
-                yield f"{p}.mlp.shared_expert.up_proj.weight", (s, d)
-                yield f"{p}.mlp.shared_expert.down_proj.weight", (d, s)
-                yield f"{p}.mlp.shared_expert_gate.weight", (1, d)
+                s, sp = a.shared_expert_inter, f"{p}.mlp.{a.spec.shared_prefix}"
+                yield f"{sp}.gate_proj.weight", (s, d)
+                yield f"{sp}.up_proj.weight", (s, d)
+                yield f"{sp}.down_proj.weight", (d, s)
+                if a.spec.shared_gate:
+                    yield f"{p}.mlp.shared_expert_gate.weight", (1, d)
         else:
             m = a.dense_inter
             yield f"{p}.mlp.gate_proj.weight", (m, d)
             yield f"{p}.mlp.up_proj.weight", (m, d)
             yield f"{p}.mlp.down_proj.weight", (d, m)
+
+
+def _gqa_shapes(a: ModelArgs, p: str) -> Iterator[tuple[str, tuple[int, ...]]]:
+    d, hd = a.hidden_size, a.head_dim
+    for name, rows in (("q", a.n_heads), ("k", a.n_kv_heads), ("v", a.n_kv_heads)):
+        yield f"{p}.self_attn.{name}_proj.weight", (rows * hd, d)
+        if a.qkv_bias:
+            yield f"{p}.self_attn.{name}_proj.bias", (rows * hd,)
+    yield f"{p}.self_attn.o_proj.weight", (d, a.n_heads * hd)
+    if a.o_bias:
+        yield f"{p}.self_attn.o_proj.bias", (d,)
+    if a.qk_norm == "head":
+        yield f"{p}.self_attn.q_norm.weight", (hd,)
+        yield f"{p}.self_attn.k_norm.weight", (hd,)
+    elif a.qk_norm == "proj":
+        yield f"{p}.self_attn.q_norm.weight", (a.n_heads * hd,)
+        yield f"{p}.self_attn.k_norm.weight", (a.n_kv_heads * hd,)
 
 
 def load_dense(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:

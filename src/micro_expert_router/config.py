@@ -26,6 +26,9 @@ class ArchSpec:
     shared_expert: bool
     moe_prefix: str  # checkpoint name of the MoE block inside a layer
     expert_names: tuple[str, str, str]  # gate, up, down tensor names inside one expert
+    shared_prefix: str = "shared_expert"  # the shared expert(s) inside the MoE block
+    shared_gate: bool = True  # a sigmoid gate scales the shared expert (Qwen2-MoE)
+    family: str | None = None  # models/<family>.py parses the config keys of its own
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -44,6 +47,22 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "OlmoeForCausalLM": ArchSpec(
         ("num_experts", "num_local_experts"), "intermediate_size", False, "proj", False,
         "mlp", ("gate_proj", "up_proj", "down_proj"),
+    ),
+    "DeepseekV2ForCausalLM": ArchSpec(
+        ("n_routed_experts",), "moe_intermediate_size", False, "none", True,
+        "mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", False, "deepseek",
+    ),
+    "DeepseekV3ForCausalLM": ArchSpec(
+        ("n_routed_experts",), "moe_intermediate_size", True, "none", True,
+        "mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", False, "deepseek",
+    ),
+    "GptOssForCausalLM": ArchSpec(
+        ("num_local_experts",), "intermediate_size", None, "none", False,
+        "mlp", ("gate_up_proj", "gate_up_proj", "down_proj"), family="gpt_oss",
+    ),
+    "Glm4MoeForCausalLM": ArchSpec(
+        ("n_routed_experts",), "moe_intermediate_size", True, "none", True,
+        "mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", False, "glm4_moe",
     ),
 }  # fmt: skip
 
@@ -82,6 +101,54 @@ class ModelArgs:
     sliding_window: int | None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # rotary embedding (models/rope.py); defaults are the four original families'
+    rope_type: str = "default"  # "default" | "linear" (rope_scaling) | "yarn"
+    rope_dim: int = 0  # rotated dims per head, from the first; 0 = all of head_dim
+    rope_interleave: bool = False  # rotate pairs (x0, x1), (x2, x3).. (DeepSeek), not halves
+    yarn_factor: float = 1.0
+    yarn_original_max: int = 0  # original_max_position_embeddings
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_truncate: bool = True
+    rope_attention_factor: float = 1.0  # multiplies cos and sin (YaRN's attention factor)
+    softmax_scale: float | None = None  # attention logits scale; None = head_dim ** -0.5
+    # attention (models/mla.py): "gqa" (q/k/v projections) or "mla" (DeepSeek's latent KV)
+    attention: str = "gqa"
+    q_lora_rank: int | None = None  # MLA: None = a plain q_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # routing (models/routing.py): "softmax_topk" (Mixtral, Qwen, OLMoE) or DeepSeek's
+    # "greedy" | "group_limited_greedy" | "noaux_tc", with "softmax" or "sigmoid" scores
+    topk_method: str = "softmax_topk"
+    scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling: float = 1.0
+    # GPT-OSS (models/gpt_oss.py): per-layer sliding window (empty: sliding_window applies to
+    # every layer), attention sinks, experts with biases and the clamped SwiGLU
+    sliding_layers: tuple[bool, ...] = ()
+    attn_sinks: bool = False
+    expert_act: str = "swiglu"  # "swiglu" | "clamped_swiglu" (GPT-OSS, with expert biases)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each q/k head that RoPE rotates."""
+        return self.rope_dim or self.head_dim
+
+    @property
+    def attn_scale(self) -> float:
+        return self.softmax_scale if self.softmax_scale is not None else self.head_dim**-0.5
+
+    def kv_bytes_per_token(self, element_size: int) -> int:
+        """Bytes the KV cache holds per token over all layers: K and V of each kv head, or
+        MLA's compressed latent plus its rope key."""
+        if self.attention == "mla":
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * self.n_layers * element_size
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * element_size
 
     @property
     def spec(self) -> ArchSpec:
@@ -102,25 +169,10 @@ class ModelArgs:
         n_kv = int(cfg.get("num_key_value_heads") or n_heads)
         head_dim = int(cfg.get("head_dim") or hidden // n_heads)
         n_layers = int(_req(cfg, "num_hidden_layers", where))
-        if n_heads % n_kv:
-            raise ConfigError(
-                f"{where}: num_attention_heads {n_heads} is not a multiple of "
-                f"num_key_value_heads {n_kv}"
-            )
 
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type == "default":
-            scaling = 1.0
-        elif rope_type == "linear":
-            scaling = float(rope["factor"])
-        else:
-            raise ConfigError(
-                f"{where}: RoPE type {rope_type!r} is not supported yet "
-                "(supported: default, linear)"
-            )
+        from .models.rope import parse_rope
 
+        rope = parse_rope(cfg, where, head_dim)
         if spec.norm_topk_default is None:
             norm_topk = True
         else:
@@ -156,7 +208,7 @@ class ModelArgs:
 
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        args = cls(
+        kw: dict[str, Any] = dict(
             arch=arch,
             vocab_size=int(_req(cfg, "vocab_size", where)),
             hidden_size=hidden,
@@ -165,8 +217,7 @@ class ModelArgs:
             n_kv_heads=n_kv,
             head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
+            **rope,
             max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             n_experts=n_experts,
@@ -186,6 +237,16 @@ class ModelArgs:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
+        if spec.family is not None:  # the family's own keys: models/<family>.py
+            from .models import family_config
+
+            kw.update(family_config(spec.family, cfg, where, kw))
+        args = cls(**kw)
+        if args.n_heads % args.n_kv_heads:
+            raise ConfigError(
+                f"{where}: num_attention_heads {args.n_heads} is not a multiple of "
+                f"num_key_value_heads {args.n_kv_heads}"
+            )
         if not 0 < args.top_k <= max(n_experts, 1):
             raise ConfigError(
                 f"{where}: num_experts_per_tok {args.top_k} must be between 1 "
@@ -213,6 +274,7 @@ class ModelArgs:
         d = asdict(self)
         d["moe_layers"] = list(self.moe_layers)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["sliding_layers"] = list(self.sliding_layers)
         return d
 
     @classmethod
@@ -220,6 +282,7 @@ class ModelArgs:
         d = dict(d)
         d["moe_layers"] = tuple(d["moe_layers"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         return cls(**d)
 
 

@@ -25,8 +25,10 @@ from .config import EngineConfig, ModelArgs
 from .errors import BudgetError, ConfigError, MERError
 from .kernels import choose_group, get_format
 from .model import Transformer
+from .models import transformer
 from .provider import ExpertProvider, ProviderStats, ResidentProvider
 from .sampling import check_sampling, sample
+from .store.experts import pack_expert
 from .tokenizer import Tokenizer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -380,18 +382,22 @@ def load_checkpoint(path: Path, config: EngineConfig) -> Engine:
         args = ckpt.args
         dense = load_dense(ckpt, dtype)
         fmt = get_format("f32" if dtype == torch.float32 else "bf16")
+        read = ckpt.expert
+        if args.expert_act == "clamped_swiglu":  # GPT-OSS: experts with biases
+            from .models.gpt_oss import is_mxfp4, store_format
+
+            fmt, read = store_format(ckpt, "mxfp4" if is_mxfp4(ckpt) else fmt.name)
         group = choose_group(fmt, args.expert_inter)
         packed = {}
         for layer in range(args.n_layers):
             if not args.moe_layers[layer]:
                 continue
             for e in range(args.n_experts):
-                gate, up, down = ckpt.expert(layer, e)
-                packed[(layer, e)] = fmt.pack(gate, up, down, group)
+                packed[(layer, e)] = pack_expert(fmt, read(layer, e), group)
     finally:
         ckpt.close()
     provider = ResidentProvider(fmt, args.hidden_size, group, packed)
-    model = Transformer(args, dense, provider, dtype, config.max_context, kv_dtype(config, dense))
+    model = transformer(args, dense, provider, dtype, config.max_context, kv_dtype(config, dense))
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return Engine(args, model, tokenizer, config, path)
 

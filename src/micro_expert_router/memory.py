@@ -174,8 +174,9 @@ def dense_bytes(dense: dict[str, Any], extra: tuple[Any, ...] = ()) -> int:
 
 
 def kv_bytes(args: Any, max_context: int, element_size: int) -> int:
-    """K and V of every layer at ``max_context`` tokens."""
-    return 2 * args.n_layers * args.n_kv_heads * max_context * args.head_dim * element_size
+    """The KV cache at ``max_context`` tokens: K and V of every layer, or MLA's latent
+    (``ModelArgs.kv_bytes_per_token``)."""
+    return max_context * args.kv_bytes_per_token(element_size)
 
 
 @dataclass(frozen=True)

@@ -27,23 +27,15 @@ from .errors import BudgetError
 from .kernels import expert_forward
 from .kernels.attention import decode_attention
 from .kernels.dense import embedding, fuse_rows, linear
-from .kernels.experts import experts_forward
-from .kernels.layer_ops import rms_norm, rope_attend
+from .kernels.experts import experts_forward, experts_stack
+from .kernels.layer_ops import rope_attend
+from .models.mla import MLA, LatentCache
+from .models.norms import rms_norm
+from .models.rope import apply_rope, rope_tables
+from .models.routing import route
 from .provider import ExpertProvider
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-def rope_tables(a: ModelArgs, n_pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    dh = a.head_dim
-    inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.int64).float() / dh))
-    inv_freq = inv_freq / a.rope_scaling
-    freqs = torch.arange(n_pos).float()[:, None] * inv_freq[None, :]  # [S, Dh/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [S, Dh]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+__all__ = ["KVCache", "LatentCache", "Routing", "Transformer", "rms_norm", "rope_tables"]
 
 
 def swiglu(
@@ -103,13 +95,19 @@ class Transformer:
         self.qkv_fused = [self._fuse_qkv(i) for i in range(args.n_layers)]
         self.on_route: list = []  # callbacks(Routing), e.g. trace recorders
         self.router = None  # routers.py: benchmark-only routing that bypasses the gates
+        # MLA (DeepSeek) instead of grouped-query attention: its own blocks and latent cache
+        self.mla = MLA(args, dense, self.cos, self.sin) if args.attention == "mla" else None
 
-    def new_cache(self, capacity: int | None = None) -> KVCache:
+    def new_cache(self, capacity: int | None = None) -> KVCache | LatentCache:
         """An empty KV cache for ``capacity`` tokens (default: ``max_context``)."""
+        if self.mla is not None:
+            return self.mla.new_cache(capacity or self.max_context, self.kv_dtype)
         return KVCache.empty(self.args, capacity or self.max_context, self.kv_dtype)
 
     # -- attention -------------------------------------------------------------------------
     def attention(self, i: int, x: torch.Tensor, kv: KVCache, pos: int) -> torch.Tensor:
+        if self.mla is not None:
+            return self.mla(i, x, kv, pos)
         q, k, v = self.qkv(i, x)
         return self.o_proj(i, self.attend(i, q, k, v, kv, pos))
 
@@ -158,20 +156,21 @@ class Transformer:
         """RoPE, append k/v to the cache at ``pos``, causal attention: ``[T, H*Dh]``."""
         a = self.args
         t = q.shape[0]
-        if t == 1:  # decode: RoPE, cache append and one query per head in one native call
+        if t == 1 and a.rotary_dim == a.head_dim:  # decode: RoPE, cache append and one query
+            # per head in one native call (which rotates whole heads)
             o = rope_attend(q[0], k[0], v[0], kv.k[i], kv.v[i], self.cos[pos], self.sin[pos],
-                            pos, a.head_dim**-0.5, a.sliding_window)  # fmt: skip
+                            pos, a.attn_scale, a.sliding_window)  # fmt: skip
             if o is not None:
                 return o.view(1, a.n_heads * a.head_dim)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H|Hk, T, Dh]
-        cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]  # [T, Dh]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]  # [T, R]
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         kv.k[i][:, pos : pos + t] = k
         kv.v[i][:, pos : pos + t] = v
         s = pos + t
         if t == 1:  # decode: one query per head, each cached key and value read once
-            o = decode_attention(q[:, 0], kv.k[i], kv.v[i], s, a.head_dim**-0.5,
+            o = decode_attention(q[:, 0], kv.k[i], kv.v[i], s, a.attn_scale,
                                  a.sliding_window)  # fmt: skip
             return o.to(q.dtype).view(1, a.n_heads * a.head_dim)
         keys = kv.k[i][:, :s].to(q.dtype)  # [Hk, S, Dh] (a no-op when KV has q's dtype)
@@ -189,7 +188,7 @@ class Transformer:
             vals,
             attn_mask=mask,
             is_causal=mask is None,  # a fresh prompt: SDPA's causal kernel, no mask to build
-            scale=a.head_dim**-0.5,
+            scale=a.attn_scale,
             enable_gqa=a.n_heads != a.n_kv_heads,
         )  # [H, T, Dh]
         return out.transpose(0, 1).reshape(t, a.n_heads * a.head_dim)
@@ -202,13 +201,7 @@ class Transformer:
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.router is not None:  # experts [T, K] int64, weights [T, K] in x's dtype
             return self.router.route(i, x.shape[0], x.dtype)
-        a = self.args
-        logits = linear(x, self.w[f"model.layers.{i}.{a.spec.moe_prefix}.gate.weight"])  # [T, E]
-        probs = F.softmax(logits.float(), dim=-1)
-        weights, experts = torch.topk(probs, a.top_k, dim=-1)  # [T, K]
-        if a.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return experts, weights.to(x.dtype)
+        return route(self.args, self.w, i, x)
 
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
         experts, weights = self.route(i, x)  # [T, K]
@@ -216,14 +209,15 @@ class Transformer:
             out = self.routed_one(i, x, experts, weights)
         else:
             out = self.routed(i, x, experts, weights)
-        if self.args.shared_expert_inter:
+        a = self.args
+        if a.shared_expert_inter:  # dense, always resident
             p = f"model.layers.{i}.mlp"
-            shared = swiglu(x, self.w[f"{p}.shared_expert.gate_proj.weight"],
-                            self.w[f"{p}.shared_expert.up_proj.weight"],
-                            self.w[f"{p}.shared_expert.down_proj.weight"])  # fmt: skip
-            out = (
-                out + torch.sigmoid(linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
-            )
+            sp = f"{p}.{a.spec.shared_prefix}"
+            shared = swiglu(x, self.w[f"{sp}.gate_proj.weight"], self.w[f"{sp}.up_proj.weight"],
+                            self.w[f"{sp}.down_proj.weight"])  # fmt: skip
+            if a.spec.shared_gate:
+                shared = torch.sigmoid(linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+            out = out + shared
         return out
 
     def routed(
@@ -265,6 +259,14 @@ class Transformer:
         order = sorted(range(len(ids)), key=ids.__getitem__)
         needed = [ids[r] for r in order]  # [K] distinct ids, ascending
         fmt = self.provider.format
+        fast = getattr(self.provider, "resident_views", None)
+        if fast is not None and (views := fast(i, needed)) is not None:
+            # every expert whole in RAM: no handles, no reads, one native call
+            for cb in self.on_route:
+                cb(Routing(i, experts, weights, x))
+            ys = experts_stack(fmt, x, views)[:, 0]  # [K, D]
+            w = weights[0, order].to(x.dtype)  # [K] in id order
+            return torch.matmul(w[None, :], ys)  # [1, D]
         with self.provider.acquire(i, needed) as handles:
             for cb in self.on_route:
                 cb(Routing(i, experts, weights, x))
@@ -284,7 +286,7 @@ class Transformer:
                     ys[j] = expert_forward(fmt, x, segs[j])[0]
                 elif (rest := next(segs[j], None)) is not None:  # a split expert's bottom
                     expert_forward(fmt, x, chain((rest,), segs[j]), out=ys[j : j + 1])
-        w = weights[0, torch.tensor(order)].to(x.dtype)  # [K] in id order
+        w = weights[0, order].to(x.dtype)  # [K] in id order
         return torch.matmul(w[None, :], ys)  # [1, D]
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -345,10 +347,14 @@ class Transformer:
         for i in range(a.n_layers):
             p = f"model.layers.{i}"
             h = rms_norm(x, w[f"{p}.input_layernorm.weight"], a.rms_norm_eps)
-            q, k, v = self.qkv(i, h)  # [B, H|Hk, Dh]
-            o = torch.cat([self.attend(i, q[b : b + 1], k[b : b + 1], v[b : b + 1], kv,
-                                       kv.length) for b, kv in enumerate(caches)])  # fmt: skip
-            x = x + self.o_proj(i, o)
+            if self.mla is not None:  # MLA: per sequence, projections included
+                x = x + torch.cat([self.mla(i, h[b : b + 1], kv, kv.length)
+                                   for b, kv in enumerate(caches)])  # fmt: skip
+            else:
+                q, k, v = self.qkv(i, h)  # [B, H|Hk, Dh]
+                o = torch.cat([self.attend(i, q[b : b + 1], k[b : b + 1], v[b : b + 1], kv,
+                                           kv.length) for b, kv in enumerate(caches)])  # fmt: skip
+                x = x + self.o_proj(i, o)
             h = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], a.rms_norm_eps)
             x = x + self.mlp(i, h)
         for kv in caches:

@@ -108,6 +108,12 @@ class ResidentProvider:
         self.stats.hits += len(experts)
         yield [ResidentHandle(self._views[(layer, e)]) for e in experts]
 
+    def resident_views(self, layer: int, experts: Sequence[int]) -> list[object]:
+        """Every expert's view (all are resident), counted like ``acquire``."""
+        self.stats.experts_needed += len(experts)
+        self.stats.hits += len(experts)
+        return [self._views[(layer, e)] for e in experts]
+
     def begin_step(self) -> None:
         pass
 

@@ -423,6 +423,25 @@ class StreamingProvider:
             fetch.close()
             self.drop_prefetches(layer)
 
+    def resident_views(self, layer: int, experts: Sequence[int]) -> list[object] | None:
+        """The views of ``experts`` when every one is whole in the cache (the resident decode
+        step), counted as hits like ``acquire``; ``None`` otherwise (the caller uses
+        ``acquire``). No lease is taken: an entry is only evicted by an admission, and
+        admissions happen in ``acquire``'s settling, on this thread, not while the caller
+        computes with these views (prefetch reads into staging slots and never evicts)."""
+        if 0 < self.top_groups.get(layer, 0) < self.n_groups:
+            return None  # split experts: the bottoms are read, not cached
+        cache = self.cache
+        keys = [(layer, e) for e in experts]
+        if not all(k in cache for k in keys):
+            return None
+        self.stats.experts_needed += len(keys)
+        self.stats.hits += len(keys)
+        views = [cache.lookup(k).view for k in keys]  # counted, and the policy hears of it
+        if self.staged:
+            self.drop_prefetches(layer)
+        return views
+
     def preload(self, progress: bool = False) -> int:
         """Read every expert once, layer by layer, through the normal miss path, so the cache
         holds what its budget allows before the first token (a warm start; with the default
@@ -466,7 +485,7 @@ def load_store(path: Path, config: EngineConfig):
     """An ``Engine`` over an expert store: dense weights in RAM, experts streamed."""
     from .engine import TORCH_DTYPES, Engine, kv_dtype
     from .memory import process_rss, scale_budgets, store_split
-    from .model import Transformer
+    from .models import transformer
     from .tokenizer import Tokenizer
 
     rss = process_rss()  # the runtime's share of the memory limit, before anything is loaded
@@ -491,7 +510,7 @@ def load_store(path: Path, config: EngineConfig):
                                  verify=config.verify, split=split, layer_budgets=layer_budgets,
                                  prefetch_slots=slots)  # fmt: skip
     try:  # the provider owns threads, files and pools: closed if the engine is never built
-        model = Transformer(store.args, dense, provider, dtype, config.max_context, kvd)
+        model = transformer(store.args, dense, provider, dtype, config.max_context, kvd)
         if prefetch != "off":
             from .prefetcher import Prefetcher
 

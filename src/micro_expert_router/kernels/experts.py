@@ -56,6 +56,9 @@ def experts_forward(
     outs = list(out) if out is not None else [None] * len(views)
     if len(outs) != len(views):
         raise ConfigError(f"experts_forward: {len(views)} views but {len(outs)} outputs")
+    many = getattr(fmt, "accumulate_many", None)  # formats with their own fused op (mxfp4)
+    if many is not None and (ys := many(x, list(views), outs)) is not None:
+        return ys
     dims = {_dims(v) for v in views}
     fused = getattr(fmt, "name", None) in ("q8", "q4") and len(dims) == 1 and None not in dims
     bn = native.q4_block_rows()
@@ -78,3 +81,17 @@ def experts_forward(
             ys, xf, bufs, d, g, block, offs, per, bn, True, 1, fmt.int8_activations
         )
     return ys
+
+
+def experts_stack(fmt: ExpertFormat, x: torch.Tensor, views: Sequence[object]) -> torch.Tensor:
+    """``experts_forward`` with the outputs in one tensor ``[N, T, D]`` (N = len(views)): on the
+    native path the kernel writes straight into rows of it (one allocation, no gather), so the
+    caller's weighted sum is one op over it. Same bits as ``experts_forward``."""
+    if not views:
+        raise ConfigError("experts_stack needs at least one view")
+    d = _dims(views[0])
+    if d is not None and getattr(fmt, "name", None) in ("q8", "q4"):
+        y = torch.zeros((len(views), x.shape[0], d[0]), dtype=x.dtype)  # [N, T, D]
+        experts_forward(fmt, x, views, out=list(y.unbind(0)))
+        return y
+    return torch.stack(experts_forward(fmt, x, views))  # [N, T, D]

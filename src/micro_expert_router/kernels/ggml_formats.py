@@ -17,10 +17,10 @@ types its bytes are in. A store whose layers agree wastes nothing but the header
 ``partials`` (the reference path, any batch) dequantizes a group with ``ggml.dequantize`` (the
 same bits as gguf-py) and multiplies in the activations' dtype. ``accumulate`` (decode, T <
 ``native_below``) runs the native block kernels of ``ggml_native.cpp`` on the bytes in place
-when every role's type has one (Q4_K, Q6_K, Q8_0, Q5_K): with float32 activations in float32
-mode; in bfloat16 mode, when every type is Q4_K or Q6_K, with activations rounded to 8 bits per
-block of 256 (``ggml_native.int8_mode``, what llama.cpp always does), which is what lets decode
-keep up with DRAM.
+when every role's type has one (Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K): with float32 activations
+in float32 mode; in bfloat16 mode with activations rounded to 8 bits per weight block
+(``ggml_native.isa_for``, what llama.cpp always does), which is what lets decode keep up with
+DRAM.
 
 Legend: T tokens, D hidden, g neurons per group, n groups.
 """

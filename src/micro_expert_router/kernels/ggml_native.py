@@ -1,11 +1,13 @@
-"""Builds and loads the native GGUF block kernels (``ggml_native.cpp``) as the torch ops
+"""Builds and loads the native GGUF block kernels (``ggml_native.cpp``: the ops;
+``ggml_blocks.cpp``: the block decoders and row dots; one library) as the torch ops
 ``torch.ops.mer_ggml.swiglu_`` (a segment of a ``gguf:`` expert) and ``linear_`` (a dense GGUF
 matrix), by the same compile-on-first-use mechanism as ``native.py``.
 
-Native kernels exist for Q4_K, Q6_K and Q8_0 (AVX2 + FMA, chosen at run time) and Q5_K (portable
-scalar code); the other block types use the dequantize + torch path. With float32 activations
-(the engine's float32 mode) the kernels compute in float32. With bfloat16 activations, Q4_K and
-Q6_K round the activations to int8 per block of 256 (one float scale each, as llama.cpp's Q8_K)
+Native kernels exist for Q4_0, Q8_0, MXFP4, Q4_K, Q5_K and Q6_K (AVX2 + FMA + F16C chosen at run
+time, and a portable scalar path giving the same bits); the float types and Q4_1/Q5_0/Q5_1 use
+the dequantize + torch path. With float32 activations (the engine's float32 mode) the kernels
+compute in float32. With bfloat16 activations they round the activations to int8 per weight
+block (256 for the K-quants, 32 otherwise; one float scale each, as llama.cpp's Q8_K and Q8_0)
 and multiply with integer dot products (``isa_for`` picks): bf16 activations already carry 8
 significant bits, and float FMAs cannot decode 4-6-bit weights as fast as DRAM delivers them.
 ``available()`` is ``False`` when ``MER_NATIVE=0``, when the build fails (one warning), or when
@@ -23,8 +25,9 @@ import torch
 from .native import NativeInfo, load_library
 
 SOURCE = Path(__file__).with_name("ggml_native.cpp")
-NATIVE_TYPES = frozenset({"Q4_K", "Q5_K", "Q6_K", "Q8_0"})
-INT8_TYPES = frozenset({"Q4_K", "Q6_K"})  # types with an int8-activation path
+SOURCES = (SOURCE, Path(__file__).with_name("ggml_blocks.cpp"))
+NATIVE_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})
+INT8_TYPES = NATIVE_TYPES  # types with an int8-activation path
 INFO = NativeInfo()
 
 
@@ -34,7 +37,7 @@ def load() -> bool:
     if os.environ.get("MER_NATIVE", "1") == "0":
         INFO.reason = "disabled by MER_NATIVE=0"
         return False
-    info = load_library((SOURCE,), "GGUF block kernels",
+    info = load_library(SOURCES, "GGUF block kernels",
                         "dequantize + torch matmul, which is slower for decode")  # fmt: skip
     if info is None:
         INFO.reason = "the build or load failed (see the warning)"
@@ -56,7 +59,7 @@ def available() -> bool:
 
 def isa_for(dtype: torch.dtype, types) -> int:
     """The kernel variant for activations of ``dtype`` over these block types: 1 (AVX2,
-    float32 activations) or 2 (AVX2, int8 activations: bfloat16 mode, Q4_K/Q6_K only)."""
+    float32 activations) or 2 (AVX2, int8 activations: bfloat16 mode)."""
     if dtype == torch.bfloat16 and all(t.name in INT8_TYPES for t in types):
         return 2
     return 1

@@ -71,6 +71,15 @@ def convert(
     dense = choose_dense(dense, dtype)
     ckpt = Checkpoint(src, note=log)
     args = ckpt.args
+    read = None  # Checkpoint.expert
+    if args.expert_act == "clamped_swiglu":  # GPT-OSS: expert biases, maybe MXFP4 blocks
+        from ..models.gpt_oss import store_format
+
+        try:
+            fmt, read = store_format(ckpt, dtype, log)
+        except BaseException:
+            ckpt.close()
+            raise
     if dst.exists() and not force:
         raise StoreError(f"{dst}: already exists; choose another destination or pass --force "
                          "to replace it")  # fmt: skip
@@ -95,7 +104,7 @@ def convert(
         with open(tmp / EXPERT_FILE, "wb") as f, bar:
             entries, errors = write_experts(
                 ckpt, fmt, group, keys, f, workers=workers or default_workers(),
-                error_every=every, progress=bar.update,
+                error_every=every, progress=bar.update, read=read,
             )  # fmt: skip
             f.flush()
             os.fsync(f.fileno())

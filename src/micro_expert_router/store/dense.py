@@ -54,7 +54,7 @@ def choose_dense(dense: str | None, expert_format: str) -> str:
 def stays_exact(args: ModelArgs, name: str, shape: tuple[int, ...]) -> bool:
     """Routers, norms and biases (every 1-D tensor) keep the store's float dtype."""
     router = name.endswith(f".{args.spec.moe_prefix}.gate.weight") or name.endswith(
-        ".shared_expert_gate.weight"
+        (".shared_expert_gate.weight", ".mlp.router.weight")  # the last: GPT-OSS's router
     )
     return router or len(shape) != 2
 

@@ -13,6 +13,11 @@
   start writing the range just written to disk (``sync_file_range``, asynchronous), so that the
   converter's closing fsync finds little left to write instead of gigabytes.
 
+Experts come from ``read(layer, expert)`` (default ``Checkpoint.expert``: (gate, up, down)) and
+are packed by the format's ``pack_expert`` when it has one (GPT-OSS: ``models/gpt_oss.read_expert``
+gives MXFP4 blocks or float weights with biases, ``kernels/mxfp4`` and ``kernels/biased`` pack
+them), else by ``pack(gate, up, down)``.
+
 The bytes written do not depend on ``workers``: packing is a pure function of one expert's weights
 and extents are written in store order, so one worker (a plain loop, no threads) and several
 produce identical files. The relative L2 error report, which costs more than packing (a reference
@@ -39,6 +44,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import MERError, StoreError
 from ..kernels import ExpertFormat
+from ..kernels.biased import float_weights
 from ..kernels.quality import expert_error
 from .format import ALIGN, checksum
 
@@ -105,7 +111,7 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-class _Packed:
+class Packed:
     """One expert ready to write: its bytes, their hash and, if sampled, its error entry."""
 
     __slots__ = ("data", "xxh3", "error")
@@ -114,17 +120,23 @@ class _Packed:
         self.data, self.xxh3, self.error = data, xxh3, error
 
 
+def pack_expert(fmt: ExpertFormat, weights: Any, group: int) -> torch.Tensor:
+    """One expert's bytes (1-D uint8): the format's ``pack_expert`` when it has one (experts with
+    biases, blocks kept as they are), else ``pack(gate, up, down)``."""
+    pack = getattr(fmt, "pack_expert", None)
+    return pack(weights, group) if pack is not None else fmt.pack(*weights, group)
+
+
 def _pack(
     fmt: ExpertFormat,
     group: int,
     per_expert: int,
     key: ExpertKey,
-    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    weights: Any,
     measure: bool,
-) -> _Packed:
-    gate, up, down = weights  # [I, D], [I, D], [D, I]
+) -> Packed:
     try:
-        packed = fmt.pack(gate, up, down, group)  # [bytes] uint8
+        packed = pack_expert(fmt, weights, group)  # [bytes] uint8
     except MERError as e:  # say which expert: the format's message cannot
         raise type(e)(f"expert {key[1]} of layer {key[0]}: {e}") from None
     if packed.numel() != per_expert:
@@ -133,9 +145,10 @@ def _pack(
     data = packed.numpy()
     error = None
     if measure:
+        gate, up, down = float_weights(weights)  # [I, D], [I, D], [D, I]
         q = expert_error(fmt, packed, gate, up, down, group)
         error = {"layer": key[0], "expert": key[1], "gate": q.gate, "up": q.up, "down": q.down}
-    return _Packed(data, checksum(data), error)
+    return Packed(data, checksum(data), error)
 
 
 def write_experts(
@@ -149,8 +162,10 @@ def write_experts(
     error_every: int = 1,
     file_index: int = 0,
     progress: Callable[[int], Any] | None = None,
+    read: Callable[[int, int], Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Write the experts ``keys`` into ``f`` (positioned at an ``ALIGN`` boundary) in order.
+    """Write the experts ``keys`` into ``f`` (positioned at an ``ALIGN`` boundary) in order,
+    reading each with ``read`` (default ``ckpt.expert``).
 
     Returns the manifest entries (file, offset, length, xxh3) and the error entries of the
     sampled experts (every ``error_every``-th, counting from the first).
@@ -158,12 +173,35 @@ def write_experts(
     if workers < 1 or error_every < 1:
         raise StoreError(f"workers ({workers}) and error_every ({error_every}) must be >= 1")
     a = ckpt.args
+    read = read or ckpt.expert
     per_expert = (a.expert_inter // group) * fmt.group_nbytes(a.hidden_size, group)
+
+    def pack(i: int, key: ExpertKey, weights) -> Packed:
+        return _pack(fmt, group, per_expert, key, weights, i % error_every == 0)
+
+    return write_extents(keys, lambda key: read(*key), pack, f, workers=workers,
+                         file_index=file_index, progress=progress)  # fmt: skip
+
+
+def write_extents(
+    keys: list[ExpertKey],
+    read: Callable[[ExpertKey], Any],
+    pack: Callable[[int, ExpertKey, Any], Packed],
+    f: BinaryIO,
+    *,
+    workers: int = 1,
+    file_index: int = 0,
+    progress: Callable[[int], Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pipeline: ``read(key)`` on the reader thread, ``pack(i, key, what read returned)`` on
+    the packer threads, the packed extents written into ``f`` in the order of ``keys`` (the
+    GGUF converter uses it with its own read and pack). Returns the manifest entries and the
+    error entries of the packed experts that carry one."""
     entries: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     writeback, synced = _sync_file_range(), f.tell()
 
-    def write(key: ExpertKey, p: _Packed) -> None:
+    def write(key: ExpertKey, p: Packed) -> None:
         nonlocal synced
         offset = f.tell()
         f.write(p.data)
@@ -181,11 +219,11 @@ def write_experts(
 
     if workers == 1:  # the serial path: a plain loop
         for i, key in enumerate(keys):
-            write(key, _pack(fmt, group, per_expert, key, ckpt.expert(*key), i % error_every == 0))
+            write(key, pack(i, key, read(key)))
         return entries, errors
 
-    def pack_after_read(i: int, key: ExpertKey, read: Future) -> _Packed:
-        return _pack(fmt, group, per_expert, key, read.result(), i % error_every == 0)
+    def pack_after_read(i: int, key: ExpertKey, done: Future) -> Packed:
+        return pack(i, key, done.result())
 
     reader = ThreadPoolExecutor(1, thread_name_prefix="mer-convert-read")
     packers = ThreadPoolExecutor(workers, thread_name_prefix="mer-convert-pack")
@@ -193,8 +231,8 @@ def write_experts(
     try:
         with _torch_threads(1):
             for i, key in enumerate(keys):
-                read = reader.submit(ckpt.expert, *key)
-                pending.append((key, packers.submit(pack_after_read, i, key, read)))
+                done = reader.submit(read, key)
+                pending.append((key, packers.submit(pack_after_read, i, key, done)))
                 if len(pending) >= 2 * workers:  # slack for a slow (measured) expert
                     done_key, fut = pending.popleft()
                     write(done_key, fut.result())

@@ -17,10 +17,13 @@ folder, fsynced, renamed into place, the manifest renamed last.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +36,15 @@ from ..kernels.ggml import TYPES, BlockType
 from ..kernels.ggml_formats import GGUFExperts
 from ..kernels.quality import rel_l2
 from .convert import EXPERT_FILE, _progress
-from .format import ALIGN, FORMAT_NAME, FORMAT_VERSION, Store, checksum, place_store
-from .gguf_file import GGUFFile, TensorInfo
+from .experts import Packed, default_workers, write_extents
+from .format import FORMAT_NAME, FORMAT_VERSION, Store, checksum, place_store
+from .gguf_file import PAGE, GGUFFile, TensorInfo
 from .gguf_model import dense_tensors, expert_tensors, model_args, unpermute_rows
 
 DENSE_GGUF = "dense.gguf"
 REQUANTIZE = ("q8",)
+BATCH_BYTES = 32 << 20  # per stacked expert tensor and read
+BUFFER = BATCH_BYTES + 2 * PAGE  # a read buffer: a batch and the pages around it
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -114,6 +120,103 @@ def _write_dense(src: _Source, path: Path, items) -> list[list[Any]]:
     return index
 
 
+class _ExpertReader:
+    """One expert's GGUF bytes (gate, up, down) and their types, on the converter's reader
+    thread. Stacked expert tensors (``ffn_*_exps``) are read a batch of consecutive experts at a
+    time, up to ``BATCH_BYTES`` per tensor, in three large sequential reads (``read_large``:
+    O_DIRECT); the experts' parts are views into them, so nothing is copied before packing. While
+    a batch is packed and written, the next one is read (one batch ahead, on its own thread)."""
+
+    def __init__(self, src: _Source, args, keys: list[tuple[int, int]]) -> None:
+        self.src, self.args, self.keys = src, args, keys
+        self.index = {k: i for i, k in enumerate(keys)}
+        self.batch: dict[tuple[int, int], tuple[tuple, tuple[str, ...]]] = {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mer-convert-readahead")
+        self.ahead: tuple[tuple[int, int], Future] | None = None
+        self.lock = threading.Lock()
+        self.free: list[mmap.mmap] = []  # read buffers of BUFFER bytes, reused
+        self.left: dict[int, list] = {}  # batch id -> [experts not packed yet, its buffers]
+        self.batch_of: dict[tuple[int, int], int] = {}
+
+    def __call__(self, key: tuple[int, int]):
+        if key not in self.batch:
+            if self.ahead is not None and self.ahead[0] == key:
+                got = self.ahead[1].result()
+            else:
+                got = self._read(*key)
+            self.ahead = None
+            self.batch.update(got)
+            nxt = self.index[key] + len(got)
+            if nxt < len(self.keys):
+                self.ahead = (self.keys[nxt], self.pool.submit(self._read, *self.keys[nxt]))
+        return self.batch.pop(key)
+
+    def release(self, key: tuple[int, int]) -> None:
+        """Expert ``key`` is packed: when its whole batch is, the batch's buffers are reused."""
+        with self.lock:
+            b = self.batch_of.pop(key, None)
+            if b is None:
+                return
+            entry = self.left[b]
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.free.extend(entry[1])
+                del self.left[b]
+
+    def _buffer(self) -> mmap.mmap:
+        with self.lock:
+            return self.free.pop() if self.free else mmap.mmap(-1, BUFFER)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.ahead = None
+        self.batch.clear()
+
+    def _read(self, layer: int, first: int) -> dict:
+        src, gf = self.src, self.src.gf
+        tensors = expert_tensors(gf, layer, first, self.args)
+        types = tuple(src.type_of(t).name for t, _, _ in tensors)
+        if not all(t.name.endswith("_exps.weight") and t.block for t, _, _ in tensors):
+            parts = tuple(src.read(t, off, n, rows=t.shape[-2]) for t, off, n in tensors)
+            return {(layer, first): (parts, types)}  # one tensor per expert, or requantized
+        n_max = max(n for _, _, n in tensors)
+        count = max(1, min(BATCH_BYTES // n_max, self.args.n_experts - first))
+        pooled = n_max * count + 2 * PAGE <= BUFFER
+        bufs = [self._buffer() if pooled else None for _ in tensors]
+        roles = [(gf.read_large(t, off, n * count, buf), n)
+                 for (t, off, n), buf in zip(tensors, bufs, strict=True)]  # fmt: skip
+        if pooled:
+            with self.lock:
+                self.left[self.index[(layer, first)]] = [count, bufs]
+                for i in range(count):
+                    self.batch_of[(layer, first + i)] = self.index[(layer, first)]
+        return {(layer, first + i): (tuple(data[i * n : (i + 1) * n] for data, n in roles), types)
+                for i in range(count)}  # fmt: skip
+
+
+class _Packer:
+    """One expert's blocks into the store format and their checksum (the packer threads)."""
+
+    def __init__(self, fmt: GGUFExperts, args, group: int, per_expert: int,
+                 release: Callable[[tuple[int, int]], None]) -> None:  # fmt: skip
+        self.fmt, self.args, self.group, self.per_expert = fmt, args, group, per_expert
+        self.release = release
+
+    def __call__(self, i: int, key: tuple[int, int], read) -> Packed:
+        parts, types = read
+        a = self.args
+        try:
+            data = self.fmt.pack_blocks(parts, types, a.hidden_size, a.expert_inter,
+                                        self.group).numpy()  # fmt: skip
+        finally:
+            del parts
+            self.release(key)  # its read buffer may be reused from here on
+        if len(data) != self.per_expert:
+            raise StoreError(f"expert ({key[0]}, {key[1]}) packed into {len(data)} bytes, "
+                             f"expected {self.per_expert}")  # fmt: skip
+        return Packed(data, checksum(data), None)
+
+
 def _expert_format(src: _Source, args) -> GGUFExperts:
     roles: list[set[str]] = [set(), set(), set()]
     for layer in range(args.n_layers):
@@ -155,24 +258,15 @@ def convert_gguf(
         keys = [(layer, e) for layer in range(args.n_layers) if args.moe_layers[layer]
                 for e in range(args.n_experts)]  # fmt: skip
         per_expert = (args.expert_inter // group) * fmt.group_nbytes(args.hidden_size, group)
-        entries = []
         bar = _progress(per_expert * len(keys), f"converting {src.name}", progress)
         with open(tmp / EXPERT_FILE, "wb") as f, bar:
-            for layer, e in keys:
-                tensors = expert_tensors(gf, layer, e, args)
-                parts = tuple(source.read(t, off, n, rows=t.shape[-2]) for t, off, n in tensors)
-                types = tuple(source.type_of(t).name for t, _, _ in tensors)
-                data = memoryview(fmt.pack_blocks(parts, types, args.hidden_size,
-                                                   args.expert_inter, group).numpy())  # fmt: skip
-                if len(data) != per_expert:
-                    raise StoreError(f"expert ({layer}, {e}) packed into {len(data)} bytes, "
-                                     f"expected {per_expert}")  # fmt: skip
-                offset = f.tell()
-                f.write(data)
-                f.write(b"\0" * (-len(data) % ALIGN))
-                entries.append({"layer": layer, "expert": e, "file": 0, "offset": offset,
-                                "length": len(data), "xxh3": checksum(data)})  # fmt: skip
-                bar.update(len(data))
+            reader = _ExpertReader(source, args, keys)
+            try:
+                pack = _Packer(fmt, args, group, per_expert, reader.release)
+                entries, _ = write_extents(keys, reader, pack, f, workers=default_workers(),
+                                           progress=bar.update)  # fmt: skip
+            finally:
+                reader.close()
             f.flush()
             os.fsync(f.fileno())
         copied = write_tokenizer(gf, tmp, log)

@@ -1,11 +1,12 @@
 """Opening GGUF files (one file, or the parts of a split file) and checking them.
 
-The header, metadata and tensor table are parsed by llama.cpp's ``gguf`` package
-(``GGUFReader``); this module keeps its parse lazy (no array views over the data are built, so a
-truncated file or an unknown type does not fail inside the package) and then checks what the
-package does not: the magic and version before parsing, every part of a split file present and
-agreeing, and every tensor's bytes (``shape`` and type give its size) inside its file and clear
-of the next tensor. Every problem is a ``GGUFError`` naming the file and the problem.
+The header, metadata and tensor table are parsed by ``gguf_header`` (the layout gguf-py's
+``GGUFReader`` reads, without its per-value NumPy views, which take seconds on a large
+vocabulary); this module checks the rest: the magic and version before parsing, every part of a
+split file present and agreeing, and every tensor's bytes (``shape`` and type give its size)
+inside its file and clear of the next tensor. Every problem is a ``GGUFError`` naming the file
+and the problem. Tensor bytes are read with positional reads (``read``), or for the converter's
+large sequential reads with O_DIRECT (``read_large``).
 
 A split file is named ``NAME-00001-of-0000N.gguf`` (llama.cpp's ``gguf-split``); given any part,
 ``GGUFFile`` opens all N, and the metadata comes from the first.
@@ -15,6 +16,9 @@ Shapes here are in NumPy order (``[rows, K]``, the reverse of ggml's ``ne``).
 
 from __future__ import annotations
 
+import errno
+import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -23,9 +27,11 @@ from typing import Any
 
 from ..errors import GGUFError
 from ..kernels.ggml import BY_ID, TYPES, BlockType
+from . import gguf_header
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
+PAGE = 4096  # O_DIRECT alignment of offsets, lengths and buffers
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -62,24 +68,6 @@ def _type_name(type_id: int) -> str:
         return gguf.GGMLQuantizationType(type_id).name
     except ValueError:
         return f"unknown type {type_id}"
-
-
-def _lazy_reader(path: Path):
-    """``gguf.GGUFReader`` that parses the header, metadata and tensor table but builds no
-    data views (its eager views fail with shape errors on truncated files)."""
-    import gguf
-
-    class LazyReader(gguf.GGUFReader):
-        def _build_tensors(self, start_offs: int, fields: list) -> None:
-            self.lazy_tensors = []
-            for field in fields:
-                _, name, _, dims, raw_type, offset = field.parts
-                self.lazy_tensors.append((bytes(name).decode("utf-8", "replace"),
-                                          [int(d) for d in dims], int(raw_type[0]),
-                                          int(start_offs + offset[0])))  # fmt: skip
-            self.tensors = []
-
-    return LazyReader(path)
 
 
 def _check_start(path: Path) -> None:
@@ -126,7 +114,8 @@ class GGUFFile:
         self.parts = self._find_parts(self.path)
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        self._files: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
+        self._direct: dict[Path, int | None] = {}  # O_DIRECT descriptors (None: refused)
         for i, part in enumerate(self.parts):
             self._read_part(part, first=i == 0)
 
@@ -149,19 +138,12 @@ class GGUFFile:
 
     def _read_part(self, path: Path, first: bool) -> None:
         try:
-            r = _lazy_reader(path)
-        except Exception as e:  # the package raises ValueError/IndexError on bad headers
+            meta, tensors = gguf_header.parse(path)
+        except gguf_header.Truncated as e:
             raise GGUFError(f"{path}: cannot parse the GGUF header, metadata or tensor table "
-                            f"({type(e).__name__}: {e}); the file is truncated or "
-                            "corrupt") from None  # fmt: skip
-        meta = {}
-        for key, field in r.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                meta[key] = field.contents()
-            except Exception as e:
-                raise GGUFError(f"{path}: metadata key {key} is malformed ({e})") from None
+                            f"({e}); the file is truncated or corrupt") from None  # fmt: skip
+        except gguf_header.Malformed as e:
+            raise GGUFError(f"{path}: malformed GGUF metadata ({e})") from None
         if first:
             self.metadata = meta
         count = int(meta.get("split.count", 1))
@@ -170,7 +152,7 @@ class GGUFFile:
                             f"but {len(self.parts)} were found by name")  # fmt: skip
         size = path.stat().st_size
         infos = []
-        for name, dims, type_id, offset in r.lazy_tensors:
+        for name, dims, type_id, offset in tensors:
             if name in self.tensors:
                 raise GGUFError(f"{path}: tensor {name} appears twice in the model")
             nbytes = _tensor_nbytes(path, name, dims, type_id)
@@ -198,22 +180,62 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: tensor {name} is missing from the GGUF file")
         return t
 
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)  # closed in close()
+        return fd
+
     def read(self, t: TensorInfo, start: int = 0, length: int | None = None) -> bytes:
-        """Bytes ``[start, start + length)`` of tensor ``t``'s data (one open file per part)."""
+        """Bytes ``[start, start + length)`` of tensor ``t``'s data (a positional read: threads
+        may read at once; the GIL is released while reading)."""
         length = t.nbytes - start if length is None else length
-        f = self._files.get(t.path)
-        if f is None:
-            f = self._files[t.path] = open(t.path, "rb")  # noqa: SIM115 (closed in close())
-        f.seek(t.offset + start)
-        data = f.read(length)
+        data = os.pread(self._fd(t.path), length, t.offset + start)
         if len(data) != length:
             raise GGUFError(f"{t.path}: short read of tensor {t.name} (file changed?)")
         return data
 
+    def read_large(self, t: TensorInfo, start: int, length: int,
+                   buf: mmap.mmap | None = None) -> memoryview:  # fmt: skip
+        """Bytes ``[start, start + length)`` of tensor ``t``'s data for a large sequential read:
+        one read of the enclosing 4096-byte pages into page-aligned memory (``buf``, at least
+        ``length + 2 * PAGE`` bytes, reused by the caller: fresh pages cost as much as the read;
+        else a new one), with O_DIRECT where the file system takes it (no copy out of the page
+        cache, none left behind)."""
+        at = t.offset + start
+        lo, hi = at - at % PAGE, -(-(at + length) // PAGE) * PAGE
+        if buf is None or len(buf) < hi - lo:
+            buf = mmap.mmap(-1, hi - lo)  # page-aligned, as O_DIRECT needs
+        done = 0
+        while done < at + length - lo:
+            fd = self._direct_fd(t.path)
+            try:
+                n = os.preadv(fd if fd is not None else self._fd(t.path),
+                              [memoryview(buf)[done : hi - lo]], lo + done)  # fmt: skip
+            except OSError as e:
+                if fd is None or e.errno != errno.EINVAL:
+                    raise
+                self._direct[t.path] = None  # O_DIRECT refused: buffered reads from now on
+                continue
+            if n == 0:
+                raise GGUFError(f"{t.path}: short read of tensor {t.name} (file changed?)")
+            done += n
+        return memoryview(buf)[at - lo : at - lo + length]
+
+    def _direct_fd(self, path: Path) -> int | None:
+        if path not in self._direct:
+            try:
+                self._direct[path] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            except OSError:
+                self._direct[path] = None
+        return self._direct[path]
+
     def close(self) -> None:
-        for f in getattr(self, "_files", {}).values():
-            f.close()
-        getattr(self, "_files", {}).clear()
+        for fds in (getattr(self, "_fds", {}), getattr(self, "_direct", {})):
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
+            fds.clear()
 
     def __del__(self) -> None:
         self.close()
