@@ -256,7 +256,14 @@ def main() -> int:
         if not a.no_decode:
             dropped = not a.no_drop and drop_caches()
             row.update(in_child(a, "decode", limit, bw))
-            busy.append(row["disk_busy"])
+            # measured again after the decode and the higher figure kept: on a VM the host's
+            # cache can serve the decode's hot extents faster than the first measurement
+            after = bandwidth(file, a.bw_mib << 20, a.bw_read_mib << 20, threads, a.seed + trial)
+            row["bw_after_mb_s"] = after / 1e6
+            if after > bw:
+                row["disk_busy"] = row["bytes_read"] / (row["decode_s"] * after)
+                row["busy_rate_vs_bw"] *= bw / after
+            busy.append((row["disk_busy"], row["busy_frac"]))
         if a.prompt_tokens and a.measure_resident:
             a.resident_prompt_tps = in_child(a, "resident", limit, bw)["tps"]
             row["resident_prompt_tps"] = a.resident_prompt_tps
@@ -269,7 +276,9 @@ def main() -> int:
     parts = []
     if busy:
         parts.append(f"disk busy during decode (bytes / (time x O_DIRECT bw)): median "
-                     f"{statistics.median(busy):.2f} over {len(busy)} trial(s), target >= 0.85")
+                     f"{statistics.median(b for b, _ in busy):.2f} over {len(busy)} trial(s), "
+                     f"target >= 0.85 (reads in the kernel "
+                     f"{statistics.median(f for _, f in busy):.0%} of the time)")
     if pre:
         parts.append(f"prefill {a.prompt_tokens} tok: prompt tok/s / disk bound median "
                      f"{statistics.median(p['vs_disk_bound'] for p in pre):.2f}")
