@@ -133,3 +133,45 @@ def test_kv_bytes_per_token(family_case):
         per_token = 2 * a.n_kv_heads * a.head_dim * a.n_layers * 4
     nbytes = sum(t.numel() * t.element_size() for t in (*kv.k, *kv.v))
     assert nbytes == 100 * per_token == kv_bytes(a, 100, 4), name
+
+
+def test_traces_split_and_prefetch_see_routed_experts_only(family_case, tmp_path):
+    """Traces hold the MoE layers' routed experts (not the dense first layers, not the shared
+    experts); the simulator replays them to the engine's counts; split experts and prefetching
+    keep the output bit-identical."""
+    import json
+    import subprocess
+    import sys
+
+    from micro_expert_router.trace import read_trace
+
+    name, root, ids, _, _ = family_case
+    store_dir = root / "store"
+    if not store_dir.exists():
+        pytest.skip("needs the store of test_store_streams_bit_identically_to_resident")
+    logits, tokens = RESIDENT[root]
+    store = Store.open(store_dir)
+    a = store.args
+    trace = tmp_path / "run.jsonl"
+    with mer.load(store_dir, cache_bytes=0) as probe:
+        slot = probe.provider.slot_bytes
+    with mer.load(store_dir, cache_bytes=3 * slot, policy="lru") as engine:
+        steps = list(engine.generate(ids, 12, temperature=0, stop_at_eos=False, trace=trace,
+                                     trace_hidden=True))  # fmt: skip
+    assert [s.token for s in steps] == tokens
+    tr = read_trace(trace)
+    assert tr.layers == tuple(i for i in range(a.n_layers) if a.moe_layers[i])
+    assert tr.top_k == a.top_k and tr.num_experts == a.n_experts
+    assert int(tr.experts.max()) < a.n_experts
+    p = subprocess.run([sys.executable, "-m", "micro_expert_router.cli", "sim", str(trace),
+                        "--policy", "lru", "--cache-experts", "3", "--json"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    sim = json.loads(p.stdout.strip().splitlines()[-1])
+    assert (sim["hits"], sim["misses"]) == (sum(s.hits for s in steps),
+                                            sum(s.misses for s in steps))  # fmt: skip
+    budget = store.total_expert_bytes // 4
+    with mer.load(store_dir, cache_bytes=budget, split=0.5, prefetch="s,l,m") as engine:
+        assert np.array_equal(engine.logits(ids), logits), name
+        got = [s.token for s in engine.generate(ids, 12, temperature=0, stop_at_eos=False)]
+    assert got == tokens, name

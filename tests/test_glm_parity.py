@@ -16,6 +16,7 @@ from test_deepseek_parity import (  # noqa: E402, F401
     test_logits_and_greedy_tokens_match_transformers,
     test_quantized_stores_load_and_generate,
     test_store_streams_bit_identically_to_resident,
+    test_traces_split_and_prefetch_see_routed_experts_only,
 )
 
 
