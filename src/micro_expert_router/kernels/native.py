@@ -182,6 +182,11 @@ def has_avx512() -> bool:
 
 
 @functools.cache
+def has_avx512_bf16() -> bool:
+    return load() and bool(torch.ops.mer.has_avx512_bf16())
+
+
+@functools.cache
 def has_avx2_fma() -> bool:
     return load() and bool(torch.ops.mer.has_avx2_fma())
 

@@ -17,8 +17,9 @@ and the slow NumPy reference, and ``docs/quantization.md`` has the tables and me
 
 Both kernels are fast only with bfloat16 activations (float32 activations take a scalar path
 about 30x slower), so ``partials`` casts x to bf16 once and returns x's dtype. For batches of
-``prefill_min_tokens`` tokens or more, a group is instead dequantized once to bf16 and multiplied
-with oneDNN's bf16 GEMM; thresholds come from ``bench/kernels.py``.
+``prefill_min_tokens`` tokens or more, a group is instead dequantized once and multiplied with
+oneDNN's GEMM, in bf16 where the CPU has AVX512_BF16 and in float32 elsewhere (``gemm_dtype``:
+bf16 GEMM is emulated on AVX2 and ~30x slower); thresholds come from ``bench/kernels.py``.
 
 Below ``native_below`` tokens, when ``native.available()``, ``accumulate`` runs instead: the
 native kernel of ``native.cpp`` adds a whole segment (all its groups) to y in one call, reading
@@ -65,6 +66,23 @@ def _group_rows(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group:
         gu = torch.empty((2 * group, hidden))  # [2g, D], filled and converted in one pass each
         gu[:group], gu[group:] = gate[rows], up[rows]
         yield gu, torch.empty((hidden, group)).copy_(down[:, rows])  # [D, g]
+
+
+@functools.cache
+def gemm_dtype() -> torch.dtype:
+    """The dtype of the prefill path's dequantize + GEMM: bf16 where the CPU multiplies bf16
+    natively (AVX512_BF16), else float32: on AVX2 oneDNN's bf16 GEMM is emulated and about 30x
+    slower than float32 (a 512-token olmoe-like prompt: 126 s in bf16)."""
+    return torch.bfloat16 if native.has_avx512_bf16() else torch.float32
+
+
+def _gemm_rows(x: torch.Tensor, hidden: int) -> torch.Tensor:
+    """x ``[T, D]`` in ``gemm_dtype()`` for the dense prefill path."""
+    if gemm_dtype() == torch.bfloat16:
+        return _bf16_rows(x, hidden)
+    if x.dim() != 2 or x.shape[1] != hidden:
+        raise ConfigError(f"activations must be [T, {hidden}], got shape {tuple(x.shape)}")
+    return x.float().contiguous()
 
 
 def _bf16_rows(x: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -265,12 +283,13 @@ class Q8:
         return y
 
     def partials(self, x: torch.Tensor, w: Q8View) -> Iterator[torch.Tensor]:
-        xb = _bf16_rows(x, w.dn[0].shape[0])  # [T, D]
         if self.prefill_min_tokens is not None and x.shape[0] >= self.prefill_min_tokens:
+            xg, dt = _gemm_rows(x, w.dn[0].shape[0]), gemm_dtype()  # [T, D]
             for j in range(len(w.gu)):
                 gw, dw = self.dequantize_group(w, j)  # [2g, D], [D, g] bf16
-                yield F.linear(_silu_mul(F.linear(xb, gw)), dw).to(x.dtype)  # [T, D]
+                yield F.linear(_silu_mul(F.linear(xg, gw.to(dt))), dw.to(dt)).to(x.dtype)
             return
+        xb = _bf16_rows(x, w.dn[0].shape[0])  # [T, D]
         for gu, gs, dn, ds in zip(w.gu, w.gu_scale, w.dn, w.dn_scale, strict=True):
             a = _silu_mul(_int8_mm(xb, gu, gs))  # [T, g]
             yield _int8_mm(a, dn, ds).to(x.dtype)  # [T, D]
@@ -465,22 +484,29 @@ class Q4:
 
     def partials(self, x: torch.Tensor, w: Q4View) -> Iterator[torch.Tensor]:
         d, b, layout = w.dn[0].shape[0], w.block, int4_layout()
-        xb = _bf16_rows(x, d)  # [T, D]
         groups = zip(w.gu, w.gu_sz, w.dn, w.dn_sz, strict=True)
         dense = self.prefill_min_tokens is not None and x.shape[0] >= self.prefill_min_tokens
         # the dense path decodes whole row blocks: 2g always is, D must be too
         if dense and layout in ref.INT4_LAYOUTS and d % ref.INT4_LAYOUTS[layout][0] == 0:
             # dequantize in torch's row-block order and multiply block by block: no transpose
+            xg, dt = _gemm_rows(x, d), gemm_dtype()  # [T, D]
             for gu, gsz, dn, dsz in groups:
-                a = _silu_mul(_blocked_linear(xb, _dequant4_t(gu, gsz, b, layout)))  # [T, g]
-                yield _blocked_linear(a, _dequant4_t(dn, dsz, b, layout)).to(x.dtype)  # [T, D]
+                a = _silu_mul(_blocked_linear(xg, _dequant4_t(gu, gsz, b, layout, dt)))  # [T, g]
+                yield _blocked_linear(a, _dequant4_t(dn, dsz, b, layout, dt)).to(x.dtype)
             return
+        xb = _bf16_rows(x, d)  # [T, D]
         for gu, gsz, dn, dsz in groups:
             a = _silu_mul(_int4_mm(xb, gu, b, gsz))  # [T, g]
             yield _int4_mm(a, dn, b, dsz).to(x.dtype)  # [T, D]
 
 
-def _dequant4_t(packed: torch.Tensor, sz: torch.Tensor, block: int, layout: str) -> torch.Tensor:
+def _dequant4_t(
+    packed: torch.Tensor,
+    sz: torch.Tensor,
+    block: int,
+    layout: str,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """Packed ``[N, K/2]`` + (scale, zero) ``[K/b, N, 2]`` -> the transposed weight in torch's
     row blocks, bf16 ``[N/bn, K, bn]`` (``bn`` = the layout's block of rows; element
     ``[i, k, r]`` is ``W[i * bn + r, k]``). N must be a whole number of row blocks, which the q4
@@ -501,7 +527,7 @@ def _dequant4_t(packed: torch.Tensor, sz: torch.Tensor, block: int, layout: str)
     z = sz[..., 1].reshape(k // block, nb, 1, bn).transpose(0, 1).float()
     w = q.view(nb, k // block, block, bn).float()  # [NB, K/b, b, bn]
     w.mul_(s).add_(z - 8 * s)  # (q - 8) s + z
-    return w.view(nb, k, bn).to(torch.bfloat16)
+    return w.view(nb, k, bn).to(dtype)
 
 
 def _blocked_linear(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
