@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 ALIGN = 4096
 """Byte alignment of the region, of every slot and of every O_DIRECT offset and length."""
 
+WAIT_SLICE_S = 0.1  # longest uninterrupted wait for a slot (Ctrl-C is seen between slices)
 DEFAULT_LEASE_TIMEOUT_S = 30.0
 
 _LIVE_POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
@@ -111,7 +112,9 @@ class BufferPool:
                         "raise the pool size (more slots) or lower the parallelism (fewer reads "
                         "in flight / fewer I/O threads), and check that every lease is released"
                     )
-                self._cond.wait(left)
+                # in slices: a Ctrl-C delivered to another thread (an I/O or OpenMP worker)
+                # does not wake this one's lock wait, but is raised here at the next slice
+                self._cond.wait(WAIT_SLICE_S if left is None else min(left, WAIT_SLICE_S))
             return self._take()
 
     def try_lease(self) -> Lease | None:
