@@ -374,6 +374,8 @@ def interrupted(fn, delay_s: float) -> bool:
     interrupted (False if it finished first). The signal never escapes into the test."""
     timer = threading.Timer(delay_s, os.kill, (os.getpid(), signal.SIGINT))
     hit = False
+    # Python's own handler (KeyboardInterrupt), whatever an earlier test in this process set
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         timer.start()
         try:
@@ -385,6 +387,8 @@ def interrupted(fn, delay_s: float) -> bool:
                 _breath()
     except KeyboardInterrupt:
         hit = True
+    finally:
+        signal.signal(signal.SIGINT, previous)
     timer.join()
     return hit
 
