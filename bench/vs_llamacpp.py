@@ -191,6 +191,9 @@ def main() -> None:
     a.argv = ["--store", a.store, "--gguf", a.gguf, "--prompt-tokens", str(a.prompt_tokens),
               "-n", str(a.n), "-t", str(a.threads), "--seed", str(a.seed)]  # fmt: skip
     opts = json.loads(a.mer_options)
+    # the same context for both: llama.cpp's n_ctx; MER's KV cache (and its share of a memory
+    # limit) is sized by max_context, 4096 tokens by default
+    opts.setdefault("max_context", a.prompt_tokens + a.n + 16)
     if a.limit_bytes is not None:
         a.argv += ["--limit-bytes", str(a.limit_bytes)]
         if "memory_limit" not in opts and a.cache_mb is not None:
