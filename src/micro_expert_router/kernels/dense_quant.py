@@ -24,6 +24,7 @@ Legend: T tokens, N output rows, K reduction length.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -41,20 +42,22 @@ def _check_x(x: torch.Tensor, k: int, name: str) -> None:
         raise ConfigError(f"dense {name}: activations must be [T, {k}], got {tuple(x.shape)}")
 
 
-class _Quantized:
-    """What both formats share: the choice of path per T and the chunked GEMM fallback."""
+class _Quantized(ABC):
+    """What both formats share: the choice of path per T and the chunked GEMM fallback. A format
+    supplies its native op and its row dequantization."""
 
     name: ClassVar[str]
     k_multiple: ClassVar[int]
     native_below: ClassVar[int]  # native GEMV below this many tokens; see docs/quantization.md
     shape: tuple[int, int]
 
+    @abstractmethod
     def _native(self, y: torch.Tensor, x: torch.Tensor, isa: int) -> None:
-        raise NotImplementedError
+        """``y [T, N] = x [T, K] @ W.T`` with the format's native GEMV (isa 0 = scalar)."""
 
+    @abstractmethod
     def _dequantize_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Rows ``[r0, r1)`` as float32 ``[r1 - r0, K]``."""
-        raise NotImplementedError
 
     def use_native(self, t: int) -> bool:
         return t < self.native_below and native.dense_available()

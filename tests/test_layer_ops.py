@@ -1,0 +1,71 @@
+"""The fused per-layer ops of kernels/layer_ops.cpp against independent references: RMSNorm
+against a float64 NumPy computation, RoPE + KV append + decode attention against the torch
+expressions the model used before (cache rows bit for bit, attention to rounding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from micro_expert_router.kernels import attention
+from micro_expert_router.kernels.attention import decode_attention_torch
+from micro_expert_router.kernels.layer_ops import rms_norm, rms_norm_torch, rope_attend
+
+needs_native = pytest.mark.skipif(not attention.available(), reason="no native layer ops here")
+
+
+def rms_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float64)
+    return w.astype(np.float64) * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+@needs_native
+@pytest.mark.parametrize("d", [7, 64, 2048, 2050])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_float64_reference(d, wdtype):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 5, d, generator=g) * 3
+    w = (torch.randn(d, generator=g) + 1).to(wdtype)
+    y = rms_norm(x, w, 1e-6)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    ref = rms_ref(x.numpy(), w.float().numpy(), 1e-6)
+    assert np.abs(y.numpy() - ref).max() <= 4e-6 * np.abs(ref).max()
+    # and the HuggingFace expression it replaces, to rounding
+    torch.testing.assert_close(y, rms_norm_torch(x, w, 1e-6).float(), rtol=1e-5, atol=1e-6)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+@needs_native
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "window"), [(4, 4, None), (8, 2, None), (4, 2, 5)])
+def test_rope_attend_matches_torch(kv_dtype, heads, kv_heads, window):
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    dh, cap, pos = 16, 32, 11
+    kc = torch.randn(kv_heads, cap, dh, generator=g).to(kv_dtype)
+    vc = torch.randn(kv_heads, cap, dh, generator=g).to(kv_dtype)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q = torch.randn(heads, dh, generator=g)
+    k = torch.randn(kv_heads, dh, generator=g)
+    v = torch.randn(kv_heads, dh, generator=g)
+    cos, sin = torch.rand(dh, generator=g), torch.rand(dh, generator=g)
+
+    qr, kr = rotate(q, cos, sin), rotate(k, cos, sin)
+    kc_ref[:, pos] = kr
+    vc_ref[:, pos] = v
+    want = decode_attention_torch(qr, kc_ref, vc_ref, pos + 1, dh**-0.5, window)
+
+    out = rope_attend(q.clone(), k.clone(), v, kc, vc, cos, sin, pos, dh**-0.5, window)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)  # the rows the torch path writes
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_attend_declines_other_dtypes():
+    q = torch.zeros(2, 4, dtype=torch.bfloat16)
+    k = torch.zeros(2, 4, dtype=torch.bfloat16)
+    c = torch.zeros(2, 8, 4)
+    assert rope_attend(q, k, k, c, c, torch.ones(4), torch.zeros(4), 0, 0.5) is None
