@@ -18,37 +18,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace mer_ggml {  // the interface of ggml_blocks.cpp (declared again in ggml_native.cpp)
-
-// One activation vector prepared for a type's row dots (ggml_native.cpp's Act owns the memory):
-// f32 mode x and the sums of x per G; int8 mode codes q [K], scales d [K / B], code sums bs per G.
-struct ActView {
-  const float *x, *xs;
-  const int8_t* q;
-  const float* d;
-  const int16_t* bs;
-};
-
-// The n segments of one output: acc + dot_0 + dot_1 + ... in order (segment j: the rows at
-// row + j stride against act[j astride], nb blocks). One call per output keeps the call overhead
-// off the one-block down rows.
-struct Segs {
-  const uint8_t* row;
-  int64_t stride;
-  const ActView* act;
-  int64_t astride, n, nb;
-};
-using Dot = float (*)(const Segs&, float);
-
-struct BlockKind {
-  int64_t block, nbytes, gran;  // B, bytes per block, G
-  Dot dot;                      // nullptr: the type has no kernel
-};
-// isa: 0 scalar f32, 1 AVX2 f32, 2 AVX2 with int8 activations, 3 scalar int8
-BlockKind block_kind(int64_t type, int64_t isa);
-bool cpu_has_avx2();
-
-}  // namespace mer_ggml
+#include "ggml_blocks.h"
 
 namespace {
 
