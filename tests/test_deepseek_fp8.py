@@ -9,15 +9,12 @@ the float32 parity bound (1e-4 relative), and bit for bit against MER on that fl
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from hf_families import save_family_model
 from hf_models import run_cli
-from safetensors.torch import load_file, save_file
-from test_fp8 import QCONFIG, dequantize_loop, is_quantized, quantize_blocks
+from test_fp8 import fp8_folders
 
 import micro_expert_router as mer
 
@@ -28,23 +25,10 @@ transformers = pytest.importorskip("transformers")
 def folders(tmp_path_factory):
     base = tmp_path_factory.mktemp("dsv3-fp8")
     save_family_model("dsv3-fp8", base / "orig")
-    tensors = load_file(str(base / "orig" / "model.safetensors"))
-    fp8, ref = {}, {}
-    for name, t in tensors.items():
-        if is_quantized(name, t):
-            q, s = quantize_blocks(t)
-            fp8[name], fp8[name + "_scale_inv"] = q, s
-            ref[name] = dequantize_loop(q, s)
-        else:
-            fp8[name] = ref[name] = t
+    fp8 = fp8_folders(base)
     assert any("kv_b_proj.weight_scale_inv" in n for n in fp8)
     assert any("shared_experts.down_proj.weight_scale_inv" in n for n in fp8)
     assert "model.layers.1.mlp.gate.weight_scale_inv" not in fp8
-    config = json.loads((base / "orig" / "config.json").read_text())
-    for sub, weights, extra in (("fp8", fp8, {"quantization_config": QCONFIG}), ("ref", ref, {})):
-        (base / sub).mkdir()
-        save_file(weights, str(base / sub / "model.safetensors"), metadata={"format": "pt"})
-        (base / sub / "config.json").write_text(json.dumps({**config, **extra}))
     hf = transformers.AutoModelForCausalLM.from_pretrained(base / "ref").eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0

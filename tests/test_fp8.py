@@ -12,6 +12,7 @@ reference folder is matched within the float32 parity bound of test_model_parity
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,17 +68,11 @@ def is_quantized(name: str, t: torch.Tensor) -> bool:
     return t.dim() == 2 and name.startswith("model.layers.") and not router
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """(FP8 folder, float32 reference folder, transformers model loaded from the reference)."""
-    base = tmp_path_factory.mktemp("fp8")
-    cfg = transformers.Qwen3MoeConfig(**CONFIG)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        hf.get_input_embeddings().weight.normal_(0.0, 1.0)
-        hf.get_output_embeddings().weight.normal_(0.0, 0.1)
-    hf.save_pretrained(base / "orig")
+def fp8_folders(base: Path) -> dict[str, torch.Tensor]:
+    """From the HF folder ``base/orig``: ``base/fp8`` with its layer linears as block-wise e4m3
+    plus ``weight_scale_inv`` (the official release's layout and ``quantization_config``), and
+    ``base/ref``, the same weights dequantized block by block into a float folder. Returns the
+    fp8 folder's tensors."""
     tensors = load_file(str(base / "orig" / "model.safetensors"))
     fp8, ref = {}, {}
     for name, t in tensors.items():
@@ -92,6 +87,21 @@ def folders(tmp_path_factory):
         (base / sub).mkdir()
         save_file(weights, str(base / sub / "model.safetensors"), metadata={"format": "pt"})
         (base / sub / "config.json").write_text(json.dumps({**config, **extra}))
+    return fp8
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """(FP8 folder, float32 reference folder, transformers model loaded from the reference)."""
+    base = tmp_path_factory.mktemp("fp8")
+    cfg = transformers.Qwen3MoeConfig(**CONFIG)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        hf.get_input_embeddings().weight.normal_(0.0, 1.0)
+        hf.get_output_embeddings().weight.normal_(0.0, 0.1)
+    hf.save_pretrained(base / "orig")
+    fp8_folders(base)
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(base / "ref").eval()
     ref_model.generation_config.eos_token_id = None
     ref_model.generation_config.pad_token_id = 0
