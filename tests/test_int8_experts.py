@@ -23,12 +23,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_native_kernels import assert_split_bit_exact, swiglu_op
 
-from micro_expert_router.kernels import native, quant
+from micro_expert_router.kernels import native
 from micro_expert_router.kernels import reference as ref
 from micro_expert_router.kernels.experts import experts_forward
 from micro_expert_router.kernels.formats import FORMATS, expert_forward
-from micro_expert_router.kernels.quant import Q4, int4_layout
 
 U = 2.0**-24
 
@@ -46,13 +46,7 @@ def weights(d: int, i: int, seed: int):
 
 
 def op(name: str, y, x, buf, d: int, g: int, isa: int, int8: bool = True) -> None:
-    offs, per = quant._offsets(name, d, g)
-    if name == "q8":
-        torch.ops.mer.q8_swiglu_(y, x, buf, d, g, offs, per, isa, int8)
-    else:
-        bn, split = ref.INT4_LAYOUTS[int4_layout()]
-        b = Q4.block_size(d, g)
-        torch.ops.mer.q4_swiglu_(y, x, buf, d, g, b, offs, per, bn, split, isa, int8)
+    swiglu_op(name, y, x, buf, d, g, isa, int8)
 
 
 # ---- activation quantization: bit-exact ----------------------------------------------------
@@ -202,18 +196,7 @@ def test_scalar_and_simd_agree_bit_for_bit(name, d, t):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("t", [1, 3])
 def test_split_is_bit_exact(name, dtype, isa, t):
-    d, n, group = 128, 5, 64
-    fmt = FORMATS[name]
-    buf = fmt.pack(*weights(d, n * group, seed=t), group)
-    per = fmt.group_nbytes(d, group)
-    x = torch.randn(t, d)
-    whole = torch.zeros(t, d, dtype=dtype)
-    op(name, whole, x, buf, d, group, isa)
-    for k in range(1, n):
-        y = torch.zeros(t, d, dtype=dtype)
-        op(name, y, x, buf[: k * per].clone(), d, group, isa)  # top, its own slot
-        op(name, y, x, buf[k * per :].clone(), d, group, isa)  # bottom, into the same y
-        assert torch.equal(whole, y)
+    assert_split_bit_exact(name, dtype, isa, t, int8=True)
 
 
 @pytest.mark.parametrize("name", ["q8", "q4"])

@@ -54,14 +54,33 @@ def weights(d: int, i: int, seed: int):
             torch.randn(d, i, generator=g) * i**-0.5)  # fmt: skip
 
 
-def swiglu_op(name: str, y, x, buf, d: int, g: int, isa: int) -> None:
-    """Accumulate one segment into y with an explicit ISA (0 scalar, 1 AVX-512)."""
+def swiglu_op(name: str, y, x, buf, d: int, g: int, isa: int, int8: bool = False) -> None:
+    """Accumulate one segment into y with an explicit ISA (0 scalar, 1 AVX-512), with float or
+    (``int8``) int8-quantized activations."""
     offs, per = quant._offsets(name, d, g)
     if name == "q8":
-        torch.ops.mer.q8_swiglu_(y, x, buf, d, g, offs, per, isa)
+        torch.ops.mer.q8_swiglu_(y, x, buf, d, g, offs, per, isa, int8)
     else:
         bn, split = ref.INT4_LAYOUTS[int4_layout()]
-        torch.ops.mer.q4_swiglu_(y, x, buf, d, g, Q4.block_size(d, g), offs, per, bn, split, isa)
+        b = Q4.block_size(d, g)
+        torch.ops.mer.q4_swiglu_(y, x, buf, d, g, b, offs, per, bn, split, isa, int8)
+
+
+def assert_split_bit_exact(name: str, dtype, isa: int, t: int, int8: bool = False) -> None:
+    """An expert cut into top + bottom at every group boundary, both added into one y, gives the
+    bits of the whole expert in one call."""
+    d, n, group = 128, 5, 64
+    fmt = FORMATS[name]
+    buf = fmt.pack(*weights(d, n * group, seed=t), group)
+    per = fmt.group_nbytes(d, group)
+    x = torch.randn(t, d)
+    whole = torch.zeros(t, d, dtype=dtype)
+    swiglu_op(name, whole, x, buf, d, group, isa, int8)
+    for k in range(1, n):
+        y = torch.zeros(t, d, dtype=dtype)
+        swiglu_op(name, y, x, buf[: k * per].clone(), d, group, isa, int8)  # top, its own slot
+        swiglu_op(name, y, x, buf[k * per :].clone(), d, group, isa, int8)  # bottom, same y
+        assert torch.equal(whole, y)
 
 
 # ---- one matrix: elementwise bounds ------------------------------------------------------------
@@ -190,18 +209,7 @@ def test_expert_matches_exact_reference_elementwise(name, d, n, group, t):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("t", [1, 3, 6])
 def test_split_is_bit_exact_at_the_kernel(name, dtype, isa, t):
-    d, n, group = 128, 5, 64
-    fmt = FORMATS[name]
-    buf = fmt.pack(*weights(d, n * group, seed=t), group)
-    per = fmt.group_nbytes(d, group)
-    x = torch.randn(t, d)
-    whole = torch.zeros(t, d, dtype=dtype)
-    swiglu_op(name, whole, x, buf, d, group, isa)
-    for k in range(1, n):
-        y = torch.zeros(t, d, dtype=dtype)
-        swiglu_op(name, y, x, buf[: k * per].clone(), d, group, isa)  # top, its own slot
-        swiglu_op(name, y, x, buf[k * per :].clone(), d, group, isa)  # bottom, into the same y
-        assert torch.equal(whole, y)
+    assert_split_bit_exact(name, dtype, isa, t)
 
 
 @pytest.mark.skipif(not native.has_avx512(), reason="no AVX-512 on this CPU")
