@@ -14,8 +14,9 @@
 //   q4 (row-major; per row and block of 64 weights, 32 bytes: byte i = k i (low nibble) and
 //       k i + 32 (high); bf16 (s, z) per row and block; w = (q - 8) s + z):
 //     acc_j += float(lo lanes) * (s sx_2kb);  acc_j += float(hi lanes) * (s sx_2kb+1)
-//     off += fl(z - 8 s) * c_kb,   c_kb = sx_2kb * sum qx_2kb + sx_2kb+1 * sum qx_2kb+1
-//     y = tree8(acc) + off
+//     off_(kb mod 8) += fl(z - 8 s) * c_kb,   c_kb = sx_2kb * sum qx_2kb + sx_2kb+1 * sum qx_2kb+1
+//     y = tree8(acc) + tree8(off)        (the zero-point terms in 8 lanes too: one vector
+//                                         multiply-add per 8 blocks instead of 8 scalar ones)
 //
 // Legend: T tokens, N output rows, K reduction length, kb block index.
 
@@ -162,7 +163,7 @@ void q4_rows_scalar(const uint8_t* p, const uint16_t* sz, int64_t rows, int64_t 
   const int64_t nb = K / kWB4, nbx = K / kXB;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t t = 0; t < T; ++t) {
-      float acc[8] = {}, off = 0.0f;
+      float acc[8] = {}, off[8] = {};
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* v = p + r * K / 2 + b * 32;
         const int8_t* xa = qx + t * K + b * kWB4;
@@ -180,9 +181,9 @@ void q4_rows_scalar(const uint8_t* p, const uint16_t* sz, int64_t rows, int64_t 
         }
         for (int j = 0; j < 8; ++j) acc[j] = std::fmaf(float(ia[j]), da, acc[j]);
         for (int j = 0; j < 8; ++j) acc[j] = std::fmaf(float(ib[j]), db, acc[j]);
-        off = std::fmaf(zc, c[t * nb + b], off);
+        off[b % 8] = std::fmaf(zc, c[t * nb + b], off[b % 8]);
       }
-      out[t * os + r] = tree8(acc) + off;
+      out[t * os + r] = tree8(acc) + tree8(off);
     }
 }
 
@@ -242,9 +243,9 @@ MER_AVX2 void q4_rows_avx2(const uint8_t* p, const uint16_t* sz, int64_t K, cons
   const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
   const __m256i mhi = _mm256_set1_epi32(int(0xFFFF0000u));
   __m256 acc[R][TT];
-  float off[R][TT];
+  __m256 off[R][TT];  // lane l: the blocks b = l mod 8
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps(), off[r][t] = 0.0f;
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps(), off[r][t] = _mm256_setzero_ps();
   const int64_t pf = std::max<int64_t>(R * K / 2, kPrefetch);
   alignas(32) float da[R][TT][8], db[R][TT][8], zc[R][8];
   for (int64_t b0 = 0; b0 < nb; b0 += 8) {
@@ -290,13 +291,24 @@ MER_AVX2 void q4_rows_avx2(const uint8_t* p, const uint16_t* sz, int64_t K, cons
           __m256 fb = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb[t]), ones));
           acc[r][t] = _mm256_fmadd_ps(fa, _mm256_broadcast_ss(&da[r][t][i]), acc[r][t]);
           acc[r][t] = _mm256_fmadd_ps(fb, _mm256_broadcast_ss(&db[r][t][i]), acc[r][t]);
-          off[r][t] = std::fmaf(zc[r][i], c[t * nb + b], off[r][t]);
         }
       }
     }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < TT; ++t) {
+        if (nk == 8) {
+          off[r][t] = _mm256_fmadd_ps(_mm256_load_ps(zc[r]), _mm256_loadu_ps(c + t * nb + b0),
+                                      off[r][t]);
+        } else {  // the last, partial chunk: its lanes one by one (the others stay as they are)
+          alignas(32) float o[8];
+          _mm256_store_ps(o, off[r][t]);
+          for (int64_t i = 0; i < nk; ++i) o[i] = std::fmaf(zc[r][i], c[t * nb + b0 + i], o[i]);
+          off[r][t] = _mm256_load_ps(o);
+        }
+      }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TT; ++t) out[t * os + r] = hsum8(acc[r][t]) + off[r][t];
+    for (int t = 0; t < TT; ++t) out[t * os + r] = hsum8(acc[r][t]) + hsum8(off[r][t]);
 }
 #endif
 
