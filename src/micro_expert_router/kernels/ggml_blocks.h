@@ -33,6 +33,8 @@ struct BlockKind {
 };
 // isa: 0 scalar f32, 1 AVX2 f32, 2 AVX2 with int8 activations, 3 scalar int8
 BlockKind block_kind(int64_t type, int64_t isa);
+// The K-quants' int8-activation row dots (ggml_kquant.cpp); nullptr for other types.
+Dot kquant_int8(int64_t type, bool avx2);
 bool cpu_has_avx2();
 
 }  // namespace mer_ggml
