@@ -168,7 +168,7 @@ MX_AVX2 void quantize32_avx2(const float* v, int8_t* pq, float* scale) {
 struct Act {
   std::vector<float> xp;  // f32 modes: permuted x
   std::vector<int8_t> q;  // int8 modes: codes in the pair layout [pairs, 64]
-  std::vector<float> s;   // int8 modes: per-block scales (0 for an absent last block)
+  std::vector<float> s;   // int8 modes: per-block scales (0 past the last block)
 
   void prepare(const float* x, int64_t K, bool i8, bool avx2) {
     const int64_t nb = K / 32;
@@ -179,7 +179,7 @@ struct Act {
     }
     const int64_t np = (nb + 1) / 2;  // pairs of blocks
     q.assign(np * 64, 0);
-    s.assign(np * 2, 0.0f);
+    s.assign((nb + 7) / 8 * 8, 0.0f);  // padded: the AVX2 dot reads 8 scales at a time
     for (int64_t b = 0; b < nb; ++b) {
       int8_t* pq = q.data() + (b / 2) * 64 + (b % 2) * 16;
       (avx2 ? quantize32_avx2 : quantize32_scalar)(x + b * 32, pq, &s[b]);
@@ -315,37 +315,33 @@ MX_AVX2 float dot_i8_avx2(const uint8_t* q, const uint8_t* e, const int8_t* xq, 
                           int64_t nb) {
   const __m256i lut =
       _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues)));
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   alignas(32) float d[8];
-  int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) {  // 4 pairs
+  for (int64_t b = 0; b < nb; b += 8) {  // 4 pairs; block scales 0 past nb (xs is padded)
     _mm_prefetch(reinterpret_cast<const char*>(q + b * 16 + 1024), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(q + b * 16 + 1088), _MM_HINT_T0);
-    scales8(e + b, xs + b, d);
+    _mm_prefetch(reinterpret_cast<const char*>(e + b + 256), _MM_HINT_T0);
+    const int64_t left = nb - b;
+    if (left >= 8) {
+      scales8(e + b, xs + b, d);
+    } else {
+      uint8_t eb[8] = {};
+      std::memcpy(eb, e + b, size_t(left));
+      scales8(eb, xs + b, d);
+    }
     const __m256 dv = _mm256_load_ps(d);
-    for (int k = 0; k < 8; k += 4) {
-      const int8_t* xp = xq + b * 32 + k * 32;
-      const __m256 s0 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (b + k) * 16)), xp, lut);
-      const __m256 s1 =
-          pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (b + k + 2) * 16)), xp + 64, lut);
-      a0 = _mm256_fmadd_ps(s0, _mm256_permutevar8x32_ps(dv, _mm256_setr_epi32(k, k, k, k, k + 1, k + 1, k + 1, k + 1)), a0);
-      a1 = _mm256_fmadd_ps(s1, _mm256_permutevar8x32_ps(dv, _mm256_setr_epi32(k + 2, k + 2, k + 2, k + 2, k + 3, k + 3, k + 3, k + 3)), a1);
+    for (int k = 0; 2 * k < left && k < 4; ++k) {
+      const uint8_t* c = q + (b + 2 * k) * 16;
+      const __m256i v = 2 * k + 1 < left
+          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c))
+          : _mm256_set_m128i(_mm_setzero_si128(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+      const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1,
+                                            2 * k + 1, 2 * k + 1);
+      acc[k & 1] = _mm256_fmadd_ps(pair_i8(v, xq + (b + 2 * k) * 32, lut),
+                                   _mm256_permutevar8x32_ps(dv, idx), acc[k & 1]);
     }
   }
-  for (; b < nb; b += 2) {  // the remaining pairs (b is even: pair b / 2)
-    const bool two = b + 1 < nb;
-    const __m128i c0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
-    const __m128i c1 = two ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16 + 16))
-                           : _mm_setzero_si128();
-    const __m256 s = pair_i8(_mm256_set_m128i(c1, c0), xq + b * 32, lut);
-    const float d0 = half_scale(e[b]) * xs[b], d1 = two ? half_scale(e[b + 1]) * xs[b + 1] : 0.0f;
-    const __m256 sc = _mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(d0));
-    if ((b / 2) & 1)
-      a1 = _mm256_fmadd_ps(s, sc, a1);
-    else
-      a0 = _mm256_fmadd_ps(s, sc, a0);
-  }
-  return finish_avx2(a0, a1);
+  return finish_avx2(acc[0], acc[1]);
 }
 #else
 bool cpu_has_avx2() { return false; }
