@@ -449,9 +449,10 @@ MERG_SEGMENTS(segsf_avx2, dotf_scalar, )
 template <class T>
 mer_ggml::BlockKind make_kind(bool avx2, bool i8) {
   Dot d = i8 ? (avx2 ? segs8_avx2<T> : segs8_scalar<T>) : (avx2 ? segsf_avx2<T> : segsf_scalar<T>);
+  mer_ggml::Dot4 d4 = nullptr;
   if constexpr (T::B == 256)
-    if (i8) d = mer_ggml::kquant_int8(T::kType, avx2);  // ggml_kquant.cpp
-  return {T::B, T::NB, T::G, d};
+    if (i8) d = mer_ggml::kquant_int8(T::kType, avx2), d4 = mer_ggml::kquant_int8_4(T::kType, avx2);
+  return {T::B, T::NB, T::G, d, d4};
 }
 
 }  // namespace
@@ -471,7 +472,7 @@ BlockKind block_kind(int64_t type, int64_t isa) {
     case kQ6_K: return make_kind<Q6K>(v, i8);
     case kMXFP4: return make_kind<MXFP4>(v, i8);
   }
-  return {0, 0, 0, nullptr};
+  return {0, 0, 0, nullptr, nullptr};
 }
 
 }  // namespace mer_ggml

@@ -178,75 +178,99 @@ MERK_AVX2I __m256i k_scales_avx2(const uint8_t* b) {
   return _mm256_cvtepu8_epi16(_mm_or_si128(p, q));  // v0 v1 v2 v3 as 16 int16
 }
 
+// One block of one row: acc (8 lanes) and off (4 lanes) updated as the definition says.
 template <int64_t kType>
-MERK_AVX2I float dot_avx2(const uint8_t* row, const ActView& a, int64_t nb) {
+MERK_AVX2I void block_avx2(const uint8_t* blk, const int8_t* xq, const int16_t* bsb, float dxs,
+                           __m256& acc, __m128& off) {
   constexpr bool q6 = kType == 14, q5 = kType == 13;
   constexpr int64_t NB = kType == 12 ? 144 : q5 ? 176 : 210;
   const __m256i m4 = _mm256_set1_epi8(15);
-  __m256 acc = _mm256_setzero_ps();
-  __m128 off = _mm_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * NB;
-    const int8_t* xq = a.q + b * 256;
-    prefetch(blk + kAhead * NB, NB);
-    const __m256 dx = _mm256_set1_ps(a.d[b]);
-    __m256i sum = _mm256_setzero_si256();
-    if constexpr (q6) {
-      const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
-      const __m256i mins = _mm256_madd_epi16(sc, ld(a.bs + b * 16));  // lane m: sc.bs of 2m, 2m+1
-      for (int h = 0; h < 2; ++h) {
-        const __m256i s = _mm256_permute4x64_epi64(sc, h ? 0xEE : 0x44);  // sc[8h..8h+7] twice
-        const __m256i l0 = ld(blk + 64 * h), l1 = ld(blk + 64 * h + 32), qh = ld(blk + 128 + 32 * h);
-        const __m256i m30 = _mm256_set1_epi8(0x30);
-        const __m256i q[4] = {
-            _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-            _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30))};
-        for (int k = 0; k < 4; ++k) {
-          const __m256i p = _mm256_maddubs_epi16(q[k], ld(xq + 128 * h + 32 * k));
-          sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, pick2(s, 2 * k, 2 * k + 1)));
-        }
-      }
-      sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(mins, 5));
-      const __m256 d = _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(blk + 208)));
-      acc = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(sum), acc);
-    } else {
-      const __m256i sm = k_scales_avx2(blk);
-      const __m256i s = _mm256_permute4x64_epi64(sm, 0x44);  // sc0..sc7 in both halves
-      const __m128i mins = _mm_madd_epi16(_mm256_extracti128_si256(sm, 1),
-                                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.bs + b * 8)));
-      const uint8_t* qs = blk + (q5 ? 48 : 16);
-      __m256i qh = q5 ? ld(blk + 16) : _mm256_setzero_si256();
+  prefetch(blk + kAhead * NB, NB);
+  const __m256 dx = _mm256_set1_ps(dxs);
+  __m256i sum = _mm256_setzero_si256();
+  if constexpr (q6) {
+    const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+    const __m256i mins = _mm256_madd_epi16(sc, ld(bsb));  // lane m: sc.bs of 2m, 2m+1
+    for (int h = 0; h < 2; ++h) {
+      const __m256i s = _mm256_permute4x64_epi64(sc, h ? 0xEE : 0x44);  // sc[8h..8h+7] twice
+      const __m256i l0 = ld(blk + 64 * h), l1 = ld(blk + 64 * h + 32), qh = ld(blk + 128 + 32 * h);
+      const __m256i m30 = _mm256_set1_epi8(0x30);
+      const __m256i q[4] = {
+          _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+          _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30))};
       for (int k = 0; k < 4; ++k) {
-        const __m256i v = ld(qs + 32 * k);
-        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        if constexpr (q5) {  // bit 2k, 2k+1 of qh -> bit 4 of the codes (qh shifted right as we go)
-          const __m256i m10 = _mm256_set1_epi8(0x10);
-          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(qh, 4), m10));
-          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(qh, 3), m10));
-          qh = _mm256_srli_epi16(qh, 2);
-        }
-        const __m256i pl = _mm256_maddubs_epi16(lo, ld(xq + 64 * k));
-        const __m256i ph = _mm256_maddubs_epi16(hi, ld(xq + 64 * k + 32));
-        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pl, pick2(s, 2 * k, 2 * k)));
-        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(ph, pick2(s, 2 * k + 1, 2 * k + 1)));
+        const __m256i p = _mm256_maddubs_epi16(q[k], ld(xq + 128 * h + 32 * k));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, pick2(s, 2 * k, 2 * k + 1)));
       }
-      const __m128 dd = _mm_mul_ps(_mm256_castps256_ps128(dx),
-                                   _mm_cvtph_ps(_mm_cvtsi32_si128(int(u32(blk)))));  // dx d, dx dmin
-      acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(sum), acc);
-      off = _mm_fmadd_ps(_mm_shuffle_ps(dd, dd, 0x55), _mm_cvtepi32_ps(mins), off);
     }
+    sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(mins, 5));
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(blk + 208)));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(sum), acc);
+  } else {
+    const __m256i sm = k_scales_avx2(blk);
+    const __m256i s = _mm256_permute4x64_epi64(sm, 0x44);  // sc0..sc7 in both halves
+    const __m128i mins = _mm_madd_epi16(_mm256_extracti128_si256(sm, 1),
+                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsb)));
+    const uint8_t* qs = blk + (q5 ? 48 : 16);
+    __m256i qh = q5 ? ld(blk + 16) : _mm256_setzero_si256();
+    for (int k = 0; k < 4; ++k) {
+      const __m256i v = ld(qs + 32 * k);
+      __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      if constexpr (q5) {  // bit 2k, 2k+1 of qh -> bit 4 of the codes (qh shifted right as we go)
+        const __m256i m10 = _mm256_set1_epi8(0x10);
+        lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(qh, 4), m10));
+        hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(qh, 3), m10));
+        qh = _mm256_srli_epi16(qh, 2);
+      }
+      const __m256i pl = _mm256_maddubs_epi16(lo, ld(xq + 64 * k));
+      const __m256i ph = _mm256_maddubs_epi16(hi, ld(xq + 64 * k + 32));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pl, pick2(s, 2 * k, 2 * k)));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(ph, pick2(s, 2 * k + 1, 2 * k + 1)));
+    }
+    const __m128 dd = _mm_mul_ps(_mm256_castps256_ps128(dx),
+                                 _mm_cvtph_ps(_mm_cvtsi32_si128(int(u32(blk)))));  // dx d, dx dmin
+    acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(sum), acc);
+    off = _mm_fmadd_ps(_mm_shuffle_ps(dd, dd, 0x55), _mm_cvtepi32_ps(mins), off);
   }
-  const float r = tree8_avx2(acc);
-  return q6 ? r : r - tree4_avx2(off);
+}
+
+// R rows (row + r rstride) against the same activation: out[r] = the row dot (each row's
+// operations are exactly the single-row ones; the rows only share the loop).
+template <int64_t kType, int R>
+MERK_AVX2I void dot_avx2(const uint8_t* row, int64_t rstride, const ActView& a, int64_t nb,
+                         float* out) {
+  constexpr int64_t NB = kType == 12 ? 144 : kType == 13 ? 176 : 210, G = kType == 14 ? 16 : 32;
+  __m256 acc[R];
+  __m128 off[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), off[r] = _mm_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b)
+    for (int r = 0; r < R; ++r)
+      block_avx2<kType>(row + r * rstride + b * NB, a.q + b * 256, a.bs + b * (256 / G), a.d[b],
+                        acc[r], off[r]);
+  for (int r = 0; r < R; ++r)
+    out[r] = kType == 14 ? tree8_avx2(acc[r]) : tree8_avx2(acc[r]) - tree4_avx2(off[r]);
 }
 
 template <int64_t kType>
 MERK_AVX2 float segs_avx2(const Segs& s, float acc) {
-  for (int64_t j = 0; j < s.n; ++j) acc += dot_avx2<kType>(s.row + j * s.stride, s.act[j * s.astride], s.nb);
+  for (int64_t j = 0; j < s.n; ++j) {
+    float p;
+    dot_avx2<kType, 1>(s.row + j * s.stride, 0, s.act[j * s.astride], s.nb, &p);
+    acc += p;
+  }
   return acc;
+}
+
+template <int64_t kType>
+MERK_AVX2 void segs4_avx2(const Segs& s, int64_t rstride, float* acc) {
+  for (int64_t j = 0; j < s.n; ++j) {
+    float p[4];
+    dot_avx2<kType, 4>(s.row + j * s.stride, rstride, s.act[j * s.astride], s.nb, p);
+    for (int r = 0; r < 4; ++r) acc[r] += p[r];
+  }
 }
 #endif
 
@@ -254,6 +278,15 @@ template <int64_t kType>
 float segs_scalar(const Segs& s, float acc) {
   for (int64_t j = 0; j < s.n; ++j) acc += dot_scalar<kType>(s.row + j * s.stride, s.act[j * s.astride], s.nb);
   return acc;
+}
+
+template <int64_t kType>
+void segs4_scalar(const Segs& s, int64_t rstride, float* acc) {
+  for (int r = 0; r < 4; ++r) {
+    Segs one = s;
+    one.row += r * rstride;
+    acc[r] = segs_scalar<kType>(one, acc[r]);
+  }
 }
 
 }  // namespace
@@ -274,6 +307,24 @@ Dot kquant_int8(int64_t type, bool avx2) {
     case 12: return segs_scalar<12>;
     case 13: return segs_scalar<13>;
     case 14: return segs_scalar<14>;
+  }
+  return nullptr;
+}
+
+Dot4 kquant_int8_4(int64_t type, bool avx2) {
+#if MERK_X86
+  if (avx2) {
+    switch (type) {
+      case 12: return segs4_avx2<12>;
+      case 13: return segs4_avx2<13>;
+      case 14: return segs4_avx2<14>;
+    }
+  }
+#endif
+  switch (type) {
+    case 12: return segs4_scalar<12>;
+    case 13: return segs4_scalar<13>;
+    case 14: return segs4_scalar<14>;
   }
   return nullptr;
 }
