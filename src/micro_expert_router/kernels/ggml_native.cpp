@@ -165,13 +165,11 @@ void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D
   std::vector<float> a(n * T * g);
   std::vector<Act> ad(n * T);
   std::vector<mer_ggml::ActView> vd(n * T);
-  at::parallel_for(0, n * T, 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      for (int64_t i = 0; i < g; ++i) a[k * g + i] = silu_mul(h[k * g + i], u[k * g + i]);
-      kd.prepare(ad[k], a.data() + k * g, g);
-      vd[k] = ad[k].view;
-    }
-  });
+  for (int64_t k = 0; k < n * T; ++k) {  // a few microseconds: not worth a parallel region
+    for (int64_t i = 0; i < g; ++i) a[k * g + i] = silu_mul(h[k * g + i], u[k * g + i]);
+    kd.prepare(ad[k], a.data() + k * g, g);
+    vd[k] = ad[k].view;
+  }
   at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
     int64_t dr = b;
     for (; kd.dot4 != nullptr && dr + 4 <= e; dr += 4)  // four down rows share each pass
