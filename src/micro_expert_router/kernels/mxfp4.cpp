@@ -315,33 +315,44 @@ MX_AVX2 float dot_i8_avx2(const uint8_t* q, const uint8_t* e, const int8_t* xq, 
                           int64_t nb) {
   const __m256i lut =
       _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues)));
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  const __m256i i0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                i2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), i3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   alignas(32) float d[8];
-  for (int64_t b = 0; b < nb; b += 8) {  // 4 pairs; block scales 0 past nb (xs is padded)
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {  // 4 whole pairs: even pairs into a0, odd ones into a1
     _mm_prefetch(reinterpret_cast<const char*>(q + b * 16 + 1024), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(q + b * 16 + 1088), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(e + b + 256), _MM_HINT_T0);
-    const int64_t left = nb - b;
-    if (left >= 8) {
-      scales8(e + b, xs + b, d);
-    } else {
-      uint8_t eb[8] = {};
-      std::memcpy(eb, e + b, size_t(left));
-      scales8(eb, xs + b, d);
-    }
+    scales8(e + b, xs + b, d);
     const __m256 dv = _mm256_load_ps(d);
-    for (int k = 0; 2 * k < left && k < 4; ++k) {
+    const uint8_t* c = q + b * 16;
+    const int8_t* xp = xq + b * 32;
+    const __m256 s0 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)), xp, lut);
+    const __m256 s1 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32)), xp + 64, lut);
+    const __m256 s2 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64)), xp + 128, lut);
+    const __m256 s3 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 96)), xp + 192, lut);
+    a0 = _mm256_fmadd_ps(s0, _mm256_permutevar8x32_ps(dv, i0), a0);
+    a1 = _mm256_fmadd_ps(s1, _mm256_permutevar8x32_ps(dv, i1), a1);
+    a0 = _mm256_fmadd_ps(s2, _mm256_permutevar8x32_ps(dv, i2), a0);
+    a1 = _mm256_fmadd_ps(s3, _mm256_permutevar8x32_ps(dv, i3), a1);
+  }
+  if (b < nb) {  // the last, short chunk (scale 0 for an absent block, as the scalar code)
+    const int64_t left = nb - b;
+    for (int k = 0; k < 8; ++k) d[k] = k < left ? half_scale(e[b + k]) * xs[b + k] : 0.0f;
+    for (int k = 0; 2 * k < left; ++k) {
       const uint8_t* c = q + (b + 2 * k) * 16;
-      const __m256i v = 2 * k + 1 < left
-          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c))
-          : _mm256_set_m128i(_mm_setzero_si128(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-      const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1,
-                                            2 * k + 1, 2 * k + 1);
-      acc[k & 1] = _mm256_fmadd_ps(pair_i8(v, xq + (b + 2 * k) * 32, lut),
-                                   _mm256_permutevar8x32_ps(dv, idx), acc[k & 1]);
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+      const __m128i hi = 2 * k + 1 < left ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))
+                                          : _mm_setzero_si128();
+      const __m256 s = pair_i8(_mm256_set_m128i(hi, lo), xq + (b + 2 * k) * 32, lut);
+      const __m256 sc = _mm256_set_m128(_mm_set1_ps(d[2 * k + 1]), _mm_set1_ps(d[2 * k]));
+      if (k & 1)
+        a1 = _mm256_fmadd_ps(s, sc, a1);
+      else
+        a0 = _mm256_fmadd_ps(s, sc, a0);
     }
   }
-  return finish_avx2(acc[0], acc[1]);
+  return finish_avx2(a0, a1);
 }
 #else
 bool cpu_has_avx2() { return false; }
