@@ -169,6 +169,8 @@ struct Act {
   std::vector<float> xp;  // f32 modes: permuted x
   std::vector<int8_t> q;  // int8 modes: codes in the pair layout [pairs, 64]
   std::vector<float> s;   // int8 modes: per-block scales (0 past the last block)
+  std::vector<int32_t> c;  // int8 modes: per pair, lane 4h + m: 12 x the codes' sum over
+                           // elements 8m..8m+7 of block 2p + h (the AVX2 dot's offset)
 
   void prepare(const float* x, int64_t K, bool i8, bool avx2) {
     const int64_t nb = K / 32;
@@ -180,9 +182,15 @@ struct Act {
     const int64_t np = (nb + 1) / 2;  // pairs of blocks
     q.assign(np * 64, 0);
     s.assign((nb + 7) / 8 * 8, 0.0f);  // padded: the AVX2 dot reads 8 scales at a time
+    c.assign(np * 8, 0);
     for (int64_t b = 0; b < nb; ++b) {
       int8_t* pq = q.data() + (b / 2) * 64 + (b % 2) * 16;
       (avx2 ? quantize32_avx2 : quantize32_scalar)(x + b * 32, pq, &s[b]);
+      for (int m = 0; m < 4; ++m) {
+        int32_t t = 0;
+        for (int k = 4 * m; k < 4 * m + 4; ++k) t += pq[k] + pq[32 + k];
+        c[(b / 2) * 8 + (b % 2) * 4 + m] = 12 * t;
+      }
     }
   }
 };
@@ -219,7 +227,7 @@ inline void pair_i8_scalar(const uint8_t* q, const int8_t* xp, int nb2, int32_t*
 }
 
 float dot_i8_scalar(const uint8_t* q, const uint8_t* e, const int8_t* xq, const float* xs,
-                    int64_t nb) {
+                    const int32_t*, int64_t nb) {
   float acc[2][8] = {};
   for (int64_t p = 0; p < (nb + 1) / 2; ++p) {
     const int nb2 = 2 * p + 1 < nb ? 2 : 1;
@@ -297,24 +305,27 @@ MX_AVX2 float dot_f32_avx2(const uint8_t* q, const uint8_t* e, const float* xp, 
 }
 
 // One pair's 8 exact int32 lane sums as floats (codes v: block 2p low 128 bits, 2p+1 high):
-// codes through the table, |w| * sign(x, w) in vpmaddubsw for the low and the high nibbles,
-// the two int16 sums added (|.| <= 4 x 12 x 127), pairs of int16 in vpmaddwd.
-MX_AVX2 inline __m256 pair_i8(__m256i v, const int8_t* xp, __m256i lut) {
+// codes through the table of doubled values plus 12 (0..24, unsigned: vpmaddubsw takes them
+// as they are, no sign trick), times the activation codes, the low- and high-nibble int16 sums
+// added (|.| <= 4 x 24 x 127), pairs of int16 in vpmaddwd, minus 12 x the lanes' activation sums
+// (corr): exactly the lane sums of the definition.
+MX_AVX2 inline __m256 pair_i8(__m256i v, const int8_t* xp, const int32_t* corr, __m256i lut12) {
   const __m256i m4 = _mm256_set1_epi8(15);
-  const __m256i wl = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, m4));
-  const __m256i wh = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+  const __m256i wl = _mm256_shuffle_epi8(lut12, _mm256_and_si256(v, m4));
+  const __m256i wh = _mm256_shuffle_epi8(lut12, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
   const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
   const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
-  const __m256i p16 =
-      _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wl, wl), _mm256_sign_epi8(xl, wl)),
-                       _mm256_maddubs_epi16(_mm256_sign_epi8(wh, wh), _mm256_sign_epi8(xh, wh)));
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+  const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(wl, xl), _mm256_maddubs_epi16(wh, xh));
+  const __m256i l = _mm256_sub_epi32(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)),
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)));
+  return _mm256_cvtepi32_ps(l);
 }
 
 MX_AVX2 float dot_i8_avx2(const uint8_t* q, const uint8_t* e, const int8_t* xq, const float* xs,
-                          int64_t nb) {
-  const __m256i lut =
-      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues)));
+                          const int32_t* corr, int64_t nb) {
+  const __m256i lut = _mm256_add_epi8(
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues))),
+      _mm256_set1_epi8(12));
   const __m256i i0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
                 i2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), i3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -327,10 +338,11 @@ MX_AVX2 float dot_i8_avx2(const uint8_t* q, const uint8_t* e, const int8_t* xq, 
     const __m256 dv = _mm256_load_ps(d);
     const uint8_t* c = q + b * 16;
     const int8_t* xp = xq + b * 32;
-    const __m256 s0 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)), xp, lut);
-    const __m256 s1 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32)), xp + 64, lut);
-    const __m256 s2 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64)), xp + 128, lut);
-    const __m256 s3 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 96)), xp + 192, lut);
+    const int32_t* cp = corr + b * 4;
+    const __m256 s0 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)), xp, cp, lut);
+    const __m256 s1 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32)), xp + 64, cp + 8, lut);
+    const __m256 s2 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64)), xp + 128, cp + 16, lut);
+    const __m256 s3 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 96)), xp + 192, cp + 24, lut);
     a0 = _mm256_fmadd_ps(s0, _mm256_permutevar8x32_ps(dv, i0), a0);
     a1 = _mm256_fmadd_ps(s1, _mm256_permutevar8x32_ps(dv, i1), a1);
     a0 = _mm256_fmadd_ps(s2, _mm256_permutevar8x32_ps(dv, i2), a0);
@@ -344,7 +356,7 @@ MX_AVX2 float dot_i8_avx2(const uint8_t* q, const uint8_t* e, const int8_t* xq, 
       const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
       const __m128i hi = 2 * k + 1 < left ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))
                                           : _mm_setzero_si128();
-      const __m256 s = pair_i8(_mm256_set_m128i(hi, lo), xq + (b + 2 * k) * 32, lut);
+      const __m256 s = pair_i8(_mm256_set_m128i(hi, lo), xq + (b + 2 * k) * 32, corr + (b + 2 * k) * 4, lut);
       const __m256 sc = _mm256_set_m128(_mm_set1_ps(d[2 * k + 1]), _mm_set1_ps(d[2 * k]));
       if (k & 1)
         a1 = _mm256_fmadd_ps(s, sc, a1);
@@ -363,11 +375,12 @@ bool cpu_has_avx2() { return false; }
 struct Dot {
   bool i8, avx2;
   float (*f)(const uint8_t*, const uint8_t*, const float*, int64_t);
-  float (*q)(const uint8_t*, const uint8_t*, const int8_t*, const float*, int64_t);
+  float (*q)(const uint8_t*, const uint8_t*, const int8_t*, const float*, const int32_t*, int64_t);
 
   float operator()(const uint8_t* blocks, const uint8_t* scales, const Act& a,
                    int64_t nb) const {
-    return i8 ? q(blocks, scales, a.q.data(), a.s.data(), nb) : f(blocks, scales, a.xp.data(), nb);
+    return i8 ? q(blocks, scales, a.q.data(), a.s.data(), a.c.data(), nb)
+              : f(blocks, scales, a.xp.data(), nb);
   }
 };
 
