@@ -81,6 +81,7 @@ struct Scales {
 // (AVX2, the codes of weights 32k..32k+31 as 32 int8). Codes are 0..63 unless kSigned.
 
 struct Q4K {
+  static constexpr int64_t kType = 12;
   static constexpr int B = 256, NB = 144, G = 32; static constexpr bool kSigned = false;
   MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
     s.f1 = h2f(b);
@@ -104,6 +105,7 @@ struct Q4K {
 };
 
 struct Q5K {
+  static constexpr int64_t kType = 13;
   static constexpr int B = 256, NB = 176, G = 32; static constexpr bool kSigned = false;
   MERG_INLINE static void scales(const uint8_t* b, Scales& s) { Q4K::scales(b, s); }
   static int8_t code(const uint8_t* b, int i) {  // Q4_K's nibble after 32 B of high bits
@@ -124,6 +126,7 @@ struct Q5K {
 };
 
 struct Q6K {  // w = d sc (q - 32): f1 = d, f2 = 32 d, mn = sc
+  static constexpr int64_t kType = 14;
   static constexpr int B = 256, NB = 210, G = 16; static constexpr bool kSigned = false;
   MERG_INLINE static void scales(const uint8_t* b, Scales& s) {
     s.f1 = h2f(b + 208);
@@ -446,7 +449,10 @@ MERG_SEGMENTS(segsf_avx2, dotf_scalar, )
 template <class T>
 mer_ggml::BlockKind make_kind(bool avx2, bool i8) {
   Dot d = i8 ? (avx2 ? segs8_avx2<T> : segs8_scalar<T>) : (avx2 ? segsf_avx2<T> : segsf_scalar<T>);
-  return {T::B, T::NB, T::G, d};
+  mer_ggml::Dot4 d4 = nullptr;
+  if constexpr (T::B == 256)
+    if (i8) d = mer_ggml::kquant_int8(T::kType, avx2), d4 = mer_ggml::kquant_int8_4(T::kType, avx2);
+  return {T::B, T::NB, T::G, d, d4};
 }
 
 }  // namespace
@@ -466,7 +472,7 @@ BlockKind block_kind(int64_t type, int64_t isa) {
     case kQ6_K: return make_kind<Q6K>(v, i8);
     case kMXFP4: return make_kind<MXFP4>(v, i8);
   }
-  return {0, 0, 0, nullptr};
+  return {0, 0, 0, nullptr, nullptr};
 }
 
 }  // namespace mer_ggml

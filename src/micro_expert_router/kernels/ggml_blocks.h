@@ -26,13 +26,20 @@ struct Segs {
   int64_t astride, n, nb;
 };
 using Dot = float (*)(const Segs&, float);
+// Four outputs at once: acc[r] as Dot on the segments shifted by r rstride bytes (the same bits
+// as four Dot calls; the rows share the loop, which hides the latency of one-block rows).
+using Dot4 = void (*)(const Segs&, int64_t rstride, float* acc);
 
 struct BlockKind {
   int64_t block, nbytes, gran;  // B, bytes per block, G
   Dot dot;                      // nullptr: the type has no kernel
+  Dot4 dot4;                    // nullptr: call dot per output
 };
 // isa: 0 scalar f32, 1 AVX2 f32, 2 AVX2 with int8 activations, 3 scalar int8
 BlockKind block_kind(int64_t type, int64_t isa);
+// The K-quants' int8-activation row dots (ggml_kquant.cpp); nullptr for other types.
+Dot kquant_int8(int64_t type, bool avx2);
+Dot4 kquant_int8_4(int64_t type, bool avx2);
 bool cpu_has_avx2();
 
 }  // namespace mer_ggml

@@ -184,23 +184,33 @@ class GGUFExperts:
         """The whole segment added to y by the native kernels, or ``None`` (use partials)."""
         if x.dim() != 2 or x.shape[0] >= self.native_below or x.shape[1] != w.hidden:
             return None
-        if x.dtype not in (torch.float32, torch.bfloat16):
+        isa = _isa(x.dtype, w.types)  # also None: no native path for these types or dtype
+        if isa is None:
             return None
-        if not all(t.name in ggml_native.NATIVE_TYPES for t in w.types):
-            return None
-        if not ggml_native.available():
-            return None
-        if y is None:
-            y = torch.zeros((x.shape[0], w.hidden), dtype=x.dtype)
-        yf = y if y.dtype == torch.float32 else y.float()
+        # float32 y, then the caller's dtype (a new y: one allocation, one conversion at the end)
+        yf = torch.zeros((x.shape[0], w.hidden)) if y is None else y.float()
         og, ou, od = w.offsets
         tg, tu, td = w.types
-        isa = ggml_native.isa_for(x.dtype, w.types)
         torch.ops.mer_ggml.swiglu_(yf, x.float().contiguous(), w.buf, w.hidden, w.group, w.per,
                                    tg.id, tu.id, td.id, og, ou, od, isa)  # fmt: skip
+        if y is None:
+            return yf if x.dtype == torch.float32 else yf.to(x.dtype)
         if yf is not y:
             y.copy_(yf)
         return y
+
+
+@functools.cache
+def _isa(dtype: torch.dtype, types: tuple[BlockType, ...]) -> int | None:
+    """The native kernel variant for this activation dtype and these types (cached: decode asks
+    once per expert and token), or ``None`` when the native kernels cannot run them."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if not all(t.name in ggml_native.NATIVE_TYPES for t in types):
+        return None
+    if not ggml_native.available():
+        return None
+    return ggml_native.isa_for(dtype, types)
 
 
 def _header_types(head: bytes, fmt: GGUFExperts) -> tuple[BlockType, BlockType, BlockType]:

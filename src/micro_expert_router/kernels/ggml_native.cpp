@@ -18,11 +18,53 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "ggml_blocks.h"
 
 namespace {
 
 // ---- activations -------------------------------------------------------------------------
+
+// int8 codes of one block of B activations (the definition): s = max|x| / 127 (0: codes 0),
+// code = nearbyint(min(127, x / s computed as x * (1 / s))).
+void quantize_scalar(const float* v, int64_t B, int8_t* q, float* d) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < B; ++i) amax = std::fmax(amax, std::fabs(v[i]));
+  const float s = amax / 127.0f, inv = s > 0 ? 1.0f / s : 0.0f;
+  *d = s;
+  for (int64_t i = 0; i < B; ++i) q[i] = int8_t(std::nearbyint(std::fmin(127.0f, v[i] * inv)));
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same on 8 lanes (max is exact in any order; max_ps / min_ps with the constant second
+// return it for a NaN, as fmax / fmin do; B is a multiple of 32).
+__attribute__((target("avx2,fma"))) void quantize_avx2(const float* v, int64_t B, int8_t* q,
+                                                       float* d) {
+  const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m = _mm256_setzero_ps();
+  for (int64_t i = 0; i < B; i += 8) m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(v + i), abs), m);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float s = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1))) / 127.0f;
+  const __m256 inv = _mm256_set1_ps(s > 0 ? 1.0f / s : 0.0f), top = _mm256_set1_ps(127.0f);
+  *d = s;
+  for (int64_t i = 0; i < B; i += 32) {
+    __m256i c[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 r = _mm256_min_ps(_mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * k), inv), top);
+      c[k] = _mm256_cvtps_epi32(r);  // round to nearest even (the default mode), as nearbyint
+    }
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), b);
+  }
+}
+#else
+#define quantize_avx2 quantize_scalar
+#endif
 
 // One activation vector of length K, prepared for the row dots of one type: int8 codes per
 // block of B with a float scale and code sums per G (int8 mode), or float sums per G.
@@ -35,20 +77,14 @@ struct Act {
   bool i8 = false;
   mer_ggml::ActView view{};
 
-  void prepare(const float* v, int64_t K, int64_t B, int64_t G, bool int8) {
+  void prepare(const float* v, int64_t K, int64_t B, int64_t G, bool int8, bool avx2) {
     x = v;
     i8 = int8;
     if (i8) {
       q.resize(K);
       d.resize(K / B);
-      for (int64_t b = 0; b < K / B; ++b) {
-        float amax = 0.0f;
-        for (int64_t i = 0; i < B; ++i) amax = std::fmax(amax, std::fabs(v[b * B + i]));
-        const float s = amax / 127.0f, inv = s > 0 ? 1.0f / s : 0.0f;
-        d[b] = s;
-        for (int64_t i = 0; i < B; ++i)
-          q[b * B + i] = int8_t(std::nearbyint(std::fmin(127.0f, v[b * B + i] * inv)));
-      }
+      for (int64_t b = 0; b < K / B; ++b)
+        (avx2 ? quantize_avx2 : quantize_scalar)(v + b * B, B, q.data() + b * B, &d[b]);
     }
     bs.assign(i8 ? K / G : 0, 0);
     xs.assign(i8 ? 0 : K / G, 0.0f);
@@ -62,11 +98,14 @@ struct Act {
 
 struct Kind {
   int64_t block, nbytes, gran;
-  bool i8;
+  bool i8, avx2;
   mer_ggml::Dot dot;
+  mer_ggml::Dot4 dot4;  // nullptr: one output at a time
 
   int64_t row_bytes(int64_t K) const { return K / block * nbytes; }
-  void prepare(Act& a, const float* v, int64_t K) const { a.prepare(v, K, block, gran, i8); }
+  void prepare(Act& a, const float* v, int64_t K) const {
+    a.prepare(v, K, block, gran, i8, avx2);
+  }
   float dot_row(const uint8_t* row, const Act& a, int64_t K) const {
     return dot(mer_ggml::Segs{row, 0, &a.view, 0, 1, K / block}, 0.0f);
   }
@@ -75,7 +114,8 @@ struct Kind {
 Kind kind(int64_t type, int64_t isa) {
   const mer_ggml::BlockKind k = mer_ggml::block_kind(type, isa);
   TORCH_CHECK(k.dot != nullptr, "mer_ggml: GGML type ", type, " has no native kernel");
-  return {k.block, k.nbytes, k.gran, isa >= 2, k.dot};
+  static const bool has = mer_ggml::cpu_has_avx2();
+  return {k.block, k.nbytes, k.gran, isa >= 2, has && (isa == 1 || isa == 2), k.dot, k.dot4};
 }
 
 inline float silu_mul(float h, float u) { return h / (1.0f + std::exp(-h)) * u; }
@@ -102,10 +142,12 @@ void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D
   float* yp = y.data_ptr<float>();
   const uint8_t* bp = buf.data_ptr<uint8_t>();
   std::vector<Act> ag(T), au(T);
+  const bool same = kg.block == ku.block && kg.gran == ku.gran;  // one activation for both
   for (int64_t t = 0; t < T; ++t) {
     kg.prepare(ag[t], xp + t * D, D);
-    ku.prepare(au[t], xp + t * D, D);
+    if (!same) ku.prepare(au[t], xp + t * D, D);
   }
+  const std::vector<Act>& aup = same ? ag : au;
   std::vector<float> h(n * T * g), u(n * T * g);  // [n, T, g]
   at::parallel_for(0, n * 2 * g, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
@@ -116,20 +158,26 @@ void swiglu_(at::Tensor y, const at::Tensor& x, const at::Tensor& buf, int64_t D
         if (gate)
           h[(j * T + t) * g + i] = kg.dot_row(row, ag[t], D);
         else
-          u[(j * T + t) * g + i - g] = ku.dot_row(row, au[t], D);
+          u[(j * T + t) * g + i - g] = ku.dot_row(row, aup[t], D);
       }
     }
   });
   std::vector<float> a(n * T * g);
   std::vector<Act> ad(n * T);
   std::vector<mer_ggml::ActView> vd(n * T);
-  for (int64_t k = 0; k < n * T; ++k) {
+  for (int64_t k = 0; k < n * T; ++k) {  // a few microseconds: not worth a parallel region
     for (int64_t i = 0; i < g; ++i) a[k * g + i] = silu_mul(h[k * g + i], u[k * g + i]);
     kd.prepare(ad[k], a.data() + k * g, g);
     vd[k] = ad[k].view;
   }
   at::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
-    for (int64_t dr = b; dr < e; ++dr)
+    int64_t dr = b;
+    for (; kd.dot4 != nullptr && dr + 4 <= e; dr += 4)  // four down rows share each pass
+      for (int64_t t = 0; t < T; ++t) {
+        const mer_ggml::Segs down{bp + od + dr * rd, per, &vd[t], T, n, g / kd.block};
+        kd.dot4(down, rd, yp + t * D + dr);
+      }
+    for (; dr < e; ++dr)
       for (int64_t t = 0; t < T; ++t) {
         const mer_ggml::Segs down{bp + od + dr * rd, per, &vd[t], T, n, g / kd.block};
         yp[t * D + dr] = kd.dot(down, yp[t * D + dr]);

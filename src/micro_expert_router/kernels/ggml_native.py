@@ -25,7 +25,7 @@ import torch
 from .native import NativeInfo, load_library
 
 SOURCE = Path(__file__).with_name("ggml_native.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("ggml_blocks.cpp"))
+SOURCES = (SOURCE, *(SOURCE.with_name(f"ggml_{p}.cpp") for p in ("blocks", "kquant")))
 NATIVE_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})
 INT8_TYPES = NATIVE_TYPES  # types with an int8-activation path
 INFO = NativeInfo()

@@ -12,9 +12,14 @@
 //     low-nibble vector and a high-nibble vector each meet their 16 activations in order;
 //       s_l = sum over 4 chunks c of v(c, l) x(c, l)   (8 lanes l, mul then 3 fma)
 //       acc_l = fma(s_l, d_b, acc_l);   dot = tree8(acc even blocks + acc odd blocks)
-//   2 AVX2 int8 / 3 scalar int8: x rounded to int8 per block of 32 (sx = max|x| / 127), the same
-//     permutation; lane l holds the exact int32 sum of 4 adjacent byte products (vpmaddubsw then
-//     vpmaddwd), acc_l = fma(float(lane_l), d_b sx_b, acc_l), two accumulators as above
+//   2 AVX2 int8 / 3 scalar int8: x rounded to int8 per block of 32 (sx = max|x| / 127) and laid
+//     out per pair of blocks (2p, 2p+1) as [even elements of 2p | of 2p+1 | odd of 2p | of 2p+1]
+//     (an odd last block pairs with an absent block: codes 0, scale 0), so one 32-byte load holds
+//     the codes of both blocks and its low / high nibbles meet their activations in order. Lane
+//     4h + m (h = 0, 1; m = 0..3) of pair p holds the exact int32 sum over elements 8m..8m+7 of
+//     block 2p + h (vpshufb to doubled values, vpmaddubsw with the sign trick for the low and the
+//     high nibbles, vpaddw, vpmaddwd), and acc_l = fma(float(lane_l), d_b sx_b, acc_l) with two
+//     accumulators (even pairs, odd pairs), summed lane by lane, then tree8
 // The scalar code does the same float operations in the same order (explicit fmaf, the same
 // lanes and sum tree; -ffp-contract=off), so the SIMD and scalar paths give identical bits.
 //
@@ -107,36 +112,85 @@ inline void permute32(const V* x, V* p) {
   }
 }
 
+// x block [32] -> int8 codes in the pair layout (evens at pq, odds at pq + 32) and its scale:
+// sc = max|x| / 127, code = x / sc rounded to the nearest (ties to even), clamped to +-127.
+void quantize32_scalar(const float* v, int8_t* pq, float* scale) {
+  float m = 0.0f;
+  for (int k = 0; k < 32; ++k) m = std::fmax(m, std::fabs(v[k]));
+  const float sc = m / 127.0f;
+  // |v / sc| <= 127: adding and subtracting 1.5 * 2^23 rounds to the nearest integer, ties
+  // to even, exactly (as nearbyint in the default mode, without a libm call)
+  const float magic = 12582912.0f;
+  for (int k = 0; k < 32; ++k) {
+    const float r = sc > 0.0f ? (v[k] / sc + magic) - magic : 0.0f;
+    pq[(k % 2) * 32 + k / 2] = int8_t(std::fmin(std::fmax(r, -127.0f), 127.0f));
+  }
+  *scale = sc;
+}
+
+#if MX_X86
+// The same operations on 8 lanes (max is exact in any order; max_ps / min_ps with the constant
+// second return it for a NaN, as fmax / fmin do).
+MX_AVX2 void quantize32_avx2(const float* v, int8_t* pq, float* scale) {
+  const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 x[4], m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    x[i] = _mm256_loadu_ps(v + 8 * i);
+    m = _mm256_max_ps(_mm256_and_ps(x[i], abs), m);
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float sc = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1))) / 127.0f;
+  const __m256 vs = _mm256_set1_ps(sc), magic = _mm256_set1_ps(12582912.0f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) {
+    __m256 r = _mm256_sub_ps(_mm256_add_ps(_mm256_div_ps(x[i], vs), magic), magic);
+    if (!(sc > 0.0f)) r = _mm256_setzero_ps();
+    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+    q[i] = _mm256_cvttps_epi32(r);
+  }
+  // int32 -> int8 (packs keep 4-element groups in lane order), back to element order, then
+  // evens | odds
+  __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  b = _mm256_shuffle_epi8(b, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                              0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  b = _mm256_permute4x64_epi64(b, _MM_SHUFFLE(3, 1, 2, 0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(pq), _mm256_castsi256_si128(b));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(pq + 32), _mm256_extracti128_si256(b, 1));
+  *scale = sc;
+}
+#else
+#define quantize32_avx2 quantize32_scalar
+#endif
+
 // One activation vector of length K in the form a mode's dots read.
 struct Act {
   std::vector<float> xp;  // f32 modes: permuted x
-  std::vector<int8_t> q;  // int8 modes: permuted codes
-  std::vector<float> s;   // int8 modes: per-block scales
+  std::vector<int8_t> q;  // int8 modes: codes in the pair layout [pairs, 64]
+  std::vector<float> s;   // int8 modes: per-block scales (0 past the last block)
+  std::vector<int32_t> c;  // int8 modes: per pair, lane 4h + m: 12 x the codes' sum over
+                           // elements 8m..8m+7 of block 2p + h (the AVX2 dot's offset)
 
-  void prepare(const float* x, int64_t K, bool i8) {
+  void prepare(const float* x, int64_t K, bool i8, bool avx2) {
     const int64_t nb = K / 32;
     if (!i8) {
       xp.resize(K);
       for (int64_t b = 0; b < nb; ++b) permute32(x + b * 32, xp.data() + b * 32);
       return;
     }
-    q.resize(K);
-    s.resize(nb);
-    int8_t tmp[32];
+    const int64_t np = (nb + 1) / 2;  // pairs of blocks
+    q.assign(np * 64, 0);
+    s.assign((nb + 7) / 8 * 8, 0.0f);  // padded: the AVX2 dot reads 8 scales at a time
+    c.assign(np * 8, 0);
     for (int64_t b = 0; b < nb; ++b) {
-      const float* v = x + b * 32;
-      float m = 0.0f;
-      for (int k = 0; k < 32; ++k) m = std::fmax(m, std::fabs(v[k]));
-      const float sc = m / 127.0f;
-      // |v / sc| <= 127: adding and subtracting 1.5 * 2^23 rounds to the nearest integer, ties
-      // to even, exactly (as nearbyint in the default mode, without a libm call)
-      const float magic = 12582912.0f;
-      for (int k = 0; k < 32; ++k) {
-        float r = sc > 0.0f ? (v[k] / sc + magic) - magic : 0.0f;
-        tmp[k] = int8_t(std::fmin(std::fmax(r, -127.0f), 127.0f));
+      int8_t* pq = q.data() + (b / 2) * 64 + (b % 2) * 16;
+      (avx2 ? quantize32_avx2 : quantize32_scalar)(x + b * 32, pq, &s[b]);
+      for (int m = 0; m < 4; ++m) {
+        int32_t t = 0;
+        for (int k = 4 * m; k < 4 * m + 4; ++k) t += pq[k] + pq[32 + k];
+        c[(b / 2) * 8 + (b % 2) * 4 + m] = 12 * t;
       }
-      permute32(tmp, q.data() + b * 32);
-      s[b] = sc;
     }
   }
 };
@@ -158,23 +212,31 @@ float dot_f32_scalar(const uint8_t* q, const uint8_t* e, const float* xp, int64_
   return finish(acc[0], acc[1]);
 }
 
-float dot_i8_scalar(const uint8_t* q, const uint8_t* e, const int8_t* xq, const float* xs,
-                    int64_t nb) {
-  float acc[2][8] = {};
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* qb = q + b * 16;
-    const int8_t* xb = xq + b * 32;
-    const float d = half_scale(e[b]) * xs[b];
-    // position p of the 32-byte weight vector: p < 16 the low nibble of byte p (element 2p),
-    // else the high nibble of byte p - 16 (element 2(p - 16) + 1): permuted x position p. Lane
-    // l sums positions 4l..4l+3 (vpmaddubsw + vpmaddwd), exactly.
-    for (int l = 0; l < 8; ++l) {
+// One pair's 8 lane sums (block 2p in lanes 0-3, 2p+1 in 4-7; nb2 blocks present: 1 or 2).
+inline void pair_i8_scalar(const uint8_t* q, const int8_t* xp, int nb2, int32_t* lanes) {
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < 4; ++m) {
       int32_t sum = 0;
-      for (int p = 4 * l; p < 4 * l + 4; ++p) {
-        const int c = p < 16 ? (qb[p] & 15) : (qb[p - 16] >> 4);
-        sum += int32_t(kValues[c]) * int32_t(xb[p]);
+      for (int e = 8 * m; e < 8 * m + 8 && h < nb2; ++e) {
+        const int k = e / 2;  // code byte; x: evens at 16h + k, odds at 32 + 16h + k
+        const int c = e % 2 ? q[16 * h + k] >> 4 : q[16 * h + k] & 15;
+        sum += int32_t(kValues[c]) * int32_t(xp[(e % 2) * 32 + 16 * h + k]);
       }
-      acc[b & 1][l] = std::fmaf(float(sum), d, acc[b & 1][l]);
+      lanes[4 * h + m] = sum;
+    }
+}
+
+float dot_i8_scalar(const uint8_t* q, const uint8_t* e, const int8_t* xq, const float* xs,
+                    const int32_t*, int64_t nb) {
+  float acc[2][8] = {};
+  for (int64_t p = 0; p < (nb + 1) / 2; ++p) {
+    const int nb2 = 2 * p + 1 < nb ? 2 : 1;
+    int32_t lanes[8];
+    pair_i8_scalar(q + p * 32, xq + p * 64, nb2, lanes);
+    for (int l = 0; l < 8; ++l) {
+      const int64_t b = 2 * p + l / 4;
+      const float d = b < nb ? half_scale(e[b]) * xs[b] : 0.0f;
+      acc[p & 1][l] = std::fmaf(float(lanes[l]), d, acc[p & 1][l]);
     }
   }
   return finish(acc[0], acc[1]);
@@ -242,44 +304,65 @@ MX_AVX2 float dot_f32_avx2(const uint8_t* q, const uint8_t* e, const float* xp, 
   return finish_avx2(a0, a1);
 }
 
-// One block's 8 exact int32 lane sums as floats: codes through the table, then
-// |w| * sign(x, w) in vpmaddubsw, pairs of int16 in vpmaddwd.
-MX_AVX2 inline __m256 block_i8(const uint8_t* q, const int8_t* xb, __m256i lut, __m256i m4,
-                               __m256i ones) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  // low lane: low nibbles (even elements), high lane: high nibbles (odd elements)
-  const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
-  const __m256i w = _mm256_shuffle_epi8(lut, c);
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
-  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+// One pair's 8 exact int32 lane sums as floats (codes v: block 2p low 128 bits, 2p+1 high):
+// codes through the table of doubled values plus 12 (0..24, unsigned: vpmaddubsw takes them
+// as they are, no sign trick), times the activation codes, the low- and high-nibble int16 sums
+// added (|.| <= 4 x 24 x 127), pairs of int16 in vpmaddwd, minus 12 x the lanes' activation sums
+// (corr): exactly the lane sums of the definition.
+MX_AVX2 inline __m256 pair_i8(__m256i v, const int8_t* xp, const int32_t* corr, __m256i lut12) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  const __m256i wl = _mm256_shuffle_epi8(lut12, _mm256_and_si256(v, m4));
+  const __m256i wh = _mm256_shuffle_epi8(lut12, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+  const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+  const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
+  const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(wl, xl), _mm256_maddubs_epi16(wh, xh));
+  const __m256i l = _mm256_sub_epi32(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)),
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)));
+  return _mm256_cvtepi32_ps(l);
 }
 
 MX_AVX2 float dot_i8_avx2(const uint8_t* q, const uint8_t* e, const int8_t* xq, const float* xs,
-                          int64_t nb) {
-  const __m256i lut =
-      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues)));
-  const __m256i m4 = _mm256_set1_epi8(15);
-  const __m256i ones = _mm256_set1_epi16(1);
+                          const int32_t* corr, int64_t nb) {
+  const __m256i lut = _mm256_add_epi8(
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues))),
+      _mm256_set1_epi8(12));
+  const __m256i i0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                i2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), i3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   alignas(32) float d[8];
   int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) {
+  for (; b + 8 <= nb; b += 8) {  // 4 whole pairs: even pairs into a0, odd ones into a1
+    _mm_prefetch(reinterpret_cast<const char*>(q + b * 16 + 1024), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(q + b * 16 + 1088), _MM_HINT_T0);
     scales8(e + b, xs + b, d);
-    for (int k = 0; k < 8; k += 2) {
-      const __m256 s0 = block_i8(q + (b + k) * 16, xq + (b + k) * 32, lut, m4, ones);
-      const __m256 s1 = block_i8(q + (b + k) * 16 + 16, xq + (b + k) * 32 + 32, lut, m4, ones);
-      a0 = _mm256_fmadd_ps(s0, _mm256_broadcast_ss(d + k), a0);
-      a1 = _mm256_fmadd_ps(s1, _mm256_broadcast_ss(d + k + 1), a1);
-    }
+    const __m256 dv = _mm256_load_ps(d);
+    const uint8_t* c = q + b * 16;
+    const int8_t* xp = xq + b * 32;
+    const int32_t* cp = corr + b * 4;
+    const __m256 s0 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)), xp, cp, lut);
+    const __m256 s1 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32)), xp + 64, cp + 8, lut);
+    const __m256 s2 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64)), xp + 128, cp + 16, lut);
+    const __m256 s3 = pair_i8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 96)), xp + 192, cp + 24, lut);
+    a0 = _mm256_fmadd_ps(s0, _mm256_permutevar8x32_ps(dv, i0), a0);
+    a1 = _mm256_fmadd_ps(s1, _mm256_permutevar8x32_ps(dv, i1), a1);
+    a0 = _mm256_fmadd_ps(s2, _mm256_permutevar8x32_ps(dv, i2), a0);
+    a1 = _mm256_fmadd_ps(s3, _mm256_permutevar8x32_ps(dv, i3), a1);
   }
-  for (; b < nb; ++b) {
-    const __m256 s = block_i8(q + b * 16, xq + b * 32, lut, m4, ones);
-    const __m256 sc = _mm256_set1_ps(half_scale(e[b]) * xs[b]);
-    if (b & 1)
-      a1 = _mm256_fmadd_ps(s, sc, a1);
-    else
-      a0 = _mm256_fmadd_ps(s, sc, a0);
+  if (b < nb) {  // the last, short chunk (scale 0 for an absent block, as the scalar code)
+    const int64_t left = nb - b;
+    for (int k = 0; k < 8; ++k) d[k] = k < left ? half_scale(e[b + k]) * xs[b + k] : 0.0f;
+    for (int k = 0; 2 * k < left; ++k) {
+      const uint8_t* c = q + (b + 2 * k) * 16;
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+      const __m128i hi = 2 * k + 1 < left ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))
+                                          : _mm_setzero_si128();
+      const __m256 s = pair_i8(_mm256_set_m128i(hi, lo), xq + (b + 2 * k) * 32, corr + (b + 2 * k) * 4, lut);
+      const __m256 sc = _mm256_set_m128(_mm_set1_ps(d[2 * k + 1]), _mm_set1_ps(d[2 * k]));
+      if (k & 1)
+        a1 = _mm256_fmadd_ps(s, sc, a1);
+      else
+        a0 = _mm256_fmadd_ps(s, sc, a0);
+    }
   }
   return finish_avx2(a0, a1);
 }
@@ -290,13 +373,14 @@ bool cpu_has_avx2() { return false; }
 #endif
 
 struct Dot {
-  bool i8;
+  bool i8, avx2;
   float (*f)(const uint8_t*, const uint8_t*, const float*, int64_t);
-  float (*q)(const uint8_t*, const uint8_t*, const int8_t*, const float*, int64_t);
+  float (*q)(const uint8_t*, const uint8_t*, const int8_t*, const float*, const int32_t*, int64_t);
 
   float operator()(const uint8_t* blocks, const uint8_t* scales, const Act& a,
                    int64_t nb) const {
-    return i8 ? q(blocks, scales, a.q.data(), a.s.data(), nb) : f(blocks, scales, a.xp.data(), nb);
+    return i8 ? q(blocks, scales, a.q.data(), a.s.data(), a.c.data(), nb)
+              : f(blocks, scales, a.xp.data(), nb);
   }
 };
 
@@ -307,7 +391,7 @@ Dot dot_for(int64_t isa) {
   TORCH_CHECK(isa >= 0 && isa <= 3, "mer_mxfp4: isa must be 0..3, got ", isa);
   const bool v = avx2 && (isa == 1 || isa == 2);
   const bool i8 = isa >= 2;
-  return {i8, v ? dot_f32_avx2 : dot_f32_scalar, v ? dot_i8_avx2 : dot_i8_scalar};
+  return {i8, v, v ? dot_f32_avx2 : dot_f32_scalar, v ? dot_i8_avx2 : dot_i8_scalar};
 }
 
 // offs: gate/up blocks, gate/up scales, down blocks, down scales, gate/up bias, down bias.
@@ -344,7 +428,7 @@ void swiglu_many_(at::TensorList ys, const at::Tensor& x, at::TensorList bufs, i
                 obd = offs[5];
   const float* xp = x.data_ptr<float>();
   std::vector<Act> ax(T);
-  for (int64_t t = 0; t < T; ++t) ax[t].prepare(xp + t * D, D, dot.i8);
+  for (int64_t t = 0; t < T; ++t) ax[t].prepare(xp + t * D, D, dot.i8, dot.avx2);
   const int64_t nbx = D / 32, nba = g / 32;
   // gate/up rows and the clamped SwiGLU, parallel over neurons (rows 2i and 2i+1 of a group)
   std::vector<float> a(n * T * g);  // [groups, T, g]
@@ -368,7 +452,9 @@ void swiglu_many_(at::TensorList ys, const at::Tensor& x, at::TensorList bufs, i
     }
   });
   std::vector<Act> aa(n * T);
-  for (int64_t k = 0; k < n * T; ++k) aa[k].prepare(a.data() + k * g, g, dot.i8);
+  at::parallel_for(0, n * T, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) aa[k].prepare(a.data() + k * g, g, dot.i8, dot.avx2);
+  });
   at::parallel_for(0, E * D, 16, [&](int64_t b, int64_t e) {
     for (int64_t idx = b; idx < e; ++idx) {
       const int64_t ex = idx / D, dr = idx % D;
@@ -408,7 +494,7 @@ void linear_(at::Tensor y, const at::Tensor& x, const at::Tensor& blocks, const 
               "mer_mxfp4::linear_: shapes disagree");
   const Dot dot = dot_for(isa);
   std::vector<Act> ax(T);
-  for (int64_t t = 0; t < T; ++t) ax[t].prepare(x.data_ptr<float>() + t * K, K, dot.i8);
+  for (int64_t t = 0; t < T; ++t) ax[t].prepare(x.data_ptr<float>() + t * K, K, dot.i8, dot.avx2);
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   const uint8_t* sp = scales.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
