@@ -108,8 +108,9 @@ def _role(hf: str) -> str:
     return "norm"
 
 
-def _metadata(w, arch: str, c: dict, a) -> None:
-    """The keys llama.cpp's converter writes for ``arch`` (``c``: config.json)."""
+def _metadata(w, arch: str, c: dict, a, old: bool = False) -> None:
+    """The keys llama.cpp's converter writes for ``arch`` (``c``: config.json); ``old``: as
+    DeepSeek files written before the MLA split (no ``*_mla`` keys)."""
     w.add_block_count(a.n_layers + (NEXTN if arch == "glm4moe" else 0))
     w.add_context_length(a.max_position_embeddings)
     w.add_embedding_length(a.hidden_size)
@@ -144,10 +145,14 @@ def _metadata(w, arch: str, c: dict, a) -> None:
             w.add_q_lora_rank(a.q_lora_rank)
         r, dr = a.kv_lora_rank, a.qk_rope_head_dim
         w.add_kv_lora_rank(r)
-        w.add_key_length(r + dr)
-        w.add_value_length(r)
-        w.add_key_length_mla(a.qk_nope_head_dim + dr)
-        w.add_value_length_mla(a.v_head_dim)
+        if old:
+            w.add_key_length(a.qk_nope_head_dim + dr)
+            w.add_value_length(a.v_head_dim)
+        else:
+            w.add_key_length(r + dr)
+            w.add_value_length(r)
+            w.add_key_length_mla(a.qk_nope_head_dim + dr)
+            w.add_value_length_mla(a.v_head_dim)
         w.add_rope_dimension_count(dr)
         if rope.get("mscale_all_dim"):
             w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
@@ -162,11 +167,13 @@ def _metadata(w, arch: str, c: dict, a) -> None:
         w.add_sliding_window(a.sliding_window)
 
 
-def write_family_gguf(name: str, folder: Path, plan: str, seed: int = 0, drop: str = ""):
+def write_family_gguf(name: str, folder: Path, plan: str, seed: int = 0, drop: str = "",
+                      old: bool = False):  # fmt: skip
     """Write ``folder/model.gguf`` for family config ``name`` in block-type plan ``plan``
     (``gguf_models.PLANS``; GPT-OSS experts are MXFP4 unless the plan is ``f32``) and
     ``folder/ref`` (the dequantized checkpoint). ``drop``: a metadata key left out (bad
-    input). Returns (gguf path, ref folder)."""
+    input). ``old``: a DeepSeek file as converters before the MLA split wrote it (one
+    ``attn_kv_b``). Returns (gguf path, ref folder)."""
     import gguf
     import safetensors.torch as st
 
@@ -184,7 +191,7 @@ def write_family_gguf(name: str, folder: Path, plan: str, seed: int = 0, drop: s
     w = gguf.GGUFWriter(str(path), arch=arch)
     if drop:
         w.add_uint32 = _skipping(w.add_uint32, f"{arch}.{drop}")  # type: ignore[method-assign]
-    _metadata(w, arch, c, a)
+    _metadata(w, arch, c, a, old)
     ref = st.load_file(str(src / "model.safetensors"))
 
     def put(gname: str, x: torch.Tensor, ty: str) -> np.ndarray:
@@ -198,7 +205,7 @@ def write_family_gguf(name: str, folder: Path, plan: str, seed: int = 0, drop: s
 
     for hf, _shape in dense_tensor_shapes(a):
         ty = types[_role(hf)]
-        if hf.endswith("kv_b_proj.weight"):  # split per head; the key half transposed
+        if hf.endswith("kv_b_proj.weight") and not old:  # per head; the key half transposed
             layer = hf.split(".")[2]
             h, dn, dv, r = a.n_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
             kvb = ck.get(hf).float().view(h, dn + dv, r)

@@ -127,6 +127,30 @@ def test_metadata_maps_to_the_family_config(case):
         assert a.attn_sinks and a.expert_act == "clamped_swiglu" and not a.yarn_truncate
 
 
+@pytest.mark.parametrize("old", [False, True], ids=["split-f32", "old-kv_b-q8"])
+def test_deepseek2_kv_b_layouts(tmp_path, old):
+    """``attn_k_b``/``attn_v_b`` both F32 are rebuilt in F32 element for element; a file from
+    before the split holds ``attn_kv_b`` itself (here Q8_0 rows, kept as they are)."""
+    import transformers
+
+    path, ref = write_family_gguf("dsv2", tmp_path, "kquant" if old else "f32", old=old)
+    names = GGUFFile(path).tensors
+    assert ("blk.0.attn_kv_b.weight" in names) == old and ("blk.0.attn_k_b.weight" in names) != old
+    convert_gguf(path, tmp_path / "store", progress=False, log=None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref).eval()
+    hf.generation_config.eos_token_id = None
+    ids = list(range(5, 29))
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    with mer.load(tmp_path / "store") as engine:
+        assert rel_err(engine.logits(ids), want) <= 1e-3
+        steps = [s.token for s in engine.generate(ids[:4], max_tokens=8, temperature=0,
+                                                  stop_at_eos=False)]  # fmt: skip
+    with torch.no_grad():
+        assert steps == hf.generate(torch.tensor([ids[:4]]), max_new_tokens=8, do_sample=False,
+                                    pad_token_id=0)[0, 4:].tolist()  # fmt: skip
+
+
 @pytest.mark.parametrize("drop", ["attention.kv_lora_rank", "rope.dimension_count"])
 def test_deepseek2_file_missing_a_key_is_a_named_error(tmp_path, drop):
     path, _ = write_family_gguf("dsv2", tmp_path, "f32", drop=drop)

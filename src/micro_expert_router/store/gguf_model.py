@@ -94,6 +94,11 @@ def family(gf: GGUFFile) -> str:
 
 def _expert_shape(gf: GGUFFile, layer: int) -> tuple[int, int] | None:
     """(I, D) of layer ``layer``'s routed experts, or ``None`` when it has none."""
+    fused = gf.tensors.get(f"blk.{layer}.ffn_gate_up_exps.weight")
+    if fused is not None:
+        raise GGUFError(f"{fused.path}: {fused.name}: gate and up experts fused in one tensor "
+                        "(llama.cpp's --fuse-gate-up-exps) are not supported yet; convert the "
+                        "model without that option")  # fmt: skip
     t = gf.tensors.get(f"blk.{layer}.ffn_gate_exps.weight")
     if t is not None:
         return t.shape[1], t.shape[2]
