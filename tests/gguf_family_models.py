@@ -168,12 +168,13 @@ def _metadata(w, arch: str, c: dict, a, old: bool = False) -> None:
 
 
 def write_family_gguf(name: str, folder: Path, plan: str, seed: int = 0, drop: str = "",
-                      old: bool = False):  # fmt: skip
+                      old: bool = False, shared: int | None = None):  # fmt: skip
     """Write ``folder/model.gguf`` for family config ``name`` in block-type plan ``plan``
     (``gguf_models.PLANS``; GPT-OSS experts are MXFP4 unless the plan is ``f32``) and
     ``folder/ref`` (the dequantized checkpoint). ``drop``: a metadata key left out (bad
     input). ``old``: a DeepSeek file as converters before the MLA split wrote it (one
-    ``attn_kv_b``). Returns (gguf path, ref folder)."""
+    ``attn_kv_b``); ``shared``: a wrong ``expert_shared_count`` to write. Returns (gguf path,
+    ref folder)."""
     import gguf
     import safetensors.torch as st
 
@@ -191,7 +192,7 @@ def write_family_gguf(name: str, folder: Path, plan: str, seed: int = 0, drop: s
     w = gguf.GGUFWriter(str(path), arch=arch)
     if drop:
         w.add_uint32 = _skipping(w.add_uint32, f"{arch}.{drop}")  # type: ignore[method-assign]
-    _metadata(w, arch, c, a, old)
+    _metadata(w, arch, c if shared is None else dict(c, n_shared_experts=shared), a, old)
     ref = st.load_file(str(src / "model.safetensors"))
 
     def put(gname: str, x: torch.Tensor, ty: str) -> np.ndarray:

@@ -157,6 +157,26 @@ def test_deepseek2_file_missing_a_key_is_a_named_error(tmp_path, drop):
     with pytest.raises(GGUFError, match=f"deepseek2.{drop} is missing"):
         convert_gguf(path, tmp_path / "store", progress=False, log=None)
     assert not (tmp_path / "store").exists()
+    if drop == "attention.kv_lora_rank":  # the CLI: the message, no traceback (run_cli checks)
+        from hf_models import run_cli
+
+        p = run_cli("convert", path, tmp_path / "store", "--quiet")
+        assert p.returncode != 0 and "kv_lora_rank is missing" in p.stderr
+
+
+@pytest.mark.parametrize("name,drop,msg", [
+    ("gptoss", "attention.sliding_window", "gpt-oss.attention.sliding_window is missing"),
+    ("glm", "expert_shared_count", "expert_shared_count 1 x expert width"),
+])  # fmt: skip
+def test_glm_and_gpt_oss_bad_metadata_are_named_errors(tmp_path, name, drop, msg):
+    """A GLM file without expert_shared_count reads llama.cpp's default of 1; written as 2 it
+    no longer matches the shared experts' rows."""
+    if drop == "expert_shared_count":
+        path, _ = write_family_gguf(name, tmp_path, "f32", shared=2)
+    else:
+        path, _ = write_family_gguf(name, tmp_path, "f32", drop=drop)
+    with pytest.raises(GGUFError, match=msg.replace("1 x", "2 x")):
+        model_args(GGUFFile(path))
 
 
 def test_cli_convert_and_generate_deepseek2(tmp_path):

@@ -307,9 +307,12 @@ def convert_gguf(
     store = Store.open(dst)
     if log is not None:
         s = store.summary()
+        kept = ("GGUF blocks unchanged" if not gpt_oss else
+                "MXFP4 codes and exponents unchanged, in the checkpoint layout"
+                if fmt.name.startswith("mxfp4") else "dequantized exactly")  # fmt: skip
         log(f"wrote {dst}: {s['architecture']}, {len(entries)} experts x "
             f"{s['expert_bytes'] / 1e6:.2f} MB ({fmt.name}, {s['groups_per_expert']} groups of "
-            f"{group} neurons, GGUF blocks unchanged); dense {s['dense_bytes'] / 1e6:.1f} MB in "
+            f"{group} neurons, {kept}); dense {s['dense_bytes'] / 1e6:.1f} MB in "
             f"their GGUF types; tokenizer: {', '.join(copied) or 'none'}; "
             f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
         for r in source.report:
