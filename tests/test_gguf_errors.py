@@ -124,8 +124,8 @@ def test_unsupported_block_type_names_tensor_type_and_supported(tmp_path):
 
 
 def test_unsupported_architectures(tmp_path):
-    for arch, msg in (("deepseek2", "not supported yet"), ("gpt-oss", "not supported yet"),
-                      ("glm4moe", "not supported yet"), ("falcon", "not supported")):  # fmt: skip
+    for arch, msg in (("deepseek", "DeepSeek-MoE v1"), ("glm4", "dense GLM-4"),
+                      ("falcon", "not supported")):  # fmt: skip
         with pytest.raises(GGUFError, match=msg):
             model_args(GGUFFile(_tiny(tmp_path / f"{arch}.gguf", arch=arch)))
     p = _tiny(tmp_path / "dense.gguf", arch="llama")

@@ -38,6 +38,7 @@ from ..kernels.quality import rel_l2
 from .convert import EXPERT_FILE, _progress
 from .experts import Packed, default_workers, write_extents
 from .format import FORMAT_NAME, FORMAT_VERSION, Store, checksum, place_store
+from .gguf_families import SplitKvB, kv_b
 from .gguf_file import PAGE, GGUFFile, TensorInfo
 from .gguf_model import dense_tensors, expert_tensors, model_args, unpermute_rows
 
@@ -58,11 +59,11 @@ def is_gguf(path: str | Path) -> bool:
 class _Source:
     """Reads tensors from the GGUF, requantizing unsupported types when asked."""
 
-    def __init__(self, gf: GGUFFile, requantize: str | None) -> None:
+    def __init__(self, gf: GGUFFile, requantize: str | None, args: Any = None) -> None:
         if requantize is not None and requantize not in REQUANTIZE:
             raise StoreError(f"--requantize {requantize!r}: only {', '.join(REQUANTIZE)} is "
                              "supported")  # fmt: skip
-        self.gf, self.requantize = gf, requantize
+        self.gf, self.requantize, self.args = gf, requantize, args
         self.report: list[dict[str, Any]] = []
 
     def type_of(self, t: TensorInfo) -> BlockType:
@@ -102,9 +103,12 @@ def _write_dense(src: _Source, path: Path, items) -> list[list[Any]]:
     w = gguf.GGUFWriter(str(path), arch="mer-dense")
     index = []
     for name, shape, t, perm in items:
-        bt = src.type_of(t)
         n = shape[0] if len(shape) == 2 else 1
-        raw = np.frombuffer(src.read(t, rows=n), dtype=np.uint8).reshape(n, -1)
+        if isinstance(t, SplitKvB):  # MLA's kv_b_proj, split by the converter: rebuilt
+            raw, bt = kv_b(src.gf.read, t, src.args)
+        else:
+            bt = src.type_of(t)
+            raw = np.frombuffer(src.read(t, rows=n), dtype=np.uint8).reshape(n, -1)
         if perm is not None:
             raw = raw[perm]  # whole rows of blocks: lossless
         byte_shape = list(raw.shape) if len(shape) == 2 else [raw.shape[1]]
@@ -244,9 +248,16 @@ def convert_gguf(
     if dst.exists() and not force:
         raise StoreError(f"{dst}: already exists; choose another destination or pass --force "
                          "to replace it")  # fmt: skip
-    source = _Source(gf, requantize)
-    fmt = _expert_format(source, args)
+    source = _Source(gf, requantize, args)
+    gpt_oss = gf.arch == "gpt-oss"
+    if gpt_oss:  # biases and the clamped SwiGLU: the GPT-OSS formats (gguf_gptoss.py)
+        from . import gguf_gptoss
+
+        fmt: Any = gguf_gptoss.expert_format(gf, args)
+    else:
+        fmt = _expert_format(source, args)
     group = choose_group(fmt, args.expert_inter)
+    layout = fmt.layout_tag() if hasattr(fmt, "layout_tag") else fmt.name
     dense_items = [(n, s, t, unpermute_rows(gf, args, n)) for n, s, t in dense_tensors(gf, args)]
     dst.parent.mkdir(parents=True, exist_ok=True)
     for stale in dst.parent.glob(f".{dst.name}.partial-*"):
@@ -262,7 +273,11 @@ def convert_gguf(
         with open(tmp / EXPERT_FILE, "wb") as f, bar:
             reader = _ExpertReader(source, args, keys)
             try:
-                pack = _Packer(fmt, args, group, per_expert, reader.release)
+                if gpt_oss:
+                    pack: Any = gguf_gptoss.GptOssPacker(gf, fmt, args, group, per_expert,
+                                                         reader.release)  # fmt: skip
+                else:
+                    pack = _Packer(fmt, args, group, per_expert, reader.release)
                 entries, _ = write_extents(keys, reader, pack, f, workers=default_workers(),
                                            progress=bar.update)  # fmt: skip
             finally:
@@ -276,7 +291,7 @@ def convert_gguf(
             indent=1))  # fmt: skip
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "model": args.to_dict(),
-            "expert_format": fmt.name, "layout": fmt.name, "group": group,
+            "expert_format": fmt.name, "layout": layout, "group": group,
             "dense": {"file": DENSE_GGUF, "format": "gguf", "dtype": "gguf",
                       "tensors": dense_index},
             "expert_files": [EXPERT_FILE], "experts": entries,
@@ -292,9 +307,12 @@ def convert_gguf(
     store = Store.open(dst)
     if log is not None:
         s = store.summary()
+        kept = ("GGUF blocks unchanged" if not gpt_oss else
+                "MXFP4 codes and exponents unchanged, in the checkpoint layout"
+                if fmt.name.startswith("mxfp4") else "dequantized exactly")  # fmt: skip
         log(f"wrote {dst}: {s['architecture']}, {len(entries)} experts x "
             f"{s['expert_bytes'] / 1e6:.2f} MB ({fmt.name}, {s['groups_per_expert']} groups of "
-            f"{group} neurons, GGUF blocks unchanged); dense {s['dense_bytes'] / 1e6:.1f} MB in "
+            f"{group} neurons, {kept}); dense {s['dense_bytes'] / 1e6:.1f} MB in "
             f"their GGUF types; tokenizer: {', '.join(copied) or 'none'}; "
             f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
         for r in source.report:

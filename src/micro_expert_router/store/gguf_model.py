@@ -2,11 +2,13 @@
 GGUF tensor that holds each dense tensor (by its HuggingFace name) and each routed expert.
 
 GGUF architecture names map to the engine's families: ``llama`` with experts (Mixtral),
-``qwen2moe``, ``qwen3moe``, ``olmoe``. llama.cpp's converter permutes the rows of ``attn_q`` and
-``attn_k`` for ``llama`` (its RoPE pairs adjacent dimensions, HF's pairs the two halves);
-``unpermute_rows`` gives the row order that undoes it, applied to whole rows of blocks, so it is
-lossless. Routed experts are stacked (``blk.N.ffn_gate_exps.weight``, ``[E, I, D]``) or, in
-older Mixtral files, one tensor per expert (``blk.N.ffn_gate.E.weight``).
+``qwen2moe``, ``qwen3moe``, ``olmoe``, ``deepseek2`` (DeepSeek-V2/V3, Kimi-K2),
+``glm4moe`` (GLM-4.5) and ``gpt-oss``; ``gguf_families.py`` reads the last three's metadata.
+llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` for ``llama`` (its RoPE
+pairs adjacent dimensions, HF's pairs the two halves); ``unpermute_rows`` gives the row order
+that undoes it, applied to whole rows of blocks, so it is lossless. Routed experts are stacked
+(``blk.N.ffn_gate_exps.weight``, ``[E, I, D]``) or, in older Mixtral files, one tensor per
+expert (``blk.N.ffn_gate.E.weight``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from typing import Any
 from ..checkpoint import dense_tensor_shapes
 from ..config import ModelArgs
 from ..errors import ConfigError, GGUFError
-from .gguf_file import GGUFFile, TensorInfo
+from .gguf_families import CONFIGS, HF_ARCH, n_layers, split_kv_b
+from .gguf_file import GGUFFile
 
 FAMILIES = {"qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
-            "olmoe": "OlmoeForCausalLM", "llama": "MixtralForCausalLM"}  # fmt: skip
-NOT_YET = ("deepseek2", "glm4moe", "gpt-oss", "deepseek", "glm4")
-NORM_TOPK_DEFAULT = {"qwen2moe": False, "qwen3moe": True, "olmoe": False, "llama": True}
+            "olmoe": "OlmoeForCausalLM", "llama": "MixtralForCausalLM", **HF_ARCH}  # fmt: skip
+NOT_YET = ("deepseek", "glm4")  # DeepSeek-MoE v1; GLM-4 (dense)
+NORM_TOPK_DEFAULT = {"qwen2moe": False, "qwen3moe": True, "olmoe": False, "llama": True,
+                     "deepseek2": False, "glm4moe": False, "gpt-oss": True}  # fmt: skip
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -39,26 +43,45 @@ _LAYER_NAMES = {
     "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    # DeepSeek (MLA) and GLM-4.5
+    "self_attn.q_a_proj.weight": "attn_q_a.weight", "self_attn.q_a_proj.bias": "attn_q_a.bias",
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_proj_with_mqa.bias": "attn_kv_a_mqa.bias",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+    "self_attn.kv_b_proj.weight": "attn_kv_b.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    # GPT-OSS
+    "self_attn.sinks": "attn_sinks.weight", "mlp.router.weight": "ffn_gate_inp.weight",
+    "mlp.router.bias": "ffn_gate_inp.bias",
 }  # fmt: skip
+# GLM-4.5 and GPT-OSS name the norm before the MLP ``post_attention_norm``
+_ARCH_NAMES = {a: {"post_attention_layernorm.weight": "post_attention_norm.weight"}
+               for a in ("glm4moe", "gpt-oss")}  # fmt: skip
 
 
-def gguf_name(hf_name: str) -> str:
-    """The GGUF tensor name of a dense tensor's HuggingFace name."""
+def gguf_name(hf_name: str, arch: str = "") -> str:
+    """The GGUF tensor name of a dense tensor's HuggingFace name (in architecture ``arch``)."""
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
            "output_norm.weight", "lm_head.weight": "output.weight"}  # fmt: skip
     if hf_name in top:
         return top[hf_name]
     parts = hf_name.split(".", 3)  # model, layers, i, rest
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_NAMES:
-        return f"blk.{parts[2]}.{_LAYER_NAMES[parts[3]]}"
+    names = {**_LAYER_NAMES, **_ARCH_NAMES.get(arch, {})}
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in names:
+        return f"blk.{parts[2]}.{names[parts[3]]}"
     raise ConfigError(f"no GGUF name for tensor {hf_name}")
 
 
 def family(gf: GGUFFile) -> str:
     arch = gf.arch
     if arch in NOT_YET:
-        raise GGUFError(f"{gf.path}: GGUF architecture {arch!r} (DeepSeek/GLM/GPT-OSS) is not "
-                        "supported yet: the engine does not run that family; supported: "
+        raise GGUFError(f"{gf.path}: GGUF architecture {arch!r} (DeepSeek-MoE v1 / dense GLM-4) "
+                        "is not supported: the engine does not run that family; supported: "
                         f"{', '.join(FAMILIES)} (llama with experts = Mixtral)")  # fmt: skip
     if arch not in FAMILIES:
         raise GGUFError(f"{gf.path}: GGUF architecture {arch!r} is not supported; supported: "
@@ -71,6 +94,11 @@ def family(gf: GGUFFile) -> str:
 
 def _expert_shape(gf: GGUFFile, layer: int) -> tuple[int, int] | None:
     """(I, D) of layer ``layer``'s routed experts, or ``None`` when it has none."""
+    fused = gf.tensors.get(f"blk.{layer}.ffn_gate_up_exps.weight")
+    if fused is not None:
+        raise GGUFError(f"{fused.path}: {fused.name}: gate and up experts fused in one tensor "
+                        "(llama.cpp's --fuse-gate-up-exps) are not supported yet; convert the "
+                        "model without that option")  # fmt: skip
     t = gf.tensors.get(f"blk.{layer}.ffn_gate_exps.weight")
     if t is not None:
         return t.shape[1], t.shape[2]
@@ -91,10 +119,10 @@ def model_args(gf: GGUFFile) -> ModelArgs:
             raise GGUFError(f"{gf.path}: metadata key {arch}.{name} is missing")
         return v
 
-    n_layers = int(key("block_count", required=True))
+    layers = n_layers(gf, arch, key)
     hidden = int(key("embedding_length", required=True))
     n_heads = int(key("attention.head_count", required=True))
-    moe = [_expert_shape(gf, i) for i in range(n_layers)]
+    moe = [_expert_shape(gf, i) for i in range(layers)]
     shapes = {s for s in moe if s is not None}
     if not shapes:
         raise GGUFError(f"{gf.path}: no routed expert tensors (blk.N.ffn_gate_exps.weight)")
@@ -103,7 +131,7 @@ def model_args(gf: GGUFFile) -> ModelArgs:
     inter = shapes.pop()[0]
     dense_layers = [i for i, s in enumerate(moe) if s is None]
     cfg: dict[str, Any] = {
-        "architectures": [FAMILIES[arch]], "hidden_size": hidden, "num_hidden_layers": n_layers,
+        "architectures": [FAMILIES[arch]], "hidden_size": hidden, "num_hidden_layers": layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": int(key("attention.head_count_kv", n_heads)),
         "head_dim": int(key("attention.key_length", hidden // n_heads)),
@@ -135,22 +163,39 @@ def model_args(gf: GGUFFile) -> ModelArgs:
         cfg["clip_qkv"] = float(key("attention.clamp_kqv"))
     if key("attention.sliding_window"):
         cfg["sliding_window"] = int(key("attention.sliding_window"))
-    shexp = next((gf.tensors[n] for i in range(n_layers)
+    shexp = next((gf.tensors[n] for i in range(layers)
                   if (n := f"blk.{i}.ffn_gate_shexp.weight") in gf.tensors), None)  # fmt: skip
     if shexp is not None:
         cfg["shared_expert_intermediate_size"] = shexp.shape[0]
+    if arch in CONFIGS:
+        cfg = CONFIGS[arch](gf, key, cfg, inter)
     try:
-        return ModelArgs.from_hf(cfg, where=str(gf.path))
+        args = ModelArgs.from_hf(cfg, where=str(gf.path))
     except ConfigError as e:
         raise GGUFError(str(e)) from None
+    found = tuple(s is not None for s in moe)
+    if args.moe_layers != found:
+        raise GGUFError(f"{gf.path}: the metadata makes layers "
+                        f"{[i for i, m in enumerate(args.moe_layers) if m]} mixture-of-experts, "
+                        f"but routed expert tensors are in layers "
+                        f"{[i for i, m in enumerate(found) if m]}")  # fmt: skip
+    return args
 
 
-def dense_tensors(gf: GGUFFile, args: ModelArgs) -> list[tuple[str, tuple[int, ...], TensorInfo]]:
+def dense_tensors(gf: GGUFFile, args: ModelArgs) -> list[tuple[str, tuple[int, ...], Any]]:
     """(HF name, HF shape, GGUF tensor) of every dense tensor; shapes checked (a ``[D]`` GGUF
-    vector may stand for a ``[1, D]`` HF matrix)."""
-    out = []
+    vector may stand for a ``[1, D]`` HF matrix). MLA's ``kv_b_proj`` may come as a
+    ``gguf_families.SplitKvB`` (the file holds it split into ``attn_k_b`` / ``attn_v_b``)."""
+    arch = gf.arch
+    out: list[tuple[str, tuple[int, ...], Any]] = []
     for name, shape in dense_tensor_shapes(args):
-        t = gf.tensor(gguf_name(name))
+        g = gguf_name(name, arch)
+        if g.endswith("attn_kv_b.weight") and g not in gf.tensors:
+            layer = int(name.split(".")[2])
+            if f"blk.{layer}.attn_k_b.weight" in gf.tensors:
+                out.append((name, tuple(shape), split_kv_b(gf, layer, args)))
+                continue
+        t = gf.tensor(g)
         ok = tuple(t.shape) == tuple(shape) or (len(shape) == 2 and shape[0] == 1
                                                 and tuple(t.shape) == (shape[1],))  # fmt: skip
         if not ok:

@@ -70,12 +70,12 @@ def _llama(tokens: list[str], scores: list[float]):
 def build_tokenizer(gf: GGUFFile) -> tuple[Any, dict[str, Any]] | None:
     """(``tokenizers.Tokenizer``, tokenizer_config dict), or ``None`` when the file has no
     tokenizer of a kind MER rebuilds."""
-    from tokenizers import AddedToken, processors
-
     kind = gf.get("tokenizer.ggml.model")
     tokens = gf.get("tokenizer.ggml.tokens")
     if kind not in ("gpt2", "llama") or not tokens:
         return None
+    from tokenizers import AddedToken, processors  # only when there is one to build
+
     if kind == "gpt2":
         tok = _gpt2(tokens, gf.get("tokenizer.ggml.merges") or [], gf.get("tokenizer.ggml.pre"))
     else:
