@@ -136,6 +136,9 @@ def child_mer(a: argparse.Namespace) -> None:
         reads = max(r1.reads - r0.reads, 1)
         extra = {"read_ms_per_read": 1e3 * (r1.read_s - r0.read_s) / reads,
                  "disk_busy_ms_per_tok": 1e3 * (r1.busy_s - r0.busy_s) / a.n}  # fmt: skip
+    # medians: robust to the load spikes of a shared machine, unlike decode_tps
+    extra["median_ms_per_tok"] = 1e3 * statistics.median(w for w, _, _ in steps)
+    extra["median_io_wait_ms_per_tok"] = 1e3 * statistics.median(io for _, _, io in steps)
     hit = [w for w, m, _ in steps if m == 0]
     miss = [(w - io, m) for w, m, io in steps if m]
     if hit:  # a token with no miss runs as resident: the rest of a miss token is overhead
