@@ -62,8 +62,9 @@ def run(a: argparse.Namespace, limit: int, router: str | None, cfg: dict) -> dic
     job = json.dumps({"limit": limit, "router": router, "cfg": cfg})
     r = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", job],
                        capture_output=True, text=True)  # fmt: skip
-    if r.returncode != 0:
-        raise RuntimeError(f"configuration {cfg} failed:\n{r.stderr[-3000:]}")
+    if r.returncode != 0:  # reported and skipped (a BudgetError, a trace of another shape)
+        last = [x for x in r.stderr.strip().splitlines() if x.strip()] or [f"exit {r.returncode}"]
+        return {"error": last[-1][-300:]}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -111,8 +112,14 @@ def measure(a, limit, router, cfgs: list[dict], results: dict) -> None:
             results.setdefault(key(cfg), (cfg, []))[1].append(out)
 
 
+def ok(outs: list[dict]) -> list[dict]:
+    return [o for o in outs if "error" not in o]
+
+
 def median_tps(results: dict, cfg: dict) -> float:
-    return statistics.median(o["decode_tps"] for o in results[key(cfg)][1])
+    """Median decode tok/s of a configuration; 0 if every run of it failed."""
+    outs = ok(results[key(cfg)][1])
+    return statistics.median(o["decode_tps"] for o in outs) if outs else 0.0
 
 
 def sweep(a, limit, router) -> tuple[dict, dict]:
@@ -143,7 +150,11 @@ def table(router: str, best: dict, results: dict) -> str:
     lines = [f"Router: {router}. Decode tok/s (median of the repeats), hit rate, MB read/token.",
              "", "| policy | prefetch | I/O threads | chunk KiB | decode tok/s | hit rate | "
              "MB/token |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for k, (_, outs) in results.items():
+    for k, (_, runs) in results.items():
+        outs = ok(runs)
+        if not outs:
+            lines.append(f"| {k} | failed: {runs[-1]['error']} | | |")
+            continue
         med = {f: statistics.median(o[f] for o in outs)
                for f in ("decode_tps", "hit_rate", "mb_read_per_token")}  # fmt: skip
         mark = " **(chosen)**" if k == key(best) else ""
@@ -194,6 +205,9 @@ def main() -> int:
         spec = None if router == "gates" else router
         best, results = sweep(a, limit, spec)
         print(table(router, best, results), flush=True)
+        if not any(ok(runs) for _, runs in results.values()):
+            chosen.append(f"{router.split('/')[-1]}: every configuration failed")
+            continue
         chosen.append(f"{router.split('/')[-1]}: {key(best)}")
     print("winners (policy | prefetch | I/O threads | chunk KiB): " + "; ".join(chosen)
           + f" | limit {limit} bytes | loadavg {loadavg()}", flush=True)  # fmt: skip

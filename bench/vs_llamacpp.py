@@ -49,8 +49,54 @@ def _ids(seed: int, n: int, vocab: int) -> list[int]:
 
 def _report(t: dict) -> None:
     t.update(peak_rss_bytes=_status_bytes("VmHWM"), rss_anon_bytes=_status_bytes("RssAnon"),
+             rss_shmem_bytes=_status_bytes("RssShmem"), rss_file_bytes=_status_bytes("RssFile"),
              major_faults=resource.getrusage(resource.RUSAGE_SELF).ru_majflt)  # fmt: skip
     print(json.dumps(t), flush=True)
+
+
+def _cgroup_dir() -> Path | None:
+    """This process's cgroup-v1 memory group (None outside one)."""
+    for line in open("/proc/self/cgroup"):
+        _, ctrl, rel = line.rstrip("\n").split(":", 2)
+        if "memory" in ctrl.split(",") and rel not in ("", "/"):
+            return Path(CG_ROOT) / rel.lstrip("/")
+    return None
+
+
+CG_EVENTS = ("pgmajfault", "pgfault", "pgpgin", "pgpgout")  # counters: deltas over the decode
+CG_LEVELS = ("cache", "rss", "shmem", "mapped_file", "active_file", "inactive_file")
+
+
+class Probe:
+    """Load-independent counters of a decode, read before and after: CPU time in user and
+    kernel mode, page faults, and (inside a memory cgroup) the group's fault and paging
+    events, how often it hit its limit (``failcnt``) and what its memory is made of."""
+
+    def __init__(self) -> None:
+        self.cg = _cgroup_dir()
+        self.before = self._read()
+
+    def _read(self) -> dict[str, float]:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        d = {"utime_s": r.ru_utime, "stime_s": r.ru_stime, "minflt": r.ru_minflt,
+             "majflt": r.ru_majflt, "wall_s": time.perf_counter()}  # fmt: skip
+        if self.cg is not None:
+            stat = dict(x.split() for x in (self.cg / "memory.stat").read_text().splitlines())
+            d.update({f"cg_{k}": int(stat[k]) for k in CG_EVENTS + CG_LEVELS if k in stat})
+            d["cg_failcnt"] = int((self.cg / "memory.failcnt").read_text())
+        return d
+
+    def per_token(self, n: int) -> dict[str, float]:
+        """Per decode token: CPU seconds (user, system), faults and cgroup events; the
+        group's memory make-up (bytes) at the end."""
+        now = self._read()
+        out = {}
+        for k, v in now.items():
+            if k[3:] in CG_LEVELS:
+                out[k + "_bytes"] = v
+            else:
+                out[k + "_per_tok"] = (v - self.before[k]) / n
+        return out
 
 
 def child_mer(a: argparse.Namespace) -> None:
@@ -73,14 +119,42 @@ def child_mer(a: argparse.Namespace) -> None:
         t1 = time.perf_counter()
         before_faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         before = stats.snapshot()
+        reader = getattr(eng.provider, "reader", None)
+        r0 = reader.stats if reader is not None else None
+        probe = Probe()
+        steps = []
         for tok in feed:
+            s0, w0 = stats.snapshot(), time.perf_counter()
             model.forward(torch.tensor([tok]), kv, last_only=True)
+            ds = stats.minus(s0)
+            steps.append((time.perf_counter() - w0, ds.misses, ds.io_wait_s))
         t2 = time.perf_counter()
     d = stats.minus(before)
+    extra = {}
+    if r0 is not None:
+        r1 = reader.stats
+        reads = max(r1.reads - r0.reads, 1)
+        extra = {"read_ms_per_read": 1e3 * (r1.read_s - r0.read_s) / reads,
+                 "disk_busy_ms_per_tok": 1e3 * (r1.busy_s - r0.busy_s) / a.n}  # fmt: skip
+    # medians: robust to the load spikes of a shared machine, unlike decode_tps
+    extra["median_ms_per_tok"] = 1e3 * statistics.median(w for w, _, _ in steps)
+    extra["median_io_wait_ms_per_tok"] = 1e3 * statistics.median(io for _, _, io in steps)
+    hit = [w for w, m, _ in steps if m == 0]
+    miss = [(w - io, m) for w, m, io in steps if m]
+    if hit:  # a token with no miss runs as resident: the rest of a miss token is overhead
+        extra["all_hit_tokens"] = len(hit)
+        extra["all_hit_ms_per_tok"] = 1e3 * statistics.median(hit)
+    if miss:
+        extra["miss_tokens_compute_ms_per_tok"] = 1e3 * statistics.median(w for w, _ in miss)
+    memory = getattr(eng, "memory", None)
     _report({"prompt_tps": len(prompt) / (t1 - t0), "decode_tps": a.n / (t2 - t1),
              "decode_hit_rate": d.hits / max(d.experts_needed, 1),
              "decode_major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt
-             - before_faults})  # fmt: skip
+             - before_faults, "decode_mb_read_per_tok": d.bytes_read / 1e6 / a.n,
+             "decode_misses_per_tok": d.misses / a.n,
+             "decode_io_wait_ms_per_tok": 1e3 * d.io_wait_s / a.n,
+             "cache_mb": getattr(memory, "cache", 0) / 1e6,
+             **extra, **probe.per_token(a.n)})  # fmt: skip
 
 
 def child_llama(a: argparse.Namespace) -> None:
@@ -148,7 +222,7 @@ def run_child(a: argparse.Namespace, engine: str, extra: list[str], python: str)
             while f.read(64 << 20):
                 pass
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    cmd = [python, os.path.abspath(__file__), "--child", engine, *extra, *a.argv]
+    cmd = [python, os.path.abspath(__file__), "--child", engine, *a.argv, *extra]  # extra wins
     try:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=pre, env=env)
         lines = p.stdout.strip().splitlines()
@@ -179,10 +253,14 @@ def main() -> None:
     ap.add_argument("--limit", help="memory limit: bytes (K/M/G) or a multiple of the GGUF (0.83x)")
     ap.add_argument("--read-ahead-kb", type=int, help="set the disk's read_ahead_kb for the run")
     ap.add_argument("--mer-options", default="{}", help="JSON of extra mer.load options")
+    ap.add_argument("--mer-b", help="JSON of mer.load options for a second MER variant 'mer:b' "
+                    "(run ABAB with 'mer'; the last line then also gives mer/mer:b)")
+    ap.add_argument("--engines", default="mer,llama", help="which to run: mer,llama (or one)")
     ap.add_argument("--cache-mb", type=float, help="MER's cache under --limit (if no memory_limit)")
     ap.add_argument("--child", choices=["mer", "llama"])
     ap.add_argument("--repack", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--limit-bytes", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child_mer(a) if a.child == "mer" else child_llama(a)
@@ -203,16 +281,22 @@ def main() -> None:
     old_ra = ra.read_text().strip() if ra else None
     if ra and a.read_ahead_kb is not None:
         ra.write_text(str(a.read_ahead_kb))
-    variants = [("mer", [], sys.executable)]
+    engines = set(a.engines.split(","))
+    variants = [("mer", [], sys.executable)] if "mer" in engines else []
+    if a.mer_b is not None:
+        b = {**opts, **json.loads(a.mer_b)}
+        variants.append(("mer", ["--mer-options", json.dumps(b), "--variant", "mer:b"],
+                         sys.executable))  # fmt: skip
     llama = [("llama", ["--no-repack"], a.llama_python)]
     if a.limit_bytes is None:
         llama.insert(0, ("llama", ["--repack"], a.llama_python))
-    variants += llama
+    variants += llama if "llama" in engines else []
     res: dict[str, list[dict]] = {}
     try:
         for r in range(a.rounds):
             for engine, extra, py in variants:
-                name = engine + ("" if engine == "mer" else extra[0].replace("--", ":"))
+                name = (extra[-1] if "--variant" in extra else
+                        engine if engine == "mer" else engine + extra[0].replace("--", ":"))
                 out = run_child(a, engine, extra, py)
                 ra_now = ra.read_text().strip() if ra else None
                 out.update(round=r, variant=name, read_ahead_kb=ra_now)

@@ -17,9 +17,12 @@ This module owns three things:
     the prefetch slots, and a split layer's top-pool read slots);
   - runtime: this process's resident set (``VmRSS``) measured when loading starts (Python,
     torch, the tokenizer, anything the caller holds), plus ``SCRATCH_BYTES`` for the forward
-    pass's activations and the allocator's slack. VmRSS includes shared library pages, which
-    a cgroup is charged for only if this process faulted them in first (as after a cache
-    drop): an upper bound.
+    pass's activations and the allocator's slack, plus ``PAGE_CACHE_BYTES`` for the file
+    pages a memory cgroup charges beside the anonymous memory: library code the first steps
+    fault in after load starts, the page cache of files read (Python modules, the manifest,
+    the tokenizer) and the page tables of the pool. VmRSS includes shared library pages,
+    which a cgroup is charged for only if this process faulted them in first (as after a
+    cache drop): an upper bound.
 
   ``cache = limit - (dense + kv + pool staging + runtime)``. If that is negative the load fails
   with a ``BudgetError`` naming every cost. If every expert fits, every expert is cached. An
@@ -40,6 +43,13 @@ from .errors import BudgetError, ConfigError
 
 MEM_AVAILABLE_FRACTION = 0.8  # share of MemAvailable taken when no cgroup limit applies
 SCRATCH_BYTES = 96 * 2**20  # activations of a step (prompts of a few hundred tokens), slack
+# File pages beside the RSS at load: measured on the olmoe-like store in a cgroup-v1 group
+# (bench/vs_llamacpp.py --limit 0.83x): RssFile grows 69 -> 83 MiB from load start to decode,
+# about 55 MiB of unmapped page cache (modules, manifest), 6 MiB of page tables for 3 GB. With
+# the pool populated up front (io/pool.py) and no room left for them, the decode's library code
+# was evicted and faulted back (1,558 major faults in a 32-token run against 89 with room).
+PAGE_CACHE_BYTES = 64 * 2**20
+RUNTIME_EXTRA = SCRATCH_BYTES + PAGE_CACHE_BYTES  # added to the RSS measured at load start
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -188,7 +198,7 @@ class MemorySplit:
     dense: int
     kv: int
     pool_staging: int
-    runtime: int  # RSS at load start + SCRATCH_BYTES
+    runtime: int  # RSS at load start + RUNTIME_EXTRA
     cache: int  # the expert cache's budget
     experts_total: int  # bytes of every expert as the cache would hold them
     cache_source: str  # "limit" | "all experts fit" | "cache_bytes" | "plan"
@@ -218,7 +228,7 @@ def split(
     """Share ``limit`` out (see the module docstring). ``enforce=False`` reports without
     failing (a checkpoint folder whose limit was not asked for)."""
     lim, source = limit
-    runtime = runtime_rss + SCRATCH_BYTES
+    runtime = runtime_rss + RUNTIME_EXTRA
     fixed = dense + kv + pool_staging + runtime
     free = lim - fixed
     if cache_bytes is not None:
@@ -234,7 +244,8 @@ def split(
             f"dense weights {dense / mb:.0f} MB + KV cache at max_context {kv / mb:.0f} MB + "
             f"buffer-pool staging slots {pool_staging / mb:.0f} MB + runtime "
             f"{runtime / mb:.0f} MB (process RSS at load {runtime_rss / mb:.0f} MB + scratch "
-            f"{SCRATCH_BYTES / mb:.0f} MB) = {fixed / mb:.0f} MB; raise the limit, lower "
+            f"{SCRATCH_BYTES / mb:.0f} MB + page cache {PAGE_CACHE_BYTES / mb:.0f} MB) = "
+            f"{fixed / mb:.0f} MB; raise the limit, lower "
             f"max_context, or use a smaller dtype (e.g. --dtype bfloat16)"
         )
     return MemorySplit(lim, source, dense, kv, pool_staging, runtime, cache, experts_total, why)

@@ -465,6 +465,10 @@ class StreamingProvider:
         self.drop_prefetches(wait_reads=True)
         self.cache.clear()
         self.reader.close()
+        # the pools are populated (io/pool.py): unmap them now, not at garbage collection, so
+        # a closed engine gives its memory back before the next one measures its RSS
+        for pool in (self.pool, *self.top_pools.values()):
+            pool.close()
 
 
 def read_plan(path: str | Path, store: Store):
