@@ -116,8 +116,9 @@ def _rows_native(fmt: ExpertFormat, x: torch.Tensor, views: Sequence[object]) ->
     if len(dims) != 1 or None in dims:
         return None
     d, g = next(iter(dims))  # type: ignore[misc]
-    if d % 32 or g % 32 or (fmt.name == "q4" and (native.q4_block_rows() is None
-                                                  or views[0].block % 32)):  # type: ignore[attr-defined]
+    if d % 32 or g % 32:
+        return None
+    if fmt.name == "q4" and (native.q4_block_rows() is None or views[0].block % 32):  # type: ignore[attr-defined]
         return None
     if _native_x(fmt, x, d) is None:
         return None
