@@ -77,6 +77,25 @@ def test_q4_error_bound_and_bits():
 
 
 @needs_native
+def test_native_q4_dequantize_bit_exact():
+    """The GEMM path's native dequantization (scalar and AVX2, 1 and 2 threads, any row range)
+    gives the torch expression's bits and the NumPy reference's."""
+    dw = Q4Dense.quantize(matrix(131, 320, 7))
+    want = dref.dequantize_q4(dw.packed.numpy(), dw.sz.view(torch.uint16).numpy())
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for isa in (0, 1):
+                for r0, r1 in ((0, 131), (3, 70), (130, 131)):
+                    got = dw.native_dequantize(r0, r1, isa)
+                    assert np.array_equal(got.numpy(), want[r0:r1]), (threads, isa, r0, r1)
+                    assert torch.equal(got, Q4Dense._decode(dw.packed[r0:r1], dw.sz[r0:r1]))
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
 def test_activation_quantization_bit_exact():
     x = torch.randn(3, 256) * torch.linspace(0.01, 10, 256)
     x[1, :32] = 0.0

@@ -10,7 +10,12 @@ import torch
 
 from micro_expert_router.kernels import attention
 from micro_expert_router.kernels.attention import decode_attention_torch
-from micro_expert_router.kernels.layer_ops import rms_norm, rms_norm_torch, rope_attend
+from micro_expert_router.kernels.layer_ops import (
+    rms_norm,
+    rms_norm_torch,
+    rope_attend,
+    router_topk,
+)
 
 needs_native = pytest.mark.skipif(not attention.available(), reason="no native layer ops here")
 
@@ -69,3 +74,37 @@ def test_rope_attend_declines_other_dtypes():
     k = torch.zeros(2, 4, dtype=torch.bfloat16)
     c = torch.zeros(2, 8, 4)
     assert rope_attend(q, k, k, c, c, torch.ones(4), torch.zeros(4), 0, 0.5) is None
+
+
+@needs_native
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("e,k,d", [(64, 8, 2048), (8, 2, 100), (60, 4, 64)])
+def test_router_topk_matches_float64_reference(wdtype, norm, e, k, d):
+    """Same experts in the same order as float64 softmax + top-k, weights within 1e-5
+    relative (the logits' sum order differs from torch's GEMV, the experts may not)."""
+    g = torch.Generator().manual_seed(e + k + d)
+    x = torch.randn(5, d, generator=g)
+    w = (torch.randn(e, d, generator=g) * d**-0.5).to(wdtype)
+    got = router_topk(x, w, k, norm)
+    assert got is not None
+    ids, wts = got
+    p = torch.softmax(x.double() @ w.double().T, dim=-1)  # [T, E]
+    want_w, want_ids = torch.topk(p, k, dim=-1)
+    if norm:
+        want_w = want_w / want_w.sum(dim=-1, keepdim=True)
+    assert ids.dtype == torch.int64 and wts.dtype == torch.float32
+    assert torch.equal(ids, want_ids)
+    assert torch.allclose(wts.double(), want_w, rtol=1e-5, atol=1e-7)
+
+
+@needs_native
+def test_router_topk_ties_go_to_the_lower_id_and_bad_shapes_fail():
+    x = torch.ones(1, 16)
+    w = torch.zeros(6, 16)
+    w[3] = w[5] = 1.0  # experts 3 and 5 tie for first, the other four for third
+    ids, wts = router_topk(x, w, 3, False)
+    assert ids.tolist() == [[3, 5, 0]]
+    assert router_topk(x.double(), w, 3, False) is None  # other dtypes: the torch path
+    with pytest.raises(RuntimeError, match="router_topk_"):
+        router_topk(x, w, 7, False)  # K > E

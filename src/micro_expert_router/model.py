@@ -28,11 +28,11 @@ from .kernels import expert_forward
 from .kernels.attention import decode_attention
 from .kernels.dense import embedding, fuse_rows, linear
 from .kernels.experts import experts_forward, experts_rows, experts_stack, moe_combine
-from .kernels.layer_ops import rope_attend
+from .kernels.layer_ops import rope_attend, router_topk
 from .models.mla import MLA, LatentCache
 from .models.norms import rms_norm
 from .models.rope import apply_rope, rope_tables
-from .models.routing import route
+from .models.routing import gate_name, route
 from .provider import ExpertProvider
 
 __all__ = ["KVCache", "LatentCache", "Routing", "Transformer", "rms_norm", "rope_tables"]
@@ -99,6 +99,11 @@ class Transformer:
         self.qkv_fused = [self._fuse_qkv(i) for i in range(args.n_layers)]
         self.on_route: list = []  # callbacks(Routing), e.g. trace recorders
         self.router = None  # routers.py: benchmark-only routing that bypasses the gates
+        # the native softmax-top-k router in the fast mode (some dense weight quantized; its
+        # logits round in another order than torch's GEMV, so the exact mode keeps torch's)
+        self.fast_router = args.topk_method == "softmax_topk" and any(
+            not isinstance(v, torch.Tensor) for v in dense.values()
+        )
         # MLA (DeepSeek) instead of grouped-query attention: its own blocks and latent cache
         self.mla = MLA(args, dense, self.cos, self.sin) if args.attention == "mla" else None
 
@@ -205,7 +210,12 @@ class Transformer:
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.router is not None:  # experts [T, K] int64, weights [T, K] in x's dtype
             return self.router.route(i, x.shape[0], x.dtype)
-        return route(self.args, self.w, i, x)
+        a = self.args
+        gate = self.w.get(gate_name(a, i)) if self.fast_router else None
+        if isinstance(gate, torch.Tensor):  # fast mode: one native call
+            if (r := router_topk(x, gate, a.top_k, a.norm_topk_prob)) is not None:
+                return r[0], r[1].to(x.dtype)
+        return route(a, self.w, i, x)
 
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
         experts, weights = self.route(i, x)  # [T, K]

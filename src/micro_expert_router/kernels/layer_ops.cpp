@@ -4,6 +4,9 @@
 //   rms_norm_      out[r] = w * (x[r] * (1 / sqrt(mean(x[r]^2) + eps)))       [R, D] rows
 //   rope_attend_   rotate q and k (rotate-half RoPE at one position), append k and v to the
 //                  layer's cache, then decode attention over the cache (attention.cpp's kernel)
+//   router_topk_   the softmax-then-top-k router of OLMoE / Qwen-MoE / Mixtral for T tokens:
+//                  logits x w^T, softmax over the E experts, the K largest (ties: the lower
+//                  id first), optionally renormalized over the K
 //
 // The RoPE arithmetic is the same sequence of float32 roundings as the torch expression
 // q * cos + rotate_half(q) * sin (two products, one sum; the build turns FMA contraction off),
@@ -16,8 +19,11 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
+#include <vector>
 
 namespace mer_attn_detail {
 void decode_(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -118,6 +124,62 @@ void rope_attend_(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
   mer_attn_detail::decode_(out, q, kc, vc, pos + 1, scale, window, sinks, isa);
 }
 
+// logits[e] = sum_d x[d] w[e, d] in eight lanes and a fixed tree (the compiler vectorises it)
+template <typename W>
+float dot_row(const float* x, const W* w, int64_t D) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += x[d + j] * static_cast<float>(w[d + j]);
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; d < D; ++d) s += x[d] * static_cast<float>(w[d]);
+  return s;
+}
+
+template <typename W>
+void route_rows(const float* x, const W* w, int64_t T, int64_t E, int64_t D, int64_t K,
+                bool norm, int64_t* ids, float* wts) {
+  std::vector<float> p(E);
+  std::vector<int64_t> order(E);
+  for (int64_t t = 0; t < T; ++t) {
+    float m = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) m = std::max(m, p[e] = dot_row(x + t * D, w + e * D, D));
+    float sum = 0.0f;
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(p[e] - m));
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                      [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    float top = 0.0f;
+    for (int64_t j = 0; j < K; ++j) top += p[order[j]];
+    for (int64_t j = 0; j < K; ++j) {
+      ids[t * K + j] = order[j];
+      wts[t * K + j] = norm ? p[order[j]] / top : p[order[j]];
+    }
+  }
+}
+
+void router_topk_(const at::Tensor& ids, const at::Tensor& wts, const at::Tensor& x,
+                  const at::Tensor& w, bool norm) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "router_topk_: x must be a contiguous float32 [T, D] tensor");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.is_contiguous(),
+              "router_topk_: w must be a contiguous [E, D] tensor");
+  const int64_t T = x.size(0), D = x.size(1), E = w.size(0), K = ids.dim() == 2 ? ids.size(1) : 0;
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 2 &&
+                  ids.size(0) == T && K >= 1 && K <= E && wts.scalar_type() == at::kFloat &&
+                  wts.is_contiguous() && wts.sizes() == ids.sizes(),
+              "router_topk_: ids must be int64 [T, K] (1 <= K <= E), wts float32 [T, K]");
+  if (w.scalar_type() == at::kFloat)
+    route_rows(x.data_ptr<float>(), w.data_ptr<float>(), T, E, D, K, norm,
+               ids.data_ptr<int64_t>(), wts.data_ptr<float>());
+  else if (w.scalar_type() == at::kBFloat16)
+    route_rows(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), T, E, D, K, norm,
+               ids.data_ptr<int64_t>(), wts.data_ptr<float>());
+  else
+    TORCH_CHECK(false, "router_topk_: w must be float32 or bfloat16");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mer_attn, m) {
@@ -126,4 +188,6 @@ TORCH_LIBRARY_FRAGMENT(mer_attn, m) {
         "Tensor(e!) vc, Tensor cos, Tensor sin, int pos, float scale, int window, Tensor sinks, "
         "int isa) -> ()",
         &rope_attend_);
+  m.def("router_topk_(Tensor(a!) ids, Tensor(b!) wts, Tensor x, Tensor w, bool norm) -> ()",
+        &router_topk_);
 }

@@ -1,4 +1,5 @@
-"""Fused per-layer ops of the forward pass: RMSNorm, and RoPE + KV append + decode attention.
+"""Fused per-layer ops of the forward pass: RMSNorm, RoPE + KV append + decode attention, and
+the softmax-top-k router.
 
 A decode step of an olmoe-sized model does a few thousand floats of arithmetic in each of these,
 and as torch expressions they cost a dozen dispatches each (RMSNorm: cast, pow, mean, add,
@@ -11,7 +12,11 @@ runs as torch ops.
 ``rms_norm`` is used for every row count (prompt and decode), so a token's hidden state does not
 depend on which path computed it; its sum of squares has its own fixed order, so it agrees with
 the HuggingFace expression to rounding (1e-7 relative), not bit for bit. ``rope_attend`` writes
-the same cache bits as the torch RoPE expression (see the .cpp).
+the same cache bits as the torch RoPE expression (see the .cpp). ``router_topk`` (logits,
+softmax, top-k and the optional renormalization in one call, instead of five dispatches and an
+oneDNN GEMV per layer) sums its logits in its own order, so it agrees with the torch expression
+to rounding; the model uses it in the fast mode only (quantized dense weights), and the exact
+mode keeps the torch ops.
 
 Legend: R rows, D row length, H query heads, Hk kv heads, Dh head dim, C cache capacity.
 """
@@ -72,3 +77,19 @@ def rope_attend(
 
 
 _EMPTY = torch.empty(0)
+
+
+def router_topk(
+    x: torch.Tensor, w: torch.Tensor, k: int, norm: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Experts ``[T, K]`` int64 (by descending probability, ties to the lower id) and their
+    softmax probabilities ``[T, K]`` float32 (renormalized over the K when ``norm``) for the
+    router logits ``x [T, D] @ w.T``, ``w [E, D]`` float32 or bf16; ``None`` when the native op
+    cannot run (the caller uses the torch path)."""
+    if (x.dtype != torch.float32 or w.dtype not in (torch.float32, torch.bfloat16)
+            or not attention.available()):  # fmt: skip
+        return None
+    ids = torch.empty((x.shape[0], k), dtype=torch.int64)  # [T, K]
+    wts = torch.empty((x.shape[0], k), dtype=torch.float32)
+    torch.ops.mer_attn.router_topk_(ids, wts, x.contiguous(), w.contiguous(), norm)
+    return ids, wts

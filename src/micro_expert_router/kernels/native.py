@@ -47,6 +47,7 @@ SOURCES = (
     *(SOURCE.with_name(f"native_{part}.cpp") for part in ("q4", "q8", "int8")),  # row kernels
     SOURCE.with_name("native_dense.cpp"),  # the dense GEMV ops
     SOURCE.with_name("native_batch.cpp"),  # batched decode: experts on token subsets, combine
+    SOURCE.with_name("native_dequant.cpp"),  # q4 experts -> float32, for the prefill GEMM
 )
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers; the library
 # links torch's own libgomp (torch/lib), so the process keeps one OpenMP runtime.

@@ -300,6 +300,45 @@ MER_AVX2 void q4_rows_avx2(const uint8_t* p, const uint16_t* sz, int64_t K, cons
 }
 #endif
 
+// q4 rows -> float32 [rows, K] for the GEMM path: w = (q - 8) s + z. (q - 8) s is exact in
+// float32 (a 4-bit integer times a bf16), so the fused and the unfused forms round once, alike:
+// these are the bits of dense_quant.Q4Dense._decode's torch expression.
+void q4_dequant_scalar(const uint8_t* p, const uint16_t* sz, int64_t rows, int64_t K, float* out) {
+  const int64_t nb = K / kWB4;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* v = p + r * K / 2 + b * 32;
+      const float s = bf16f(sz[(r * nb + b) * 2]), z = bf16f(sz[(r * nb + b) * 2 + 1]);
+      float* o = out + r * K + b * kWB4;
+      for (int i = 0; i < 32; ++i) {
+        o[i] = std::fmaf(float(int(v[i] & 15) - 8), s, z);
+        o[32 + i] = std::fmaf(float(int(v[i] >> 4) - 8), s, z);
+      }
+    }
+}
+
+#if MER_DX86
+MER_AVX2 void q4_dequant_avx2(const uint8_t* p, const uint16_t* sz, int64_t rows, int64_t K,
+                              float* out) {
+  const int64_t nb = K / kWB4;
+  const __m256i m4 = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* v = p + r * K / 2 + b * 32;
+      const __m256 s = _mm256_set1_ps(bf16f(sz[(r * nb + b) * 2]));
+      const __m256 z = _mm256_set1_ps(bf16f(sz[(r * nb + b) * 2 + 1]));
+      float* o = out + r * K + b * kWB4;
+      for (int i = 0; i < 4; ++i) {  // bytes 8i..8i+7: k = 8i.. (low), 32 + 8i.. (high)
+        const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + 8 * i)));
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(q, m4), eight));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(q, 4), eight));
+        _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(lo, s, z));
+        _mm256_storeu_ps(o + 32 + 8 * i, _mm256_fmadd_ps(hi, s, z));
+      }
+    }
+}
+#endif
+
 bool cpu_has_avx2() {
 #if MER_DX86
   __builtin_cpu_init();
@@ -414,6 +453,31 @@ void dense_q4_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor
   dense_linear<true>(y, x, packed, sz, isa);
 }
 
+// out [R, K] float32 = the q4 rows packed [R, K/2], sz [R, K/64, 2] dequantized (isa 0 =
+// scalar), in parallel over rows.
+void dense_q4_dequant_(const at::Tensor& out, const at::Tensor& packed, const at::Tensor& sz,
+                       int64_t isa) {
+  const int64_t R = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
+                  K % kWB4 == 0 && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
+                  sz.numel() == R * (K / kWB4) * 2 && out.scalar_type() == at::kFloat &&
+                  out.is_contiguous() && out.numel() == R * K,
+              "mer: dense q4 dequantize needs packed uint8 [R, K/2], bf16 (s, z) [R, K/64, 2], "
+              "float32 out [R, K]");
+  const bool simd = simd_for(isa);
+  const auto* P = static_cast<const uint8_t*>(packed.data_ptr());
+  const auto* S = static_cast<const uint16_t*>(sz.data_ptr());
+  float* O = static_cast<float*>(out.data_ptr());
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    const uint8_t* p = P + r0 * K / 2;
+    const uint16_t* s = S + r0 * (K / kWB4) * 2;
+#if MER_DX86
+    if (simd) return q4_dequant_avx2(p, s, r1 - r0, K, O + r0 * K);
+#endif
+    q4_dequant_scalar(p, s, r1 - r0, K, O + r0 * K);
+  });
+}
+
 // The activation quantization alone, for the tests: qx [T, K] int8, sx [T, K/32], c [T, K/64].
 void dense_quantize_x_(const at::Tensor& qx, const at::Tensor& sx, const at::Tensor& c,
                        const at::Tensor& x) {
@@ -436,6 +500,8 @@ TORCH_LIBRARY_FRAGMENT(mer, m) {
         &dense_q8_linear_);
   m.def("dense_q4_linear_(Tensor(a!) y, Tensor x, Tensor packed, Tensor sz, int isa) -> ()",
         &dense_q4_linear_);
+  m.def("dense_q4_dequant_(Tensor(a!) out, Tensor packed, Tensor sz, int isa) -> ()",
+        &dense_q4_dequant_);
   m.def("dense_quantize_x_(Tensor(a!) qx, Tensor(b!) sx, Tensor(c!) c, Tensor x) -> ()",
         &dense_quantize_x_);
   m.def("has_avx2() -> bool", &has_avx2);

@@ -195,7 +195,7 @@ class Q8:
     group_multiple: ClassVar[int] = 16  # the kernel reads rows in 16-byte vectors
     prefill_min_tokens: ClassVar[int | None] = 48  # torch path: dense from here
     native: ClassVar[bool] = True  # T < native_below: kernels/native.cpp, when available
-    native_below: ClassVar[int] = 48  # see docs/quantization.md
+    native_below: ClassVar[int] = 256  # see docs/quantization.md
     int8_activations: ClassVar[bool] = True  # native: int8 x and a (native_int8.cpp)
 
     def layout_tag(self) -> str:
@@ -337,7 +337,7 @@ class Q4:
     group_multiple: ClassVar[int] = 32  # down's blocks run over a group's neurons
     prefill_min_tokens: ClassVar[int | None] = 96  # torch path: dense from here
     native: ClassVar[bool] = True  # T < native_below: kernels/native.cpp, when available
-    native_below: ClassVar[int] = 192  # see docs/quantization.md
+    native_below: ClassVar[int] = 256  # see docs/quantization.md
     int8_activations: ClassVar[bool] = True  # native: int8 x and a (native_int8.cpp)
     TAG_PREFIX: ClassVar[str] = "q4:v1:int4pack-cpu:"
 
@@ -491,6 +491,11 @@ class Q4:
         if dense and layout in ref.INT4_LAYOUTS and d % ref.INT4_LAYOUTS[layout][0] == 0:
             # dequantize in torch's row-block order and multiply block by block: no transpose
             xg, dt = _gemm_rows(x, d), gemm_dtype()  # [T, D]
+            if dt == torch.float32 and native.available() and ref.INT4_LAYOUTS[layout][1]:
+                for gu, gsz, dn, dsz in groups:  # one native pass per matrix, plain GEMMs
+                    a = _silu_mul(xg @ dequant4_wt(gu, gsz, b, layout))  # [T, g]
+                    yield (a @ dequant4_wt(dn, dsz, b, layout)).to(x.dtype)  # [T, D]
+                return
             for gu, gsz, dn, dsz in groups:
                 a = _silu_mul(_blocked_linear(xg, _dequant4_t(gu, gsz, b, layout, dt)))  # [T, g]
                 yield _blocked_linear(a, _dequant4_t(dn, dsz, b, layout, dt)).to(x.dtype)
@@ -529,6 +534,18 @@ def _dequant4_t(
     w = q.view(nb, k // block, block, bn).float()  # [NB, K/b, b, bn]
     w.mul_(s).add_(z - 8 * s)  # (q - 8) s + z
     return w.view(nb, k, bn).to(dtype)
+
+
+def dequant4_wt(
+    packed: torch.Tensor, sz: torch.Tensor, block: int, layout: str, isa: int = 1
+) -> torch.Tensor:
+    """Packed ``[N, K/2]`` + (scale, zero) ``[K/b, N, 2]`` -> ``W.T`` as float32 ``[K, N]``, by
+    the native op (native_dequant.cpp; the bits of ``_dequant4_t``'s float32 arithmetic)."""
+    bn, split = ref.INT4_LAYOUTS[layout]
+    n, k = packed.shape[0], packed.shape[1] * 2
+    wt = torch.empty((k, n), dtype=torch.float32)  # [K, N]
+    torch.ops.mer.q4_dequant_t_(wt, packed.contiguous(), sz.contiguous(), block, bn, split, isa)
+    return wt
 
 
 def _blocked_linear(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
