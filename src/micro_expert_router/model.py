@@ -399,7 +399,7 @@ class Transformer:
                     f"context of {kv.length + 1} tokens exceeds the KV cache capacity of "
                     f"{kv.capacity}; raise max_context"
                 )
-        self.provider.begin_step()
+        self.provider.begin_step(len(tokens))
         ids = torch.tensor([int(t) for t in tokens])
         x = embedding(ids, w["model.embed_tokens.weight"], self.dtype)  # [B, D]
         for i in range(a.n_layers):

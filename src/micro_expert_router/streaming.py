@@ -342,6 +342,7 @@ class StreamingProvider:
         self._step = 0
         self._last_use: dict[tuple[int, int], int] = {}  # key -> the last step that used it
         self._working = self._working_prev = 0  # distinct keys used this step, the one before
+        self._batch = False  # this step decodes several sequences (``begin_step``)
         staging = window + 1
         self.prefetch_slots = prefetch_slots
         self.staged: dict[tuple[int, int], tuple[Lease, Future]] = {}  # prefetched, not yet used
@@ -416,8 +417,9 @@ class StreamingProvider:
             lease.release()
             self.stats.prefetch_wasted += 1
 
-    def begin_step(self) -> None:
+    def begin_step(self, sequences: int = 1) -> None:
         self.cache.begin_token()
+        self._batch = sequences > 1
         self._step += 1
         self._working_prev, self._working = self._working, 0
 
@@ -429,14 +431,15 @@ class StreamingProvider:
                 self._working += 1
 
     def keep_rule(self):
-        """The rule against thrashing, or None when it is off. When a step uses more experts
-        than the cache holds (a batch of sequences: their union, all layers), LRU evicts for
+        """The rule against thrashing, or None when it is off. When a batched step uses more
+        experts than the cache holds (the union of its sequences, all layers), LRU evicts for
         each miss the expert a later layer of the same step (or the next step) needs: every
         lookup misses. Then a miss may only evict an entry that neither this step nor the one
         before used; otherwise it is computed from its read slot and not admitted, so the
-        cache keeps serving the hits the steps repeat. Off for per-layer budgets (plans), and
-        while a step's experts fit (one sequence decoding), so that case is unchanged."""
-        if self.cache.plan is not None:
+        cache keeps serving the hits the steps repeat. Off for one sequence (decode or prefill:
+        the policy alone decides, as the simulator replays it), for per-layer budgets (plans),
+        and while a step's experts fit."""
+        if not self._batch or self.cache.plan is not None:
             return None
         if max(self._working, self._working_prev) <= self.cache_slots:
             return None
