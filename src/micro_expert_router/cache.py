@@ -536,11 +536,13 @@ class ExpertCache:
         policy.on_hit(key, self.t)
         return entry[0]
 
-    def admit(self, key: Key, value: Any, nbytes: int, protected: Iterable[Key] = ()) -> bool:
+    def admit(self, key: Key, value: Any, nbytes: int, protected: Iterable[Key] = (),
+              keep: Callable[[Key], bool] | None = None) -> bool:  # fmt: skip
         """Make ``key`` resident with ``value`` (not None) charged ``nbytes``, evicting what the
         policy names. Returns False, evicting nothing, if the entry is larger than its budget,
         if it cannot fit without evicting a key in ``protected`` (the experts the current layer
-        is computing with), or if the policy declines it."""
+        is computing with) or a victim for which ``keep`` is true (the engine's rule against
+        thrashing: docs/server.md), or if the policy declines it."""
         if key in self._entries:
             raise ValueError(f"{key!r} is already resident")
         if value is None:
@@ -559,7 +561,7 @@ class ExpertCache:
             exclude = protected if isinstance(protected, set | frozenset) else set(protected)
             while free < nbytes:
                 v = part.policy.victim(exclude)
-                if v is None:
+                if v is None or (keep is not None and keep(v)):
                     self.refused += 1
                     return False
                 entry = self._entries.get(v)

@@ -27,7 +27,7 @@ from .errors import BudgetError
 from .kernels import expert_forward
 from .kernels.attention import decode_attention
 from .kernels.dense import embedding, fuse_rows, linear
-from .kernels.experts import experts_forward, experts_stack
+from .kernels.experts import experts_forward, experts_rows, experts_stack, moe_combine
 from .kernels.layer_ops import rope_attend, router_topk
 from .models.mla import MLA, LatentCache
 from .models.norms import rms_norm
@@ -36,6 +36,10 @@ from .models.routing import gate_name, route
 from .provider import ExpertProvider
 
 __all__ = ["KVCache", "LatentCache", "Routing", "Transformer", "rms_norm", "rope_tables"]
+
+# Steps of fewer tokens than this (a batched decode step, a short prompt) run the union's experts
+# on their tokens in one call (``routed_batch``); larger ones one expert at a time (``routed``).
+BATCH_BELOW = 64
 
 
 def swiglu(
@@ -217,6 +221,8 @@ class Transformer:
         experts, weights = self.route(i, x)  # [T, K]
         if x.shape[0] == 1:
             out = self.routed_one(i, x, experts, weights)
+        elif x.shape[0] < BATCH_BELOW:
+            out = self.routed_batch(i, x, experts, weights)
         else:
             out = self.routed(i, x, experts, weights)
         a = self.args
@@ -275,8 +281,7 @@ class Transformer:
             for cb in self.on_route:
                 cb(Routing(i, experts, weights, x))
             ys = experts_stack(fmt, x, views)[:, 0]  # [K, D]
-            w = weights[0, order].to(x.dtype)  # [K] in id order
-            return torch.matmul(w[None, :], ys)  # [1, D]
+            return moe_combine(ys, torch.arange(len(ids))[None, :], weights[:, order])  # [1, D]
         with self.provider.acquire(i, needed) as handles:
             for cb in self.on_route:
                 cb(Routing(i, experts, weights, x))
@@ -296,8 +301,51 @@ class Transformer:
                     ys[j] = expert_forward(fmt, x, segs[j])[0]
                 elif (rest := next(segs[j], None)) is not None:  # a split expert's bottom
                     expert_forward(fmt, x, chain((rest,), segs[j]), out=ys[j : j + 1])
-        w = weights[0, order].to(x.dtype)  # [K] in id order
-        return torch.matmul(w[None, :], ys)  # [1, D]
+        # the gate-weighted sum in id order, by the rule a batched step uses for each token
+        return moe_combine(ys, torch.arange(len(ids))[None, :], weights[:, order])  # [1, D]
+
+    def routed_batch(
+        self, i: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The routed experts' weighted sum for a few tokens (a batched decode step, a short
+        prompt): each expert of the union is fetched once and runs on the tokens routed to it,
+        all of them in one native call when every expert is in RAM (``experts_rows``); each
+        token's outputs are summed in id order by ``moe_combine``, so a token gets the bits
+        ``routed_one`` gives it alone."""
+        t, k = experts.shape
+        flat = experts.reshape(-1)  # [T K]
+        order = torch.argsort(flat * t + torch.arange(t).repeat_interleave(k))  # by (id, token)
+        tokens = order // k  # [P] the token of each (expert, token) pair, grouped by expert
+        needed, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        offsets = [0, *torch.cumsum(counts, 0).tolist()]
+        row = torch.empty_like(order)
+        row[order] = torch.arange(order.shape[0])  # pair row of each (token, rank) slot
+        by_id = torch.argsort(experts, dim=1)  # [T, K] each token's experts in id order
+        idx = row.view(t, k).gather(1, by_id)  # [T, K] rows of Y to sum, in id order
+        w = weights.gather(1, by_id)  # [T, K]
+        ids = needed.tolist()
+        fmt = self.provider.format
+        fast = getattr(self.provider, "resident_views", None)
+        if fast is not None and (views := fast(i, ids)) is not None:
+            for cb in self.on_route:
+                cb(Routing(i, experts, weights, x))
+            return moe_combine(experts_rows(fmt, x, views, tokens, offsets), idx, w)  # [T, D]
+        y = torch.zeros((order.shape[0], x.shape[1]), dtype=x.dtype)  # [P, D]
+        with self.provider.acquire(i, ids) as handles:
+            for cb in self.on_route:
+                cb(Routing(i, experts, weights, x))
+            segs = [h.segments() for h in handles]
+            first = [j for j, h in enumerate(handles) if h.resident]
+            if first:  # in RAM first, in one call, while the misses are read
+                sub = torch.cat([tokens[offsets[j] : offsets[j + 1]] for j in first])  # [P']
+                subo = [0, *torch.cumsum(counts[first], 0).tolist()]
+                rows = torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in first])
+                y[rows] = experts_rows(fmt, x, [next(segs[j]) for j in first], sub, subo)
+            for j in range(len(ids)):  # then in request order, as the reads land
+                a, b = offsets[j], offsets[j + 1]
+                for view in segs[j]:  # a miss's segments, a split hit's bottom
+                    experts_rows(fmt, x, [view], tokens[a:b], [0, b - a], out=y[a:b])
+        return moe_combine(y, idx, w)  # [T, D]
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.args.moe_layers[i]:
@@ -351,7 +399,7 @@ class Transformer:
                     f"context of {kv.length + 1} tokens exceeds the KV cache capacity of "
                     f"{kv.capacity}; raise max_context"
                 )
-        self.provider.begin_step()
+        self.provider.begin_step(len(tokens))
         ids = torch.tensor([int(t) for t in tokens])
         x = embedding(ids, w["model.embed_tokens.weight"], self.dtype)  # [B, D]
         for i in range(a.n_layers):

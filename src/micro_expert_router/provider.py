@@ -66,8 +66,9 @@ class ExpertProvider(Protocol):
         """Context manager: handles for ``experts`` of ``layer``, released on exit."""
         ...
 
-    def begin_step(self) -> None:
-        """A new forward step (one token, or one prefill batch) starts: the cache's clock."""
+    def begin_step(self, sequences: int = 1) -> None:
+        """A new forward step (one token, or one prefill batch; ``sequences`` > 1: a batched
+        decode step of that many sequences) starts: the cache's clock."""
         ...
 
     def close(self) -> None: ...
@@ -114,7 +115,7 @@ class ResidentProvider:
         self.stats.hits += len(experts)
         return [self._views[(layer, e)] for e in experts]
 
-    def begin_step(self) -> None:
+    def begin_step(self, sequences: int = 1) -> None:
         pass
 
     def close(self) -> None:

@@ -223,7 +223,8 @@ class _LayerFetch:
             if len(done) == 2 and all(done) and self.views[i] is not None:
                 pool = self.p.top_pools[align_up(self.top_bytes)]
                 entry = _Cached(top.retain(), self.views[i])
-                if not self.p.cache.admit(self.keys[i], entry, pool.slot_bytes, self.protected):
+                if not self.p.cache.admit(self.keys[i], entry, pool.slot_bytes, self.protected,
+                                          self.p.keep_rule()):  # fmt: skip
                     top.release()
         finally:
             top.release()
@@ -336,6 +337,12 @@ class StreamingProvider:
             self.cache_bytes = sum(size * n for size, n in slots.items())
             self.cache = ExpertCache(self.cache_bytes, policy=policy, on_evict=self._evicted)
         slots = {size: n for size, n in slots.items() if n}
+        self.cache_slots = sum(slots.values())  # entries the cache can hold
+        # What each step uses, for the rule against thrashing (``keep_rule``)
+        self._step = 0
+        self._last_use: dict[tuple[int, int], int] = {}  # key -> the last step that used it
+        self._working = self._working_prev = 0  # distinct keys used this step, the one before
+        self._batch = False  # this step decodes several sequences (``begin_step``)
         staging = window + 1
         self.prefetch_slots = prefetch_slots
         self.staged: dict[tuple[int, int], tuple[Lease, Future]] = {}  # prefetched, not yet used
@@ -357,7 +364,7 @@ class StreamingProvider:
         ``whole_view`` is the view already built over the read slot."""
         if top_bytes == self.store.expert_bytes:
             entry = _Cached(lease.retain(), whole_view)
-            if self.cache.admit(key, entry, self.slot_bytes, protected):
+            if self.cache.admit(key, entry, self.slot_bytes, protected, self.keep_rule()):
                 return
             lease.release()
             return
@@ -367,7 +374,8 @@ class StreamingProvider:
             return
         top.numpy(top_bytes)[:] = result.numpy()[:top_bytes]
         v = self.format.view(top.torch(top_bytes), self.store.args.hidden_size, self.group)
-        if not self.cache.admit(key, _Cached(top, v), pool.slot_bytes, protected):
+        if not self.cache.admit(key, _Cached(top, v), pool.slot_bytes, protected,
+                                self.keep_rule()):  # fmt: skip
             top.release()
 
     def _evicted(self, key: tuple[int, int], entry: _Cached) -> None:
@@ -409,13 +417,40 @@ class StreamingProvider:
             lease.release()
             self.stats.prefetch_wasted += 1
 
-    def begin_step(self) -> None:
+    def begin_step(self, sequences: int = 1) -> None:
         self.cache.begin_token()
+        self._batch = sequences > 1
+        self._step += 1
+        self._working_prev, self._working = self._working, 0
+
+    def _used(self, keys: Sequence[tuple[int, int]]) -> None:
+        step, last = self._step, self._last_use
+        for k in keys:
+            if last.get(k) != step:
+                last[k] = step
+                self._working += 1
+
+    def keep_rule(self):
+        """The rule against thrashing, or None when it is off. When a batched step uses more
+        experts than the cache holds (the union of its sequences, all layers), LRU evicts for
+        each miss the expert a later layer of the same step (or the next step) needs: every
+        lookup misses. Then a miss may only evict an entry that neither this step nor the one
+        before used; otherwise it is computed from its read slot and not admitted, so the
+        cache keeps serving the hits the steps repeat. Off for one sequence (decode or prefill:
+        the policy alone decides, as the simulator replays it), for per-layer budgets (plans),
+        and while a step's experts fit."""
+        if not self._batch or self.cache.plan is not None:
+            return None
+        if max(self._working, self._working_prev) <= self.cache_slots:
+            return None
+        last, recent = self._last_use, self._step - 1
+        return lambda key: last.get(key, -1) >= recent
 
     @contextmanager
     def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[Sequence[_Handle]]:
         self.stats.experts_needed += len(experts)
         fetch = _LayerFetch(self, layer, experts)
+        self._used(fetch.keys)
         try:
             fetch.submit_more()
             yield [_Handle(fetch, i) for i in range(len(experts))]
@@ -437,6 +472,7 @@ class StreamingProvider:
             return None
         self.stats.experts_needed += len(keys)
         self.stats.hits += len(keys)
+        self._used(keys)
         views = [cache.lookup(k).view for k in keys]  # counted, and the policy hears of it
         if self.staged:
             self.drop_prefetches(layer)
@@ -457,6 +493,8 @@ class StreamingProvider:
                     for _ in h.segments():
                         pass
         read = self.stats.bytes_read - before.bytes_read
+        self._last_use.clear()  # a warm start, not a step: the rule against thrashing forgets it
+        self._working = 0
         for f in fields(before):  # in place: callers may hold the stats object
             setattr(self.stats, f.name, getattr(before, f.name))
         return read

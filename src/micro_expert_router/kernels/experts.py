@@ -18,7 +18,16 @@ When the native path does not apply (no AVX-512 or AVX2 on the CPU, an int4 pack
 torch's "n64" and "n32", T at or above ``native_below``, float formats), it falls back to one
 ``expert_forward`` per view, which gives the same bits as calling that directly.
 
-Legend: T tokens, D hidden, g neurons per group, K experts (views) in the call.
+A batched decode step (B sequences, one token each) routes each token to its own experts:
+``experts_rows`` runs each expert of the layer's union on the token rows routed to it, in one
+native call (``native_batch.cpp``: each token's x quantized once, phase 1 and 2 over every
+expert), and ``moe_combine`` sums each token's expert outputs with its gate weights in expert-id
+order. A token's rows have the bits of the one-token ops (``experts_forward`` on that token
+alone), and ``moe_combine`` on one token is the single-request path's sum, so a sequence decoded
+in a batch gets the bits it gets alone.
+
+Legend: T tokens, D hidden, g neurons per group, K experts (views) in the call, P (token, expert)
+pairs.
 """
 
 from __future__ import annotations
@@ -95,3 +104,89 @@ def experts_stack(fmt: ExpertFormat, x: torch.Tensor, views: Sequence[object]) -
         experts_forward(fmt, x, views, out=list(y.unbind(0)))
         return y
     return torch.stack(experts_forward(fmt, x, views))  # [N, T, D]
+
+
+def _rows_native(fmt: ExpertFormat, x: torch.Tensor, views: Sequence[object]) -> tuple | None:
+    """(D, g) when ``native_batch.cpp`` runs these views on x: q4/q8 views of one shape, int8
+    activations with D, g (and the q4 block) multiples of 32, T below ``native_below``, the
+    native library loaded (and, for q4, torch's "n64" or "n32" packing); else None."""
+    if getattr(fmt, "name", None) not in ("q8", "q4") or not fmt.int8_activations:
+        return None
+    dims = {_dims(v) for v in views}
+    if len(dims) != 1 or None in dims:
+        return None
+    d, g = next(iter(dims))  # type: ignore[misc]
+    if d % 32 or g % 32:
+        return None
+    if fmt.name == "q4" and (native.q4_block_rows() is None or views[0].block % 32):  # type: ignore[attr-defined]
+        return None
+    if _native_x(fmt, x, d) is None:
+        return None
+    return d, g
+
+
+def experts_rows(
+    fmt: ExpertFormat,
+    x: torch.Tensor,
+    views: Sequence[object],
+    tokens: torch.Tensor,
+    offsets: Sequence[int],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Expert ``i`` (``views[i]``) on the tokens ``tokens[offsets[i]:offsets[i + 1]]`` of x
+    ``[T, D]``: row p of the result ``[P, D]`` is the SwiGLU of its expert on ``x[tokens[p]]``
+    (added to ``out``'s row when given, as ``expert_forward``'s ``out``). One native call when
+    the format allows (same bits per row as ``experts_forward`` on that token alone), else one
+    ``expert_forward`` per view on its gathered rows."""
+    offs = [int(o) for o in offsets]
+    if len(offs) != len(views) + 1 or offs[0] != 0 or offs[-1] != tokens.shape[0]:
+        raise ConfigError(f"experts_rows: {len(views)} views need {len(views) + 1} offsets from 0 "
+                          f"to {tokens.shape[0]}, got {offs}")  # fmt: skip
+    if out is None:
+        out = torch.zeros((tokens.shape[0], x.shape[1]), dtype=x.dtype)  # [P, D]
+    elif out.dtype != x.dtype or tuple(out.shape) != (tokens.shape[0], x.shape[1]) or \
+            not out.is_contiguous():  # fmt: skip
+        raise ConfigError(f"experts_rows: out must be a contiguous {x.dtype} "
+                          f"[{tokens.shape[0]}, {x.shape[1]}] tensor")  # fmt: skip
+    if not views:
+        return out
+    dg = _rows_native(fmt, x, views)
+    if dg is None:
+        for v, a, b in zip(views, offs, offs[1:], strict=False):
+            if b > a:
+                expert_forward(fmt, x[tokens[a:b]], [v], out=out[a:b])  # [T_i, D] in place
+        return out
+    d, g = dg
+    xf = x.float().contiguous()  # [T, D]
+    tok = tokens.to(torch.int64).contiguous()  # [P]
+    sec, per = _offsets(fmt.name, d, g)
+    bufs = [v.buf for v in views]  # type: ignore[attr-defined]
+    if fmt.name == "q8":
+        torch.ops.mer.q8_experts_rows_(out, xf, bufs, tok, offs, d, g, sec, per, 1)
+    else:
+        block = views[0].block  # type: ignore[attr-defined]
+        bn = native.q4_block_rows()
+        torch.ops.mer.q4_experts_rows_(out, xf, bufs, tok, offs, d, g, block, sec, per, bn,
+                                       True, 1)  # fmt: skip
+    return out
+
+
+def moe_combine(y: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k weights[t, k] y[idx[t, k]]`` ``[T, D]`` from expert outputs ``y [P, D]``,
+    summed in k order (callers pass each token's experts in id order): ``acc = w_0 y_0``, then
+    ``acc = acc + w_k y_k``, each product and sum rounded once, in float32 (then y's dtype), with
+    ``weights`` first rounded to y's dtype (the single-request rule). A token's sum reads only its
+    own rows, so a token alone and in a batch give the same bits. Natively when the library
+    loads, else the same operations as torch element-wise ops (the same bits)."""
+    t, k = idx.shape
+    w = weights.to(y.dtype).float().contiguous()  # [T, K]
+    idx = idx.to(torch.int64).contiguous()
+    if native.load():
+        out = torch.empty((t, y.shape[1]), dtype=y.dtype)  # [T, D]
+        torch.ops.mer.moe_combine_(out, y.contiguous(), idx, w)
+        return out
+    ys = y.float()
+    acc = w[:, 0, None] * ys[idx[:, 0]]  # [T, D]
+    for j in range(1, k):
+        acc = acc + w[:, j, None] * ys[idx[:, j]]
+    return acc.to(y.dtype)

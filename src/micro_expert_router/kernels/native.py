@@ -1,6 +1,7 @@
 """Builds and loads the native q4/q8 decode kernels (``native.cpp`` and its row kernels
 ``native_q4.cpp``, ``native_q8.cpp``, ``native_int8.cpp`` for experts, ``native_dense.cpp`` for
-the quantized dense weights) as torch custom ops, one library.
+the quantized dense weights, ``native_batch.cpp`` for the batched decode step) as torch custom
+ops, one library.
 
 The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``)
 against the installed torch, into the project's cache directory (``$MER_CACHE_DIR``, else
@@ -45,6 +46,7 @@ SOURCES = (
     SOURCE,
     *(SOURCE.with_name(f"native_{part}.cpp") for part in ("q4", "q8", "int8")),  # row kernels
     SOURCE.with_name("native_dense.cpp"),  # the dense GEMV ops
+    SOURCE.with_name("native_batch.cpp"),  # batched decode: experts on token subsets, combine
     SOURCE.with_name("native_dequant.cpp"),  # q4 experts -> float32, for the prefill GEMM
 )
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers; the library
