@@ -142,10 +142,12 @@ void check_common(const at::Tensor& y, const at::Tensor& x, const at::Tensor& bu
               "mer: buf must be a contiguous uint8 buffer of whole groups");
 }
 
-// The int8 kernels run AVX2 unless isa asked for the scalar code (every AVX-512 CPU has AVX2).
-bool int8_simd(int mode) {
-  static const bool avx2 = cpu_has_avx2_fma();
-  return mode != 0 && avx2;
+// The int8 kernels (q4_block_i8's simd): the scalar code for isa 0, AVX2 for isa 3 (every
+// AVX-512 CPU has AVX2), else the q4 kernel of AVX-512 VNNI where the CPU has it (with VBMI).
+int int8_simd(int mode) {
+  static const bool avx2 = cpu_has_avx2_fma(), vnni = cpu_has_avx512_vnni();
+  if (mode == 0 || !avx2) return 0;
+  return (mode != 3 && vnni) ? 2 : 1;
 }
 
 // The silu code for a kernel mode (all give the same bits): AVX-512, AVX2 or scalar.
@@ -214,7 +216,7 @@ struct X4 {
 };
 
 void prepare4(X4& p, const float* x, int64_t T, int64_t K, int64_t b, int mode, bool i8,
-              bool s8, uint8_t* mem) {
+              int s8, uint8_t* mem) {
   p.x = x, p.xst = K;
   if (i8) {
     p.q = quantize_acts(x, K, T, K, b, s8, mem);
@@ -228,7 +230,7 @@ void prepare4(X4& p, const float* x, int64_t T, int64_t K, int64_t b, int mode, 
   }
 }
 
-void rows4(int mode, bool i8, bool s8, const X4& p, const uint8_t* mat, const uint16_t* sz,
+void rows4(int mode, bool i8, int s8, const X4& p, const uint8_t* mat, const uint16_t* sz,
            int64_t N, int64_t K, int64_t b, int64_t r0, int64_t rows, int64_t bn, bool split,
            int64_t T, float* out, int64_t os) {
   if (i8) return q4_block_i8(s8, mat, sz, N, r0, rows, bn, split, p.q, out, os);
@@ -244,7 +246,7 @@ void q4_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList b
   const int mode = kernel_mode(isa);
   const int silu = silu_isa(mode);
   const bool i8 = int8_x && D % kXB == 0 && g % kXB == 0 && b % kXB == 0;
-  const bool s8 = i8 && int8_simd(mode);
+  const int s8 = i8 ? int8_simd(mode) : 0;
   const int64_t T = x.size(0), N1 = 2 * g, nb1 = N1 / bn, K = bufs.size();
   const Segs S = segments(ys, x, bufs, D, per, N1, nb1);
   if (T == 0) return;
@@ -296,7 +298,7 @@ void q4_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList b
 
 constexpr int64_t kRows = 64;  // q8 rows per work item
 
-void rows8(int mode, bool i8, bool s8, const float* x, const Acts& q, const int8_t* w,
+void rows8(int mode, bool i8, int s8, const float* x, const Acts& q, const int8_t* w,
            const uint16_t* s, int64_t rows, int64_t K, int64_t T, float* out, int64_t os) {
   if (i8) return q8_rows_i8(s8, w, s, rows, q, out, os);
   q8_rows(mode, w, s, rows, K, x, K, T, out, os);
@@ -307,7 +309,8 @@ void q8_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList b
   TORCH_CHECK(offs.size() == 4 && D % 16 == 0 && g % 16 == 0, "mer: bad q8 dimensions");
   const int mode = kernel_mode(isa);
   const int silu = silu_isa(mode);
-  const bool i8 = int8_x && D % kXB == 0 && g % kXB == 0, s8 = i8 && int8_simd(mode);
+  const bool i8 = int8_x && D % kXB == 0 && g % kXB == 0;
+  const int s8 = i8 ? int8_simd(mode) : 0;
   const int64_t T = x.size(0), N1 = 2 * g, nb1 = (N1 + kRows - 1) / kRows, K = bufs.size();
   const Segs S = segments(ys, x, bufs, D, per, N1, nb1);
   if (T == 0) return;
@@ -381,7 +384,7 @@ void q4_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pack
                   (!int8_x || b % kXB == 0),
               "mer: bad q4_linear arguments");
   const int mode = kernel_mode(isa);
-  const bool s8 = int8_x && int8_simd(mode);
+  const int s8 = int8_x ? int8_simd(mode) : 0;
   Scratch xm;
   X4 px;
   prepare4(px, static_cast<const float*>(x.data_ptr()), T, K, b, mode, int8_x, s8,
@@ -406,7 +409,7 @@ void q8_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
   Scratch xm;
   const Acts qx = int8_x ? quantize_acts(X, K, T, K, 0, false, xm.get(acts_nbytes(T, K, 0, false)))
                          : Acts();
-  rows8(mode, int8_x, int8_x && int8_simd(mode), X, qx, static_cast<const int8_t*>(w.data_ptr()),
+  rows8(mode, int8_x, int8_x ? int8_simd(mode) : 0, X, qx, static_cast<const int8_t*>(w.data_ptr()),
         static_cast<const uint16_t*>(s.data_ptr()), N, K, T, static_cast<float*>(y.data_ptr()),
         N);
 }

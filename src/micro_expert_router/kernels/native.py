@@ -48,6 +48,7 @@ SOURCES = (
     SOURCE.with_name("native_dense.cpp"),  # the dense GEMV ops
     SOURCE.with_name("native_batch.cpp"),  # batched decode: experts on token subsets, combine
     SOURCE.with_name("native_dequant.cpp"),  # q4 experts -> float32, for the prefill GEMM
+    SOURCE.with_name("native_vnni.cpp"),  # the q4 int8 rows with AVX-512 VNNI
 )
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers; the library
 # links torch's own libgomp (torch/lib), so the process keeps one OpenMP runtime.

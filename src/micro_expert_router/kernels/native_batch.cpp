@@ -88,10 +88,10 @@ Acts gather_acts(const Acts& all, const int64_t* rows, int64_t n, uint8_t* mem) 
 }
 
 // isa 0: the portable scalar code; 1: the best this CPU has (the int8 kernels' SIMD is AVX2).
-bool simd_for(int64_t isa) {
+int simd_for(int64_t isa) {  // q4_block_i8's simd: the best this CPU has (the same bits)
   TORCH_CHECK(isa == 0 || isa == 1, "mer: isa must be 0 (scalar) or 1 (best)");
-  static const bool avx2 = cpu_has_avx2_fma();
-  return isa == 1 && avx2;
+  static const int best = !cpu_has_avx2_fma() ? 0 : cpu_has_avx512_vnni() ? 2 : 1;
+  return isa == 1 ? best : 0;
 }
 
 int silu_for(int64_t isa) {  // silu_mul_rows' isa codes give the same bits
@@ -190,7 +190,7 @@ void q4_experts_rows_(const at::Tensor& y, const at::Tensor& x, at::TensorList b
   TORCH_CHECK(sec.size() == 4 && D % b == 0 && g % b == 0 && (2 * g) % bn == 0 &&
                   D % kXB == 0 && g % kXB == 0 && b % kXB == 0,
               "mer: bad q4 dimensions for the int8 batch op");
-  const bool s8 = simd_for(isa);
+  const int s8 = simd_for(isa);
   const int silu = silu_for(isa);
   const int64_t N1 = 2 * g, nb1 = N1 / bn;
   const Batch B = batch(y, x, bufs, tok, offs, D, per, N1, nb1);
@@ -247,7 +247,7 @@ void q8_experts_rows_(const at::Tensor& y, const at::Tensor& x, at::TensorList b
                       at::IntArrayRef sec, int64_t per, int64_t isa) {
   TORCH_CHECK(sec.size() == 4 && D % kXB == 0 && g % kXB == 0,
               "mer: bad q8 dimensions for the int8 batch op");
-  const bool s8 = simd_for(isa);
+  const int s8 = simd_for(isa);
   const int silu = silu_for(isa);
   const int64_t N1 = 2 * g, nb1 = (N1 + kRows8 - 1) / kRows8;
   const Batch B = batch(y, x, bufs, tok, offs, D, per, N1, nb1);

@@ -80,6 +80,7 @@ inline float silu_mul_scalar(float h, float u) { return h / (1.0f + exp_scalar(-
 bool cpu_has_avx2_fma();
 bool cpu_has_avx512();
 bool cpu_has_avx512_bf16();
+bool cpu_has_avx512_vnni();  // with VBMI (native_vnni.cpp)
 
 // ---- float32 activations ---------------------------------------------------------------------
 
@@ -123,10 +124,15 @@ int64_t acts_nbytes(int64_t T, int64_t K, int64_t b, bool simd);
 Acts quantize_acts(const float* x, int64_t xst, int64_t T, int64_t K, int64_t b, bool simd,
                    uint8_t* mem);
 
-// As q4_block / q8_rows, on int8 activations (simd: the AVX2 kernels, where they apply).
-void q4_block_i8(bool simd, const uint8_t* mat, const uint16_t* sz, int64_t N, int64_t r0,
+// As q4_block / q8_rows, on int8 activations. simd: 0 the scalar code, 1 the AVX2 kernels,
+// 2 the AVX-512 VNNI q4 kernel (q8: AVX2), where they apply; all give the same bits.
+void q4_block_i8(int simd, const uint8_t* mat, const uint16_t* sz, int64_t N, int64_t r0,
                  int64_t rows, int64_t bn, bool split, const Acts& a, float* out, int64_t os);
-void q8_rows_i8(bool simd, const int8_t* w, const uint16_t* s, int64_t rows, const Acts& a,
+void q8_rows_i8(int simd, const int8_t* w, const uint16_t* s, int64_t rows, const Acts& a,
                 float* out, int64_t os);
+
+// A whole q4 row block (split packing, bn = 32 or 64) with AVX-512 VNNI. native_vnni.cpp.
+void q4_block_vnni(const uint8_t* mat, const uint16_t* sz, int64_t N, int64_t r0, int64_t bn,
+                   const Acts& a, float* out, int64_t os);
 
 }  // namespace mer_native

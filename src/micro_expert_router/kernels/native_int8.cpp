@@ -300,9 +300,11 @@ Acts quantize_acts(const float* x, int64_t xst, int64_t T, int64_t K, int64_t b,
 
 // ---- dispatch ---------------------------------------------------------------------------------
 
-void q4_block_i8(bool simd, const uint8_t* mat, const uint16_t* sz, int64_t N, int64_t r0,
+void q4_block_i8(int simd, const uint8_t* mat, const uint16_t* sz, int64_t N, int64_t r0,
                  int64_t rows, int64_t bn, bool split, const Acts& a, float* out, int64_t os) {
 #if MER_X86
+  if (simd == 2 && split && rows == bn && (bn == 32 || bn == 64))
+    return q4_block_vnni(mat, sz, N, r0, bn, a, out, os);
   if (simd && a.v != nullptr && split && rows == bn && (bn == 32 || bn == 64)) {
     const uint8_t* blk = mat + r0 * a.K / 2;
     const uint16_t* s = sz + r0 * 2;
@@ -332,7 +334,7 @@ void q4_block_i8(bool simd, const uint8_t* mat, const uint16_t* sz, int64_t N, i
   q4_block_i8_scalar(mat, sz, N, r0, rows, bn, split, a, out, os);
 }
 
-void q8_rows_i8(bool simd, const int8_t* w, const uint16_t* s, int64_t rows, const Acts& a,
+void q8_rows_i8(int simd, const int8_t* w, const uint16_t* s, int64_t rows, const Acts& a,
                 float* out, int64_t os) {
 #if MER_X86
   if (simd) {
