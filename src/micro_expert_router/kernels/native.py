@@ -46,6 +46,7 @@ SOURCES = (
     SOURCE,
     *(SOURCE.with_name(f"native_{part}.cpp") for part in ("q4", "q8", "int8")),  # row kernels
     SOURCE.with_name("native_dense.cpp"),  # the dense GEMV ops
+    SOURCE.with_name("native_dense_vnni.cpp"),  # their q4 rows with AVX-512 VNNI
     SOURCE.with_name("native_batch.cpp"),  # batched decode: experts on token subsets, combine
     SOURCE.with_name("native_dequant.cpp"),  # q4 experts -> float32, for the prefill GEMM
     SOURCE.with_name("native_vnni.cpp"),  # the q4 int8 rows with AVX-512 VNNI

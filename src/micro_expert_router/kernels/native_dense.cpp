@@ -38,6 +38,13 @@
 #define MER_DX86 0
 #endif
 
+namespace mer_dense {  // native_dense_vnni.cpp
+bool cpu_has_vnni();
+// 4 q4 rows x tt (1-4) tokens, as q4_rows_avx2<4, tt> (the same bits), with AVX-512 VNNI.
+void q4_rows4_vnni(int tt, const uint8_t* p, const uint16_t* sz, int64_t K, const int8_t* qx,
+                   const float* sxa, const float* sxb, const float* c, float* out, int64_t os);
+}  // namespace mer_dense
+
 namespace {
 
 constexpr int64_t kXB = 32;  // activation block
@@ -360,15 +367,18 @@ bool cpu_has_avx2() {
 #endif
 }
 
-bool simd_for(int64_t isa) {
-  static const bool has = cpu_has_avx2();
-  TORCH_CHECK(isa == 0 || isa == 1, "mer: dense isa must be 0 (scalar) or 1 (best)");
-  return isa == 1 && has;
+// isa 0 scalar, 1 the best this CPU has, 2 AVX2 -> 0 scalar, 1 AVX2, 2 AVX-512 VNNI (q4; q8
+// takes AVX2); all give the same bits.
+int simd_for(int64_t isa) {
+  static const bool has = cpu_has_avx2(), vnni = has && mer_dense::cpu_has_vnni();
+  TORCH_CHECK(isa >= 0 && isa <= 2, "mer: dense isa must be 0 (scalar), 1 (best) or 2 (avx2)");
+  if (isa == 0 || !has) return 0;
+  return (isa == 1 && vnni) ? 2 : 1;
 }
 
 // Rows [r0, r1) of one matrix, all T tokens, in tiles of 4 rows x up to 4 tokens.
 template <bool Q4>
-void rows_range(bool simd, const uint8_t* w, const uint16_t* s, int64_t r0, int64_t r1,
+void rows_range(int simd, const uint8_t* w, const uint16_t* s, int64_t r0, int64_t r1,
                 int64_t K, const int8_t* qx, const float* sx, const float* sxa, const float* sxb,
                 const float* c, int64_t T, float* out, int64_t N) {
   const int64_t rb = Q4 ? K / 2 : K;                   // bytes per row
@@ -392,6 +402,10 @@ void rows_range(bool simd, const uint8_t* w, const uint16_t* s, int64_t r0, int6
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {
       float* o = out + t0 * N + r;
+      if (Q4 && simd == 2) {
+        mer_dense::q4_rows4_vnni(int(tt), w + r * rb, s + r * sr, K, xq, xa, xb, xc, o, N);
+        continue;
+      }
 #define MER_CASE(TT)                                                                            \
   if (Q4)                                                                                       \
     q4_rows_avx2<4, TT>(w + r * rb, s + r * sr, K, xq, xa, xb, xc, o, N);                       \
@@ -437,7 +451,7 @@ void dense_linear(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
                 "mer: dense q8 needs int8 [N, K], K % 32 == 0, bf16 scales [N]");
   }
   if (T == 0 || N == 0) return;
-  const bool simd = simd_for(isa);
+  const int simd = simd_for(isa);
   std::vector<int8_t> qx(T * K);
   std::vector<float> sx(T * (K / kXB)), c(Q4 ? T * (K / kWB4) : 0);
   quantize_x(static_cast<const float*>(x.data_ptr()), T, K, qx.data(), sx.data(),
