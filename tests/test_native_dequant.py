@@ -51,6 +51,11 @@ def test_dequant_bit_exact(layout, b):
                 got = dequant4_wt(packed, sz, b, layout, isa)
                 assert got.shape == (k, n) and got.dtype == torch.float32
                 assert np.array_equal(got.numpy(), want), (layout, b, threads, isa)
+            # bf16 output: the float32 values rounded as torch rounds them
+            want16 = torch.from_numpy(want).to(torch.bfloat16)
+            for isa in (0, 1):
+                got = dequant4_wt(packed, sz, b, layout, isa, dtype=torch.bfloat16)
+                assert got.dtype == torch.bfloat16 and torch.equal(got, want16), (layout, threads)
     finally:
         torch.set_num_threads(old)
     # the torch-op decoder it replaces gives the same float32 values

@@ -491,10 +491,10 @@ class Q4:
         if dense and layout in ref.INT4_LAYOUTS and d % ref.INT4_LAYOUTS[layout][0] == 0:
             # dequantize in torch's row-block order and multiply block by block: no transpose
             xg, dt = _gemm_rows(x, d), gemm_dtype()  # [T, D]
-            if dt == torch.float32 and native.available() and ref.INT4_LAYOUTS[layout][1]:
+            if native.available() and ref.INT4_LAYOUTS[layout][1]:
                 for gu, gsz, dn, dsz in groups:  # one native pass per matrix, plain GEMMs
-                    a = _silu_mul(xg @ dequant4_wt(gu, gsz, b, layout))  # [T, g]
-                    yield (a @ dequant4_wt(dn, dsz, b, layout)).to(x.dtype)  # [T, D]
+                    a = _silu_mul(xg @ dequant4_wt(gu, gsz, b, layout, dtype=dt))  # [T, g]
+                    yield (a @ dequant4_wt(dn, dsz, b, layout, dtype=dt)).to(x.dtype)  # [T, D]
                 return
             for gu, gsz, dn, dsz in groups:
                 a = _silu_mul(_blocked_linear(xg, _dequant4_t(gu, gsz, b, layout, dt)))  # [T, g]
@@ -537,13 +537,19 @@ def _dequant4_t(
 
 
 def dequant4_wt(
-    packed: torch.Tensor, sz: torch.Tensor, block: int, layout: str, isa: int = 1
+    packed: torch.Tensor,
+    sz: torch.Tensor,
+    block: int,
+    layout: str,
+    isa: int = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Packed ``[N, K/2]`` + (scale, zero) ``[K/b, N, 2]`` -> ``W.T`` as float32 ``[K, N]``, by
-    the native op (native_dequant.cpp; the bits of ``_dequant4_t``'s float32 arithmetic)."""
+    """Packed ``[N, K/2]`` + (scale, zero) ``[K/b, N, 2]`` -> ``W.T`` as ``[K, N]`` float32 or
+    bf16, by the native op in one pass (native_dequant.cpp; the bits of ``_dequant4_t``'s
+    float32 arithmetic, and for bf16 those rounded as ``Tensor.to(torch.bfloat16)`` does)."""
     bn, split = ref.INT4_LAYOUTS[layout]
     n, k = packed.shape[0], packed.shape[1] * 2
-    wt = torch.empty((k, n), dtype=torch.float32)  # [K, N]
+    wt = torch.empty((k, n), dtype=dtype)  # [K, N]
     torch.ops.mer.q4_dequant_t_(wt, packed.contiguous(), sz.contiguous(), block, bn, split, isa)
     return wt
 
