@@ -6,8 +6,9 @@ With bfloat16 activations the native types round activations to int8 per weight 
 the K-quants, 32 otherwise; as llama.cpp does): bound 3e-2 on the relative L2 error of y. (The
 rounding error of a code is uniform in +-max|x| / 254; for a Gaussian x that is about 0.7 % of
 its rms, and the heavy-tailed SwiGLU activation fed to the down rows loses about 1.4 %: 1.1-2.3 %
-over the type sets and seeds here.) The AVX2 and scalar code give the same bits in both
-modes."""
+over the type sets and seeds here.) The SIMD code (AVX2; the K-quants' AVX-512 VNNI row dots
+where the CPU has them) and the scalar code give the same bits in both modes, whatever the
+thread count; bfloat16 x and y passed to the op directly equal float32 copies rounded once."""
 
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ def test_native_int8_activations_in_bfloat16_mode(types):
     _close_l2(y.float(), ref)
     ya = _swiglu(x, fmt, buf, g, 2)
     _close_l2(ya, ref)
-    assert torch.equal(ya, _swiglu(x, fmt, buf, g, 3))  # AVX2 and scalar int8 code: same bits
+    assert torch.equal(ya, _swiglu(x, fmt, buf, g, 3))  # SIMD and scalar int8 code: same bits
+    assert torch.equal(ya, _swiglu(x, fmt, buf, g, 4))  # AVX2 without AVX-512: the same
 
 
 @native
@@ -160,7 +162,7 @@ def test_native_scalar_and_avx2_bits_on_arbitrary_blocks(name):
     rng = np.random.default_rng(7)
     raw = torch.from_numpy(rng.integers(0, 256, (64, t.row_bytes(512)), dtype=np.uint8))
     x = torch.randn(3, 512)
-    for fast, slow in ((1, 0), (2, 3)):
+    for fast, slow in ((1, 0), (2, 3), (4, 3)):  # 2: AVX-512 where the CPU has it, 4: AVX2
         ya, ys = torch.empty(3, 64), torch.empty(3, 64)
         torch.ops.mer_ggml.linear_(ya, x, raw, t.id, fast)
         torch.ops.mer_ggml.linear_(ys, x, raw, t.id, slow)
@@ -168,3 +170,30 @@ def test_native_scalar_and_avx2_bits_on_arbitrary_blocks(name):
         assert np.array_equal(np.isnan(a), np.isnan(b)), fast
         fin = ~np.isnan(a)
         assert np.array_equal(a[fin].view(np.uint32), b[fin].view(np.uint32)), fast
+
+
+@native
+@pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q6_K"), ("Q6_K", "Q6_K", "Q4_K"),
+                                   ("Q8_0", "Q4_0", "Q8_0")], ids="-".join)  # fmt: skip
+def test_native_swiglu_bfloat16_io_and_threads(types):
+    """bfloat16 x and y (what ``accumulate`` passes in bfloat16 mode) give the float32 op's y
+    rounded once; one thread and two give the same bits (the row split differs)."""
+    fmt, buf, g, _ = _expert(types, d=512, inter=1024)
+    view = fmt.view(buf, 512, g)
+    args = (buf, 512, g, view.per, *[t.id for t in view.types], *fmt.offsets(512, g))
+    x = torch.randn(3, 512).to(torch.bfloat16)
+    y0 = torch.randn(3, 512).to(torch.bfloat16)
+    for isa in (2, 4):
+        yf = y0.float()
+        torch.ops.mer_ggml.swiglu_(yf, x.float(), *args, isa)
+        yb = y0.clone()
+        torch.ops.mer_ggml.swiglu_(yb, x, *args, isa)
+        assert torch.equal(yb, yf.to(torch.bfloat16))
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            y1 = y0.float()
+            torch.ops.mer_ggml.swiglu_(y1, x.float(), *args, isa)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(y1, yf)

@@ -447,11 +447,12 @@ MERG_SEGMENTS(segsf_avx2, dotf_scalar, )
 #endif
 
 template <class T>
-mer_ggml::BlockKind make_kind(bool avx2, bool i8) {
+mer_ggml::BlockKind make_kind(bool avx2, bool i8, bool wide) {
   Dot d = i8 ? (avx2 ? segs8_avx2<T> : segs8_scalar<T>) : (avx2 ? segsf_avx2<T> : segsf_scalar<T>);
   mer_ggml::Dot4 d4 = nullptr;
   if constexpr (T::B == 256)
-    if (i8) d = mer_ggml::kquant_int8(T::kType, avx2), d4 = mer_ggml::kquant_int8_4(T::kType, avx2);
+    if (i8)
+      d = mer_ggml::kquant_int8(T::kType, avx2, wide), d4 = mer_ggml::kquant_int8_4(T::kType, avx2, wide);
   return {T::B, T::NB, T::G, d, d4};
 }
 
@@ -463,14 +464,14 @@ bool cpu_has_avx2() { return ::cpu_has_avx2_impl(); }
 
 BlockKind block_kind(int64_t type, int64_t isa) {
   static const bool has = cpu_has_avx2();
-  const bool v = has && (isa == 1 || isa == 2), i8 = isa >= 2;
+  const bool v = has && (isa == 1 || isa == 2 || isa == 4), i8 = isa >= 2, w = isa == 2;
   switch (type) {
-    case kQ4_0: return make_kind<Q40>(v, i8);
-    case kQ8_0: return make_kind<Q80>(v, i8);
-    case kQ4_K: return make_kind<Q4K>(v, i8);
-    case kQ5_K: return make_kind<Q5K>(v, i8);
-    case kQ6_K: return make_kind<Q6K>(v, i8);
-    case kMXFP4: return make_kind<MXFP4>(v, i8);
+    case kQ4_0: return make_kind<Q40>(v, i8, w);
+    case kQ8_0: return make_kind<Q80>(v, i8, w);
+    case kQ4_K: return make_kind<Q4K>(v, i8, w);
+    case kQ5_K: return make_kind<Q5K>(v, i8, w);
+    case kQ6_K: return make_kind<Q6K>(v, i8, w);
+    case kMXFP4: return make_kind<MXFP4>(v, i8, w);
   }
   return {0, 0, 0, nullptr, nullptr};
 }

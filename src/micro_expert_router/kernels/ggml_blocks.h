@@ -35,11 +35,16 @@ struct BlockKind {
   Dot dot;                      // nullptr: the type has no kernel
   Dot4 dot4;                    // nullptr: call dot per output
 };
-// isa: 0 scalar f32, 1 AVX2 f32, 2 AVX2 with int8 activations, 3 scalar int8
+// isa: 0 scalar f32, 1 AVX2 f32, 2 SIMD with int8 activations (AVX-512 VNNI where the CPU has
+// it and the type has such a kernel, else AVX2), 3 scalar int8, 4 AVX2 int8 (no AVX-512)
 BlockKind block_kind(int64_t type, int64_t isa);
-// The K-quants' int8-activation row dots (ggml_kquant.cpp); nullptr for other types.
-Dot kquant_int8(int64_t type, bool avx2);
-Dot4 kquant_int8_4(int64_t type, bool avx2);
+// The K-quants' int8-activation row dots (ggml_kquant.cpp); nullptr for other types. wide: the
+// AVX-512 ones (ggml_kquant512.cpp) where the CPU and the type have them.
+Dot kquant_int8(int64_t type, bool avx2, bool wide);
+Dot4 kquant_int8_4(int64_t type, bool avx2, bool wide);
+Dot kquant_int8_512(int64_t type);    // nullptr: no AVX-512 VNNI or no such kernel
+Dot4 kquant_int8_4_512(int64_t type);
 bool cpu_has_avx2();
+bool cpu_has_avx512();  // F, BW, VL, DQ, VNNI
 
 }  // namespace mer_ggml

@@ -187,17 +187,19 @@ class GGUFExperts:
         isa = _isa(x.dtype, w.types)  # also None: no native path for these types or dtype
         if isa is None:
             return None
-        # float32 y, then the caller's dtype (a new y: one allocation, one conversion at the end)
-        yf = torch.zeros((x.shape[0], w.hidden)) if y is None else y.float()
+        # the op takes float32 or bfloat16 x and y (y accumulated in float32 over the call and
+        # rounded once at the end); any other y goes through a float32 copy
+        direct = y is None or (y.dtype in (torch.float32, torch.bfloat16) and y.is_contiguous())
+        yo = torch.zeros((x.shape[0], w.hidden), dtype=x.dtype) if y is None else y
+        yf = yo if direct else yo.float()
         og, ou, od = w.offsets
         tg, tu, td = w.types
-        torch.ops.mer_ggml.swiglu_(yf, x.float().contiguous(), w.buf, w.hidden, w.group, w.per,
-                                   tg.id, tu.id, td.id, og, ou, od, isa)  # fmt: skip
-        if y is None:
-            return yf if x.dtype == torch.float32 else yf.to(x.dtype)
-        if yf is not y:
-            y.copy_(yf)
-        return y
+        torch.ops.mer_ggml.swiglu_(yf, x if x.is_contiguous() else x.contiguous(), w.buf,
+                                   w.hidden, w.group, w.per, tg.id, tu.id, td.id, og, ou, od,
+                                   isa)  # fmt: skip
+        if yf is not yo:
+            yo.copy_(yf)
+        return yo
 
 
 @functools.cache

@@ -17,6 +17,8 @@
 // (vpmaddubsw codes x activations, vpmaddwd by the sub-block scales, one float FMA per block
 // and lane) and the scalar code below give the same bits. No horizontal sum per block: the
 // lanes are reduced once per row, and the weight stream is prefetched a few blocks ahead.
+// ggml_kquant512.cpp computes the same definition for Q4_K and Q6_K with AVX-512 VNNI (chosen by
+// kquant_int8's wide flag where the CPU has it).
 //
 // Legend: B = 256 weights per block, G weights per integer scale, c chunk of 32 weights.
 
@@ -293,8 +295,10 @@ void segs4_scalar(const Segs& s, int64_t rstride, float* acc) {
 
 namespace mer_ggml {
 
-Dot kquant_int8(int64_t type, bool avx2) {
+Dot kquant_int8(int64_t type, bool avx2, bool wide) {
 #if MERK_X86
+  if (avx2 && wide)
+    if (Dot d = kquant_int8_512(type)) return d;
   if (avx2) {
     switch (type) {
       case 12: return segs_avx2<12>;
@@ -311,8 +315,10 @@ Dot kquant_int8(int64_t type, bool avx2) {
   return nullptr;
 }
 
-Dot4 kquant_int8_4(int64_t type, bool avx2) {
+Dot4 kquant_int8_4(int64_t type, bool avx2, bool wide) {
 #if MERK_X86
+  if (avx2 && wide)
+    if (Dot4 d = kquant_int8_4_512(type)) return d;
   if (avx2) {
     switch (type) {
       case 12: return segs4_avx2<12>;

@@ -4,7 +4,8 @@
 matrix), by the same compile-on-first-use mechanism as ``native.py``.
 
 Native kernels exist for Q4_0, Q8_0, MXFP4, Q4_K, Q5_K and Q6_K (AVX2 + FMA + F16C chosen at run
-time, and a portable scalar path giving the same bits); the float types and Q4_1/Q5_0/Q5_1 use
+time, AVX-512 VNNI row dots for Q4_K and Q6_K where the CPU has them, and a portable scalar path
+giving the same bits); the float types and Q4_1/Q5_0/Q5_1 use
 the dequantize + torch path. With float32 activations (the engine's float32 mode) the kernels
 compute in float32. With bfloat16 activations they round the activations to int8 per weight
 block (256 for the K-quants, 32 otherwise; one float scale each, as llama.cpp's Q8_K and Q8_0)
@@ -25,7 +26,7 @@ import torch
 from .native import NativeInfo, load_library
 
 SOURCE = Path(__file__).with_name("ggml_native.cpp")
-SOURCES = (SOURCE, *(SOURCE.with_name(f"ggml_{p}.cpp") for p in ("blocks", "kquant")))
+SOURCES = (SOURCE, *(SOURCE.with_name(f"ggml_{p}.cpp") for p in ("blocks", "kquant", "kquant512")))
 NATIVE_TYPES = frozenset({"Q4_0", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"})
 INT8_TYPES = NATIVE_TYPES  # types with an int8-activation path
 INFO = NativeInfo()
@@ -59,7 +60,9 @@ def available() -> bool:
 
 def isa_for(dtype: torch.dtype, types) -> int:
     """The kernel variant for activations of ``dtype`` over these block types: 1 (AVX2,
-    float32 activations) or 2 (AVX2, int8 activations: bfloat16 mode)."""
+    float32 activations) or 2 (int8 activations: bfloat16 mode; AVX-512 VNNI where the CPU and
+    the type have it, else AVX2). The ops also take 0 and 3 (the scalar code, float32 and int8)
+    and 4 (AVX2 int8 even on an AVX-512 CPU), which the tests compare."""
     if dtype == torch.bfloat16 and all(t.name in INT8_TYPES for t in types):
         return 2
     return 1
