@@ -73,14 +73,17 @@ def _linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, isa: in
 
 @native
 @pytest.mark.parametrize("t", [1, 3])
-@pytest.mark.parametrize("k", [1024, 1184])  # 32 blocks; 37 (a tail of pairs and a lone block)
+@pytest.mark.parametrize("k", [1024, 1184, 2880, 480])  # 32, 37, 90 and 15 blocks (tails)
 def test_native_dots_scalar_identical_and_within_bound(t: int, k: int) -> None:
-    blocks, scales = random_mxfp4(40, k)
+    blocks, scales = random_mxfp4(42, k)  # 4-row kernels and 2 rows left
+    scales[0, 0], scales[1, 1], scales[2, 2] = 0, 1, 2  # subnormal block scales (2^(e - 128))
     x = torch.randn(t, blocks.shape[1] * 32, generator=torch.Generator().manual_seed(1))
     w = dequantize_rows(blocks, scales).double()  # [N, K]
     ref = x.double() @ w.t()
     cond = x.double().abs() @ w.abs().t()
-    for simd, scalar, bound in ((1, 0, F32_BOUND), (2, 3, I8_BOUND)):
+    # isa 1 / 2: the best SIMD code (AVX-512 where the CPU has it); 4 / 5: AVX2 forced
+    for simd, scalar, bound in ((1, 0, F32_BOUND), (2, 3, I8_BOUND), (4, 0, F32_BOUND),
+                                (5, 3, I8_BOUND)):  # fmt: skip
         y = _linear(x, blocks, scales, simd)
         assert torch.equal(
             y.view(torch.int32), _linear(x, blocks, scales, scalar).view(torch.int32)

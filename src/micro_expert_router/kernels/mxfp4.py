@@ -50,6 +50,8 @@ from .formats import FORMATS, PARAMETRIC
 from .ggml import TYPES, dequantize
 
 SOURCE = Path(__file__).with_name("mxfp4.cpp")
+# the ops; the float32 and the int8 dots (shared declarations: mxfp4.h)
+SOURCES = (SOURCE, *(SOURCE.with_name(f"mxfp4_{m}.cpp") for m in ("f32", "i8")))
 DEFAULT_ALPHA, DEFAULT_LIMIT = 1.702, 7.0  # GPT-OSS's clamped SwiGLU
 BLOCK = 32
 
@@ -57,13 +59,13 @@ BLOCK = 32
 @functools.cache
 def available() -> bool:
     """Whether the native MXFP4 kernel is loaded (built on first use) on an AVX2 + FMA CPU."""
-    info = native.load_library((SOURCE,), "MXFP4 kernel", "dequantize + torch matmul")
+    info = native.load_library(SOURCES, "MXFP4 kernel", "dequantize + torch matmul")
     return info is not None and bool(torch.ops.mer_mxfp4.has_avx2())
 
 
 def isa_for(dtype: torch.dtype) -> int:
-    """The kernel variant: 1 (AVX2, float32 activations) or 2 (AVX2, int8 activations, the
-    bfloat16 mode)."""
+    """The kernel variant: 1 (float32 activations) or 2 (int8 activations, the bfloat16 mode);
+    the native code takes AVX-512 (VBMI + VNNI) where the CPU has it, else AVX2 (same bits)."""
     return 2 if dtype == torch.bfloat16 else 1
 
 
