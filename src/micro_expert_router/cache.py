@@ -80,7 +80,7 @@ class _LazyHeap:
         self._prio[key] = prio
         heapq.heappush(self._heap, (prio, key))
         if len(self._heap) > 2 * len(self._prio) + 64:
-            self._heap = [(p, k) for k, p in self._prio.items()]
+            self._heap = list(zip(self._prio.values(), self._prio, strict=True))  # C speed
             heapq.heapify(self._heap)
 
     def discard(self, key: Key) -> None:

@@ -15,6 +15,7 @@ Dh head dim, E experts, K top-k, V vocab.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -40,6 +41,12 @@ __all__ = ["KVCache", "LatentCache", "Routing", "Transformer", "rms_norm", "rope
 # Steps of fewer tokens than this (a batched decode step, a short prompt) run the union's experts
 # on their tokens in one call (``routed_batch``); larger ones one expert at a time (``routed``).
 BATCH_BELOW = 64
+
+
+@functools.cache
+def _rows(k: int) -> torch.Tensor:
+    """``[[0, 1, ..., k-1]]`` int64, made once per k (the decode step's combine index)."""
+    return torch.arange(k)[None, :]
 
 
 def swiglu(
@@ -281,7 +288,7 @@ class Transformer:
             for cb in self.on_route:
                 cb(Routing(i, experts, weights, x))
             ys = experts_stack(fmt, x, views)[:, 0]  # [K, D]
-            return moe_combine(ys, torch.arange(len(ids))[None, :], weights[:, order])  # [1, D]
+            return moe_combine(ys, _rows(len(ids)), weights[:, order])  # [1, D]
         with self.provider.acquire(i, needed) as handles:
             for cb in self.on_route:
                 cb(Routing(i, experts, weights, x))

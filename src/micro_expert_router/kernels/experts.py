@@ -179,11 +179,14 @@ def moe_combine(y: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> to
     own rows, so a token alone and in a batch give the same bits. Natively when the library
     loads, else the same operations as torch element-wise ops (the same bits)."""
     t, k = idx.shape
-    w = weights.to(y.dtype).float().contiguous()  # [T, K]
-    idx = idx.to(torch.int64).contiguous()
+    w = weights if weights.dtype == y.dtype else weights.to(y.dtype)
+    w = w.float().contiguous()  # [T, K]
+    if idx.dtype != torch.int64:
+        idx = idx.to(torch.int64)
+    idx = idx.contiguous()
     if native.load():
         out = torch.empty((t, y.shape[1]), dtype=y.dtype)  # [T, D]
-        torch.ops.mer.moe_combine_(out, y.contiguous(), idx, w)
+        torch.ops.mer.moe_combine_(out, y if y.is_contiguous() else y.contiguous(), idx, w)
         return out
     ys = y.float()
     acc = w[:, 0, None] * ys[idx[:, 0]]  # [T, D]
