@@ -251,7 +251,16 @@ def test_cancel_mid_stream_frees_kv_and_slots(served):
     assert kv() is None  # nothing holds the cancelled request's KV tensors any more
 
 
-def test_disconnect_cancels_a_whole_response(served):
+def test_disconnect_cancels_a_whole_response(served, monkeypatch):
+    # each decode step made to take 10 ms, so 200 tokens outlast the client's 1.5 s whatever
+    # the machine's speed (the demo model alone decodes them in under a second on a fast CPU)
+    step = served.engine.model.forward_batch
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.01)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(served.engine.model, "forward_batch", slow_step)
     tokens_before = served.sched.telemetry.tokens
     body = {"prompt": PROMPTS[3], "max_tokens": 200, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
