@@ -125,6 +125,9 @@ GARBAGE = {
               b'"top_k": 1}\n{"i": 3, "experts": [[1]]}\n', "token index 3"),
     "range": (b'{"format": "mer-trace", "version": 1, "layers": [0], "num_experts": 4, '
               b'"top_k": 1}\n{"i": 0, "experts": [[4]]}\n', "outside"),
+    "weight": (b'{"format": "mer-trace", "version": 1, "layers": [0], "num_experts": 4, '
+               b'"top_k": 1}\n{"i": 0, "experts": [[1]], "weights": [[1e300]]}\n',
+               "not a finite float32"),
 }  # fmt: skip
 
 

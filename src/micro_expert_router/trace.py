@@ -388,14 +388,18 @@ def _read_mer(path: Path, head: dict, lines, num_experts: int | None) -> Trace:
             raise TraceError(f"{path}: line {n} is not a mer-trace token line ({e!r})") from None
     has_w = bool(weights) and all(w is not None for w in weights)
     try:
-        arrays = {
-            "experts": np.asarray(experts).reshape(len(experts), len(layers), k),
-            "weights": np.asarray(weights, dtype=np.float32) if has_w else None,
-            "step": np.asarray(step, dtype=np.int64),
-            "token_ids": np.asarray(ids, dtype=np.int64),
-        }
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below, by name
+            arrays = {
+                "experts": np.asarray(experts).reshape(len(experts), len(layers), k),
+                "weights": np.asarray(weights, dtype=np.float32) if has_w else None,
+                "step": np.asarray(step, dtype=np.int64),
+                "token_ids": np.asarray(ids, dtype=np.int64),
+            }
     except (ValueError, TypeError, OverflowError) as e:
         raise TraceError(f"{path}: token lines hold something other than numbers ({e})") from None
+    if arrays["weights"] is not None and not np.isfinite(arrays["weights"]).all():
+        raise TraceError(f"{path}: a gate weight is not a finite float32 (NaN, infinite or "
+                         "beyond 3.4e38); gate weights are probabilities")  # fmt: skip
     return Trace.from_arrays(
         arrays.pop("experts"), h["num_experts"], layers=layers, prefill=prefill, **arrays,
         model=dict(h["model"]), expert_bytes=h["expert_bytes"], hidden_file=h["hidden_file"],
