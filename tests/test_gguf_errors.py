@@ -154,3 +154,17 @@ def test_requantize_q8_converts_an_unsupported_type_with_its_loss(tmp_path):
                          requantize="q8")  # fmt: skip
     assert "q8_0" in store.manifest["expert_format"]
     assert any("Q2_K -> Q8_0" in m and "lossy" in m for m in logs)
+
+
+def test_block_count_beyond_the_tensor_table(tmp_path):
+    """A corrupt layer count (fuzzing found 2^30) is a named error at once, not a loop over
+    every claimed layer."""
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), arch="qwen3moe")
+    w.add_block_count(1 << 30)
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="block_count says 1073741824 layers.*blk.0 to blk.0"):
+        model_args(GGUFFile(tmp_path / "m.gguf"))

@@ -33,6 +33,7 @@ llama.cpp's own).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -57,7 +58,17 @@ def n_layers(gf: GGUFFile, arch: str, key: Key) -> int:
     blocks = int(key("block_count", required=True))
     if arch == "glm4moe":
         blocks -= int(key("nextn_predict_layers", 0) or 0)
+    # the tensor table bounds it: a corrupt count must not send the reader over a billion layers
+    present = [int(m.group(1)) for name in gf.tensors if (m := _BLOCK.match(name))]
+    top = max(present, default=-1) + 1
+    if not 0 < blocks <= top:
+        raise GGUFError(f"{gf.path}: {arch}.block_count says {blocks} layers, but the "
+                        f"tensor table holds blk.0 to blk.{top - 1}; the file is corrupt or "
+                        "truncated")  # fmt: skip
     return blocks
+
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
 
 
 def _rope(gf: GGUFFile, key: Key, cfg: dict[str, Any], **extra: Any) -> dict[str, Any] | None:
