@@ -118,10 +118,11 @@ struct Acts {
   int8_t* v = nullptr;   // [T, K/4, 32] (the AVX2 q4 kernel only)
 };
 
-// Bytes quantize_acts needs for T x K (b = 0: no c, no v).
-int64_t acts_nbytes(int64_t T, int64_t K, int64_t b, bool simd);
+// Bytes quantize_acts needs for T x K (b = 0: no c, no v). simd: q4_block_i8's; only the AVX2
+// kernel (1) reads v, so only it pays for building v.
+int64_t acts_nbytes(int64_t T, int64_t K, int64_t b, int simd);
 // Quantize x [T, K] (row stride xst) into `mem` (acts_nbytes bytes, 32-byte aligned).
-Acts quantize_acts(const float* x, int64_t xst, int64_t T, int64_t K, int64_t b, bool simd,
+Acts quantize_acts(const float* x, int64_t xst, int64_t T, int64_t K, int64_t b, int simd,
                    uint8_t* mem);
 
 // As q4_block / q8_rows, on int8 activations. simd: 0 the scalar code, 1 the AVX2 kernels,

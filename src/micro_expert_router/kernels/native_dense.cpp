@@ -32,6 +32,8 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+#include "native_dense_simd.h"
 #define MER_DX86 1
 #define MER_AVX2 __attribute__((target("avx2,fma")))
 #else
@@ -199,11 +201,7 @@ void q4_rows_scalar(const uint8_t* p, const uint16_t* sz, int64_t rows, int64_t 
 #if MER_DX86
 constexpr int64_t kPrefetch = 16384;  // bytes ahead in the rows' stream, into L2
 
-MER_AVX2 inline float hsum8(__m256 v) {
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));  // [s4_0 + s4_2, s4_1 + s4_3]
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
+using mer_dense::hsum8;
 
 template <int R, int TT>
 MER_AVX2 void q8_rows_avx2(const int8_t* w, const uint16_t* s, int64_t K, const int8_t* qx,
@@ -248,7 +246,6 @@ MER_AVX2 void q4_rows_avx2(const uint8_t* p, const uint16_t* sz, int64_t K, cons
                            int64_t os) {
   const int64_t nb = K / kWB4;
   const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
-  const __m256i mhi = _mm256_set1_epi32(int(0xFFFF0000u));
   __m256 acc[R][TT];
   __m256 off[R][TT];  // lane l: the blocks b = l mod 8
   for (int r = 0; r < R; ++r)
@@ -258,26 +255,11 @@ MER_AVX2 void q4_rows_avx2(const uint8_t* p, const uint16_t* sz, int64_t K, cons
   for (int64_t b0 = 0; b0 < nb; b0 += 8) {
     const int64_t nk = std::min<int64_t>(8, nb - b0);
     for (int r = 0; r < R; ++r) {
-      const uint16_t* e = sz + (r * nb + b0) * 2;
-      if (nk == 8) {
-        __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e));  // (s | z << 16)
-        __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
-        __m256 zv = _mm256_castsi256_ps(_mm256_and_si256(d, mhi));
-        _mm256_store_ps(zc[r], _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sv, zv));
-        for (int t = 0; t < TT; ++t) {
-          _mm256_store_ps(da[r][t], _mm256_mul_ps(sv, _mm256_loadu_ps(sxa + t * nb + b0)));
-          _mm256_store_ps(db[r][t], _mm256_mul_ps(sv, _mm256_loadu_ps(sxb + t * nb + b0)));
-        }
-      } else {
-        for (int64_t i = 0; i < nk; ++i) {
-          float sv = bf16f(e[2 * i]), zv = bf16f(e[2 * i + 1]);
-          zc[r][i] = std::fmaf(-8.0f, sv, zv);
-          for (int t = 0; t < TT; ++t) {
-            da[r][t][i] = sv * sxa[t * nb + b0 + i];
-            db[r][t][i] = sv * sxb[t * nb + b0 + i];
-          }
-        }
-      }
+      float* pa[TT];
+      float* pb[TT];
+      for (int t = 0; t < TT; ++t) pa[t] = da[r][t], pb[t] = db[r][t];
+      mer_dense::chunk_scales<TT>(sz + (r * nb + b0) * 2, nk, nb, b0, sxa, sxb, zc[r], pa,
+                                  pb);
     }
     for (int64_t i = 0; i < nk; ++i) {
       const int64_t b = b0 + i;
@@ -302,17 +284,8 @@ MER_AVX2 void q4_rows_avx2(const uint8_t* p, const uint16_t* sz, int64_t K, cons
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < TT; ++t) {
-        if (nk == 8) {
-          off[r][t] = _mm256_fmadd_ps(_mm256_load_ps(zc[r]), _mm256_loadu_ps(c + t * nb + b0),
-                                      off[r][t]);
-        } else {  // the last, partial chunk: its lanes one by one (the others stay as they are)
-          alignas(32) float o[8];
-          _mm256_store_ps(o, off[r][t]);
-          for (int64_t i = 0; i < nk; ++i) o[i] = std::fmaf(zc[r][i], c[t * nb + b0 + i], o[i]);
-          off[r][t] = _mm256_load_ps(o);
-        }
-      }
+      for (int t = 0; t < TT; ++t)
+        off[r][t] = mer_dense::zero_points(off[r][t], zc[r], c + t * nb + b0, nk);
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TT; ++t) out[t * os + r] = hsum8(acc[r][t]) + hsum8(off[r][t]);

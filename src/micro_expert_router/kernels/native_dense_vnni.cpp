@@ -17,8 +17,11 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+#include "native_dense_simd.h"
 #define MER_DVNNI 1
-#define MER_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
+#define MER_VNNI512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 #else
 #define MER_DVNNI 0
 #endif
@@ -39,12 +42,6 @@ namespace {
 constexpr int64_t kWB4 = 64;
 constexpr int64_t kPrefetch = 16384;  // bytes ahead in the rows' stream, into L2 (as AVX2)
 
-MER_VNNI512 inline float hsum8(__m256 v) {  // native_dense.cpp's hsum8: the same tree
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
 // R rows (R even), TT tokens; arguments as native_dense.cpp's q4_rows_avx2.
 template <int R, int TT>
 MER_VNNI512 void q4_rows(const uint8_t* p, const uint16_t* sz, int64_t K, const int8_t* qx,
@@ -53,7 +50,6 @@ MER_VNNI512 void q4_rows(const uint8_t* p, const uint16_t* sz, int64_t K, const 
   constexpr int P = R / 2;
   const int64_t nb = K / kWB4;
   const __m512i m4 = _mm512_set1_epi8(15);
-  const __m256i mhi = _mm256_set1_epi32(int(0xFFFF0000u));
   const __m512i half = _mm512_set_epi32(8, 8, 8, 8, 8, 8, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0);
   __m512 acc[P][TT];
   __m256 off[R][TT];  // lane l: the blocks b = l mod 8
@@ -67,32 +63,11 @@ MER_VNNI512 void q4_rows(const uint8_t* p, const uint16_t* sz, int64_t K, const 
   for (int64_t b0 = 0; b0 < nb; b0 += 8) {
     const int64_t nk = std::min<int64_t>(8, nb - b0);
     for (int r = 0; r < R; ++r) {
-      const uint16_t* e = sz + (r * nb + b0) * 2;
       float* pa[TT];
       float* pb[TT];
-      for (int t = 0; t < TT; ++t) pa[t] = da[r / 2][t] + 8 * (r % 2), pb[t] = db[r / 2][t] + 8 * (r % 2);
-      if (nk == 8) {
-        __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e));  // (s | z << 16)
-        __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
-        __m256 zv = _mm256_castsi256_ps(_mm256_and_si256(d, mhi));
-        _mm256_store_ps(zc[r], _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sv, zv));
-        for (int t = 0; t < TT; ++t) {
-          _mm256_store_ps(pa[t], _mm256_mul_ps(sv, _mm256_loadu_ps(sxa + t * nb + b0)));
-          _mm256_store_ps(pb[t], _mm256_mul_ps(sv, _mm256_loadu_ps(sxb + t * nb + b0)));
-        }
-      } else {
-        for (int64_t i = 0; i < nk; ++i) {
-          uint32_t us = uint32_t(e[2 * i]) << 16, uz = uint32_t(e[2 * i + 1]) << 16;
-          float sv, zv;
-          std::memcpy(&sv, &us, 4);
-          std::memcpy(&zv, &uz, 4);
-          zc[r][i] = std::fmaf(-8.0f, sv, zv);
-          for (int t = 0; t < TT; ++t) {
-            pa[t][i] = sv * sxa[t * nb + b0 + i];
-            pb[t][i] = sv * sxb[t * nb + b0 + i];
-          }
-        }
-      }
+      for (int t = 0; t < TT; ++t)
+        pa[t] = da[r / 2][t] + 8 * (r % 2), pb[t] = db[r / 2][t] + 8 * (r % 2);
+      chunk_scales<TT>(sz + (r * nb + b0) * 2, nk, nb, b0, sxa, sxb, zc[r], pa, pb);
     }
     for (int64_t i = 0; i < nk; ++i) {
       const int64_t b = b0 + i;
@@ -115,25 +90,18 @@ MER_VNNI512 void q4_rows(const uint8_t* p, const uint16_t* sz, int64_t K, const 
         const __m512i lo = _mm512_and_si512(v, m4);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
         for (int t = 0; t < TT; ++t) {
-          const __m512 fa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa[t]));
-          const __m512 fb = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xb[t]));
-          acc[q][t] = _mm512_fmadd_ps(fa, _mm512_permutexvar_ps(idx, _mm512_load_ps(da[q][t])), acc[q][t]);
-          acc[q][t] = _mm512_fmadd_ps(fb, _mm512_permutexvar_ps(idx, _mm512_load_ps(db[q][t])), acc[q][t]);
+          const __m512i z = _mm512_setzero_si512();
+          const __m512 fa = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(z, lo, xa[t]));
+          const __m512 fb = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(z, hi, xb[t]));
+          const __m512 sa = _mm512_permutexvar_ps(idx, _mm512_load_ps(da[q][t]));
+          const __m512 sb = _mm512_permutexvar_ps(idx, _mm512_load_ps(db[q][t]));
+          acc[q][t] = _mm512_fmadd_ps(fb, sb, _mm512_fmadd_ps(fa, sa, acc[q][t]));
         }
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < TT; ++t) {
-        if (nk == 8) {
-          off[r][t] = _mm256_fmadd_ps(_mm256_load_ps(zc[r]), _mm256_loadu_ps(c + t * nb + b0),
-                                      off[r][t]);
-        } else {  // the last, partial chunk: its lanes one by one (the others stay as they are)
-          alignas(32) float o[8];
-          _mm256_store_ps(o, off[r][t]);
-          for (int64_t i = 0; i < nk; ++i) o[i] = std::fmaf(zc[r][i], c[t * nb + b0 + i], o[i]);
-          off[r][t] = _mm256_load_ps(o);
-        }
-      }
+      for (int t = 0; t < TT; ++t)
+        off[r][t] = zero_points(off[r][t], zc[r], c + t * nb + b0, nk);
   }
   for (int q = 0; q < P; ++q)
     for (int t = 0; t < TT; ++t) {

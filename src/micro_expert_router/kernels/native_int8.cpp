@@ -235,13 +235,13 @@ MER_AVX2 void q8_rows_i8_avx2(const int8_t* w, const uint16_t* s, const Acts& a,
 
 // ---- activations -----------------------------------------------------------------------------
 
-int64_t acts_nbytes(int64_t T, int64_t K, int64_t b, bool simd) {
+int64_t acts_nbytes(int64_t T, int64_t K, int64_t b, int simd) {
   int64_t n = up(T * K) + up(T * (K / kXB) * 4);
-  if (b > 0) n += up(T * (K / b) * 4) + (simd ? T * (K / 4) * 32 : 0);
+  if (b > 0) n += up(T * (K / b) * 4) + (simd == 1 ? T * (K / 4) * 32 : 0);
   return n;
 }
 
-Acts quantize_acts(const float* x, int64_t xst, int64_t T, int64_t K, int64_t b, bool simd,
+Acts quantize_acts(const float* x, int64_t xst, int64_t T, int64_t K, int64_t b, int simd,
                    uint8_t* mem) {
   Acts a;
   a.T = T, a.K = K, a.b = b;
@@ -282,7 +282,7 @@ Acts quantize_acts(const float* x, int64_t xst, int64_t T, int64_t K, int64_t b,
         }
         a.c[t * (K / b) + kb] = c;
       }
-    if (simd) {  // per 4 k: lane 0 = (qx_k, qx_k+2) x 8, lane 1 = (qx_k+1, qx_k+3) x 8
+    if (simd == 1) {  // per 4 k: lane 0 = (qx_k, qx_k+2) x 8, lane 1 = (qx_k+1, qx_k+3) x 8
       a.v = reinterpret_cast<int8_t*>(next);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t k = 0; k < K; k += 4) {

@@ -20,7 +20,8 @@
 namespace mer_native {
 
 #if MER_X86
-#define MER_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,fma")))
+#define MER_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,fma")))
 
 bool cpu_has_avx512_vnni() {
   __builtin_cpu_init();
