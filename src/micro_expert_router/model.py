@@ -27,6 +27,7 @@ from .config import ModelArgs
 from .errors import BudgetError
 from .kernels import expert_forward
 from .kernels.attention import decode_attention
+from .kernels.decode_block import DecodeBlock
 from .kernels.dense import embedding, fuse_rows, linear
 from .kernels.experts import experts_forward, experts_rows, experts_stack, moe_combine
 from .kernels.layer_ops import rope_attend, router_topk
@@ -113,6 +114,10 @@ class Transformer:
         )
         # MLA (DeepSeek) instead of grouped-query attention: its own blocks and latent cache
         self.mla = MLA(args, dense, self.cos, self.sin) if args.attention == "mla" else None
+        # a decode token's attention block (and router) in one native call per layer; False
+        # keeps the op-by-op path (the same bits: tests compare the two)
+        self.fused_decode = True
+        self._blocks: list[DecodeBlock | None] | None = None
 
     def new_cache(self, capacity: int | None = None) -> KVCache | LatentCache:
         """An empty KV cache for ``capacity`` tokens (default: ``max_context``)."""
@@ -213,6 +218,47 @@ class Transformer:
         w, p = self.w, f"model.layers.{i}.self_attn"
         return linear(o, w[f"{p}.o_proj.weight"], w.get(f"{p}.o_proj.bias"))
 
+    def decode_attn_extras(self, i: int) -> tuple[int | None, torch.Tensor | None] | None:
+        """(window, sinks) of layer ``i``'s decode attention, for the native block; ``None``
+        when a subclass's ``attend`` does something the block does not (then the layer keeps
+        the op-by-op path). Subclasses that change ``attend`` override this too."""
+        if type(self).attend is not Transformer.attend:
+            return None
+        return self.args.sliding_window, None
+
+    def decode_blocks(self) -> list[DecodeBlock | None]:
+        """Each layer's native decode block (``kernels/decode_block.py``), or ``None`` for a
+        layer it cannot run; built on first use."""
+        if self._blocks is None:
+            self._blocks = [self._decode_block(i) for i in range(self.args.n_layers)]
+        return self._blocks
+
+    def _decode_block(self, i: int) -> DecodeBlock | None:
+        a, w, cls = self.args, self.w, type(self)
+        overridden = (cls.attention is not Transformer.attention or cls.qkv is not Transformer.qkv
+                      or cls.o_proj is not Transformer.o_proj)  # fmt: skip
+        extras = self.decode_attn_extras(i)
+        fused = self.qkv_fused[i]
+        if self.mla is not None or overridden or extras is None or fused is None:
+            return None
+        p, ap = f"model.layers.{i}", f"model.layers.{i}.self_attn"
+        gate = w.get(gate_name(a, i)) if self.fast_router and a.moe_layers[i] else None
+        return DecodeBlock.build(
+            dtype=self.dtype,
+            norms=(w[f"{p}.input_layernorm.weight"], w[f"{p}.post_attention_layernorm.weight"]),
+            qkv=fused,
+            o=(w[f"{ap}.o_proj.weight"], w.get(f"{ap}.o_proj.bias")),
+            heads=(a.n_heads, a.n_kv_heads, a.head_dim),
+            qk_norm=(a.qk_norm, w.get(f"{ap}.q_norm.weight"), w.get(f"{ap}.k_norm.weight")),
+            rope=(self.cos, self.sin),
+            scale=a.attn_scale,
+            window=extras[0],
+            sinks=extras[1],
+            router=(gate if isinstance(gate, torch.Tensor) else None, a.norm_topk_prob),
+            eps=a.rms_norm_eps,
+            clip=a.clip_qkv,
+        )
+
     # -- mixture of experts ----------------------------------------------------------------
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.router is not None:  # experts [T, K] int64, weights [T, K] in x's dtype
@@ -224,8 +270,11 @@ class Transformer:
                 return r[0], r[1].to(x.dtype)
         return route(a, self.w, i, x)
 
-    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        experts, weights = self.route(i, x)  # [T, K]
+    def moe(
+        self, i: int, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The MoE block; ``routing`` (experts, weights) when the router already ran."""
+        experts, weights = routing if routing is not None else self.route(i, x)  # [T, K]
         if x.shape[0] == 1:
             out = self.routed_one(i, x, experts, weights)
         elif x.shape[0] < BATCH_BELOW:
@@ -354,9 +403,11 @@ class Transformer:
                     experts_rows(fmt, x, [view], tokens[a:b], [0, b - a], out=y[a:b])
         return moe_combine(y, idx, w)  # [T, D]
 
-    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def mlp(
+        self, i: int, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         if self.args.moe_layers[i]:
-            return self.moe(i, x)
+            return self.moe(i, x, routing)
         p = f"model.layers.{i}.mlp"
         return swiglu(x, self.w[f"{p}.gate_proj.weight"], self.w[f"{p}.up_proj.weight"],
                       self.w[f"{p}.down_proj.weight"])  # fmt: skip
@@ -374,7 +425,12 @@ class Transformer:
             )
         self.provider.begin_step()
         x = embedding(tokens, w["model.embed_tokens.weight"], self.dtype)  # [T, D]
+        blocks = self.decode_blocks() if t == 1 and self.fused_decode else None
         for i in range(a.n_layers):
+            if blocks is not None and (blk := blocks[i]) is not None:  # one native call
+                h, ids, wts = blk.run(x, kv.k[i], kv.v[i], pos, a.top_k, self.router is None)
+                x.add_(self.mlp(i, h, None if ids is None else (ids, wts)))  # x is this step's own
+                continue
             p = f"model.layers.{i}"
             h = rms_norm(x, w[f"{p}.input_layernorm.weight"], a.rms_norm_eps)
             x = x + self.attention(i, h, kv, pos)

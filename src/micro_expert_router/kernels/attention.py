@@ -21,8 +21,9 @@ import torch
 from . import native
 
 SOURCE = Path(__file__).with_name("attention.cpp")
-# one library: the attention kernel and the fused per-layer ops of layer_ops.cpp that call it
-SOURCES = (SOURCE, Path(__file__).with_name("layer_ops.cpp"))
+# one library: the attention kernel, the fused per-layer ops of layer_ops.cpp that call it, and
+# decode_block.cpp's attention block built from those
+SOURCES = (SOURCE, SOURCE.with_name("layer_ops.cpp"), SOURCE.with_name("decode_block.cpp"))
 
 
 @functools.cache

@@ -30,7 +30,8 @@ void decode_(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, co
              int64_t length, double scale, int64_t window, const at::Tensor& sinks, int64_t isa);
 }
 
-namespace {
+// Named (not anonymous): decode_block.cpp calls these within one fused call.
+namespace mer_layer_detail {
 
 template <typename W>
 void norm_rows(float* out, const float* x, const W* w, int64_t R, int64_t D, float eps) {
@@ -180,9 +181,10 @@ void router_topk_(const at::Tensor& ids, const at::Tensor& wts, const at::Tensor
     TORCH_CHECK(false, "router_topk_: w must be float32 or bfloat16");
 }
 
-}  // namespace
+}  // namespace mer_layer_detail
 
 TORCH_LIBRARY_FRAGMENT(mer_attn, m) {
+  using namespace mer_layer_detail;
   m.def("rms_norm_(Tensor(a!) out, Tensor x, Tensor w, float eps) -> ()", &rms_norm_);
   m.def("rope_attend_(Tensor(a!) out, Tensor(b!) q, Tensor(c!) k, Tensor v, Tensor(d!) kc, "
         "Tensor(e!) vc, Tensor cos, Tensor sin, int pos, float scale, int window, Tensor sinks, "

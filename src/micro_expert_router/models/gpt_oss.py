@@ -211,6 +211,9 @@ def transformer(*args: Any, **kw: Any) -> Any:
         the ``topk_softmax`` router are ModelArgs data the shared blocks read, and the
         experts' biases and activation live in the expert formats."""
 
+        def decode_attn_extras(self, i: int) -> tuple[int | None, torch.Tensor | None]:
+            return window(self.args, i), self.w[f"model.layers.{i}.self_attn.sinks"]
+
         def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Any,
                    pos: int) -> torch.Tensor:  # fmt: skip
             a = self.args
