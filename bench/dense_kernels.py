@@ -9,7 +9,11 @@ are measured in the same rounds, at the same thread count. Every round runs ever
 once, in the same order (ABAB...); figures are the median and [min-max] over rounds, ratios are
 paired per round.
 
-    python bench/dense_kernels.py [--shapes 2048x2048,50304x2048] [--threads 1,2] [--rounds 5]
+    python bench/dense_kernels.py [--shapes 2048x2048,50304x2048] [--formats q8,q4,q4b]
+                                  [--threads 1,2] [--rounds 5]
+
+q4b is q4 repacked in RAM in the expert kernel's row blocks (``dense_quant.Q4Blocked``), which
+is what the model runs q4 matrices with where it can; q4 is the row-major GEMV as stored.
 
 Lines: one per trial; per (threads, format, shape) a ratio line; the crossover table
 (tokens/s of the native GEMV and of dequantize + GEMM per T); the fused experts line; last, the
@@ -43,11 +47,18 @@ def dram(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def copies(fmt: str, n: int, k: int, rotate_bytes: int):
+    """Distinct copies of one matrix: q8, q4 (row-major, as stored) or q4b (q4 repacked in the
+    expert kernel's row blocks, ``Q4Blocked``: what the model runs its q4 matrices with)."""
     g = torch.Generator().manual_seed(n + k)
-    w = DENSE_FORMATS[fmt].quantize(torch.randn(n, k, generator=g) * k**-0.5)
+    w = DENSE_FORMATS[fmt.rstrip("b")].quantize(torch.randn(n, k, generator=g) * k**-0.5)
     count = max(2, -(-rotate_bytes // w.nbytes))
     cls = type(w)
-    return [cls(*(t.clone() for t in w.parts().values())) for _ in range(count)]
+    out = [cls(*(t.clone() for t in w.parts().values())) for _ in range(count)]
+    if fmt == "q4b":
+        out = [c.blocked() for c in out]
+        if None in out:
+            raise SystemExit("q4b: the q4 expert kernel cannot run here (see Q4Dense.blocked)")
+    return out
 
 
 def gemv_gbs(ws, x: torch.Tensor) -> float:
@@ -103,7 +114,7 @@ def fused_experts(rounds: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="2048x2048,50304x2048", help="NxK list")
-    p.add_argument("--formats", default="q8,q4")
+    p.add_argument("--formats", default="q8,q4,q4b", help="q8, q4 (row-major), q4b (row blocks)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--rotate-mb", type=int, default=256, help=">= 4x L3")

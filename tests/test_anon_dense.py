@@ -18,7 +18,7 @@ from micro_expert_router.engine import Summary
 from micro_expert_router.errors import ReadError, StoreError
 from micro_expert_router.io import DirectReader
 from micro_expert_router.io.bulk import read_ranges
-from micro_expert_router.kernels.dense_quant import from_parts
+from micro_expert_router.kernels.dense_quant import Q4Blocked, from_parts
 from micro_expert_router.model import Transformer
 from micro_expert_router.store import convert
 from micro_expert_router.store.dense import PART_DTYPES
@@ -66,6 +66,10 @@ def test_dense_is_anonymous_and_bit_identical(ckpt, tmp_path, dense):
             got = eng.model.w[name]
             if isinstance(w, torch.Tensor):
                 assert got.dtype == w.dtype and torch.equal(got, w), name
+            elif isinstance(got, Q4Blocked):  # repacked in RAM for the decode GEMV
+                exp = type(w)(*(t.clone() for t in w.parts().values())).blocked()
+                assert torch.equal(got.packed, exp.packed), name
+                assert torch.equal(got.sz.contiguous(), exp.sz), name
             else:
                 for key, part in w.parts().items():
                     assert torch.equal(got.parts()[key], part), f"{name}.{key}"

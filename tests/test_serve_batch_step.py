@@ -117,6 +117,24 @@ def test_moe_combine_native_and_torch_agree(monkeypatch, dtype):
     assert torch.equal(a, ref.to(dtype))
 
 
+@pytest.mark.skipif(not native.available(), reason="no native kernels")
+@pytest.mark.parametrize("name", ["q4", "q8"])
+def test_experts_combine_has_the_bits_of_stack_and_combine(name):
+    """The single-token decode's one-call experts + weighted sum (``experts_combine``) against
+    ``experts_stack`` + ``moe_combine`` (what a streamed token runs), bit for bit."""
+    fmt, views = _views(name)
+    x = torch.randn(1, 256)
+    w = torch.rand(1, 5)
+    order = [3, 0, 4, 1, 2]
+    got = kx.experts_combine(fmt, x, views[:5], w, order)
+    ys = kx.experts_stack(fmt, x, views[:5])[:, 0]  # [5, D]
+    want = kx.moe_combine(ys, torch.arange(5)[None, :], w[:, order])
+    assert got is not None and torch.equal(got, want)
+    assert kx.experts_combine(fmt, x.bfloat16(), views[:5], w, order) is None  # two-step path
+    with pytest.raises(RuntimeError, match="order"):
+        kx.experts_combine(fmt, x, views[:5], w, [0, 1, 2, 3, 9])
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny OLMoE whose sizes the native batch op takes (D, g multiples of 32)."""

@@ -28,8 +28,14 @@ from .errors import BudgetError
 from .kernels import expert_forward
 from .kernels.attention import decode_attention
 from .kernels.decode_block import DecodeBlock
-from .kernels.dense import embedding, fuse_rows, linear
-from .kernels.experts import experts_forward, experts_rows, experts_stack, moe_combine
+from .kernels.dense import block_q4, embedding, fuse_rows, linear
+from .kernels.experts import (
+    experts_combine,
+    experts_forward,
+    experts_rows,
+    experts_stack,
+    moe_combine,
+)
 from .kernels.layer_ops import rope_attend, router_topk
 from .models.mla import MLA, LatentCache
 from .models.norms import rms_norm
@@ -102,6 +108,10 @@ class Transformer:
         self.kv_dtype = kv_dtype or dtype  # the KV cache (bf16 halves decode attention's bytes)
         self.max_context = max_context
         self.cos, self.sin = rope_tables(args, max_context, dtype)
+        # q4 matrices in the expert kernel's row blocks (decode GEMV); the embedding table is
+        # gathered by rows and stays as stored; q/k/v are blocked when fused (fuse_rows)
+        block_q4(dense, skip=("model.embed_tokens.weight", "q_proj.weight", "k_proj.weight",
+                              "v_proj.weight"))  # fmt: skip
         self.lm_head = dense["model.embed_tokens.weight" if args.tie_word_embeddings
                              else "lm_head.weight"]  # fmt: skip
         self.qkv_fused = [self._fuse_qkv(i) for i in range(args.n_layers)]
@@ -336,6 +346,8 @@ class Transformer:
             # every expert whole in RAM: no handles, no reads, one native call
             for cb in self.on_route:
                 cb(Routing(i, experts, weights, x))
+            if (y := experts_combine(fmt, x, views, weights, order)) is not None:
+                return y  # [1, D], one native call
             ys = experts_stack(fmt, x, views)[:, 0]  # [K, D]
             return moe_combine(ys, _rows(len(ids)), weights[:, order])  # [1, D]
         with self.provider.acquire(i, needed) as handles:

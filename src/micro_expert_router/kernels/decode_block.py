@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import attention, native
-from .dense_quant import Q4Dense, Q8Dense
+from .dense_quant import Q4Blocked, Q4Dense, Q8Dense
 
 _EMPTY = torch.empty(0)
 QK_NORM = {"none": 0, "proj": 1, "head": 2}
@@ -31,9 +31,12 @@ QK_NORM = {"none": 0, "proj": 1, "head": 2}
 
 def _weight(w: object, dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor] | None:
     """(kind, a, b) of the native block for a dense weight: 0 plain (``a`` is the weight, in
-    the activations' dtype), 1 q8, 2 q4; ``None`` when the block cannot take it."""
+    the activations' dtype), 1 q8, 2 q4, 3 / 4 q4 in 32- / 64-row blocks; ``None`` when the
+    block cannot take it."""
     if isinstance(w, torch.Tensor):
         return (0, w, _EMPTY) if w.dtype == dtype and w.dim() == 2 else None
+    if isinstance(w, Q4Blocked) and w.use_native(1):  # 3: n32 row blocks, 4: n64
+        return (3 if w.bn == 32 else 4), w.packed, w.sz.contiguous()
     if isinstance(w, Q4Dense | Q8Dense) and w.use_native(1):
         return (2, w.packed, w.sz) if isinstance(w, Q4Dense) else (1, w.q, w.s)
     return None

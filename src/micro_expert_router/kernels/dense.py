@@ -69,10 +69,11 @@ def fuse_rows(
     """Stack matrices that share their input (q, k and v) into one ``[sum N, K]`` weight, so one
     GEMV reads them all: ``(fused, parts)``, where ``parts[j]`` views rows of ``fused`` and
     replaces ``ws[j]`` (no second copy is kept). ``None`` when the kinds differ or the format
-    has no row stacking. Every output row depends only on its own weight row, so
-    ``linear(x, fused)`` sliced equals the separate products.
+    has no row stacking. q4 parts come out as ``Q4Blocked`` where each is whole row blocks.
+    Every output row depends only on its own weight row, so ``linear(x, fused)`` sliced equals
+    the separate products.
     """
-    from .dense_quant import Q4Dense, Q8Dense
+    from .dense_quant import Q4Blocked, Q4Dense, Q8Dense
 
     if all(isinstance(w, torch.Tensor) for w in ws):
         if len({(w.dtype, w.dim(), w.shape[-1]) for w in ws}) != 1 or ws[0].dim() != 2:
@@ -82,6 +83,13 @@ def fuse_rows(
         fused = Q8Dense(torch.cat([w.q for w in ws]), torch.cat([w.s for w in ws]))
     elif all(type(w) is Q4Dense for w in ws) and len({w.shape[1] for w in ws}) == 1:
         fused = Q4Dense(torch.cat([w.packed for w in ws]), torch.cat([w.sz for w in ws]))
+        # the decode GEMV's layout, where every part is whole row blocks (blocked() consumes)
+        if all(w.shape[0] % Q4Blocked.row_block() == 0 for w in ws):
+            fused = fused.blocked() or fused
+    elif all(type(w) is Q4Blocked for w in ws) and len({(w.shape[1], w.layout) for w in ws}) < 2:
+        # whole row blocks each, so their blocks stack; (s, z) pairs are [K/64, N, 2]
+        fused = Q4Blocked(torch.cat([w.packed for w in ws]),
+                          torch.cat([w.sz for w in ws], dim=1), ws[0].layout)  # fmt: skip
     else:
         return None
     parts: list[torch.Tensor | DenseWeight] = []
@@ -92,7 +100,24 @@ def fuse_rows(
             parts.append(fused[r0:r1])
         elif isinstance(fused, Q8Dense):
             parts.append(Q8Dense(fused.q[r0:r1], fused.s[r0:r1]))
+        elif isinstance(fused, Q4Blocked):
+            parts.append(fused.row_slice(r0, r1))
         else:
             parts.append(Q4Dense(fused.packed[r0:r1], fused.sz[r0:r1]))
         r0 = r1
     return fused, parts
+
+
+def block_q4(ws: dict[str, torch.Tensor | DenseWeight], skip: tuple[str, ...] = ()) -> int:
+    """Repack every q4 matrix of ``ws`` whose name does not end with one of ``skip`` for the
+    expert kernel's decode GEMV (``dense_quant.Q4Blocked``), in place, one matrix at a time;
+    returns how many were. Where the kernel cannot run a matrix it stays as it is."""
+    from .dense_quant import Q4Dense
+
+    done = 0
+    for name in list(ws):
+        w = ws[name]
+        if not name.endswith(skip) and type(w) is Q4Dense and (b := w.blocked()) is not None:
+            ws[name] = b
+            done += 1
+    return done

@@ -221,6 +221,109 @@ class Q4Dense(_Quantized):
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self._decode(self.packed[ids], self.sz[ids]).to(dtype)  # [T, K]
 
+    def blocked(self) -> Q4Blocked | None:
+        """This matrix as ``Q4Blocked``, or ``None`` where the expert kernel cannot run it (no
+        native library, a packing of this torch + CPU that is not split, see
+        ``quant.int4_layout``, or rows that are not whole row blocks). **Consumes this
+        object**: the codes are rearranged in place, in chunks of about 1 MB (no second copy
+        of the matrix, so no transient at load), and only the (s, z) pairs are copied."""
+        from .quant import int4_layout
+        from .reference import INT4_LAYOUTS
+
+        layout = int4_layout()
+        bn, split = INT4_LAYOUTS.get(layout, (0, False))
+        n, k = self.shape
+        if not native.dense_available() or not split or n % bn:
+            return None
+        h, p = bn // 2, self.packed  # [N, K/2]
+        rows = max(bn, (1 << 20) // (k // 2) // bn * bn)
+        for r0 in range(0, n, rows):
+            c = (min(n, r0 + rows) - r0) // bn  # row blocks in this chunk
+            pb = p[r0 : r0 + c * bn].view(c, bn, k // Q4_BLOCK, 32)
+            q = torch.cat([pb & 15, pb >> 4], dim=-1).view(c, bn, k)  # [C, bn, K] codes
+            # torch's split row blocks: byte (k, j) = rows j (low nibble) and j + bn/2 (high)
+            lo, hi = q[:, :h].transpose(1, 2), q[:, h:].transpose(1, 2)  # [C, K, bn/2]
+            pb.view(c, k, h).copy_(lo | (hi << 4))
+        return Q4Blocked(p, self.sz.transpose(0, 1).contiguous(), layout)
+
+
+class Q4Blocked(_Quantized):
+    """A ``Q4Dense`` matrix repacked in RAM for the decode GEMV: the same codes and (s, z)
+    pairs (lossless), the codes in torch's int4 row blocks (the q4 expert layout, ``bn`` rows
+    interleaved per block, "split" nibbles) and the pairs as ``[K/64, N, 2]``, so the native
+    q4 expert kernel (``mer::q4_linear_``, int8 activations) runs it. That kernel keeps each
+    row in a SIMD lane and sums 32 products in int32 before one float multiply-add, where the
+    row-major ``Q4Dense`` GEMV needs a convert, a scale permute and a multiply-add per 32
+    weights and row: on the AVX-512 box it streams a 6144 x 2048 matrix at 19-22 GB/s against
+    16-17 (2 threads, DRAM 21.5 GB/s; ``bench/dense_kernels.py`` compares them).
+
+    Its bits are the expert kernel's definition (``native_int8.cpp``), not ``Q4Dense``'s; a
+    token gets them alone or inside a batch. Made by ``Q4Dense.blocked``."""
+
+    name = "q4"
+    k_multiple = Q4_BLOCK
+    native_below = Q4Dense.native_below
+
+    def __init__(self, packed: torch.Tensor, sz: torch.Tensor, layout: str) -> None:
+        from .reference import INT4_LAYOUTS
+
+        bn, split = INT4_LAYOUTS[layout]
+        n, k = packed.shape[0], 2 * packed.shape[1]
+        if not split or n % bn or tuple(sz.shape) != (k // Q4_BLOCK, n, 2):
+            raise ConfigError(f"dense q4 row blocks: {layout} packing of {tuple(packed.shape)} "
+                              f"with (scale, zero) {tuple(sz.shape)} is not a split layout of "
+                              f"whole {bn}-row blocks")  # fmt: skip
+        self.packed, self.sz, self.layout, self.bn = packed, sz, layout, bn
+        self.shape = (int(n), int(k))
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + 2 * self.sz.numel()
+
+    @staticmethod
+    def row_block() -> int:
+        """Rows per block of this torch + CPU's int4 packing (``quant.int4_layout``); 1 where
+        it is not one the kernel takes (then ``Q4Dense.blocked`` returns None)."""
+        from .quant import int4_layout
+        from .reference import INT4_LAYOUTS
+
+        bn, split = INT4_LAYOUTS.get(int4_layout(), (1, False))
+        return bn if split else 1
+
+    def row_slice(self, r0: int, r1: int) -> Q4Blocked:
+        """Rows ``[r0, r1)`` as a view (whole row blocks only; the fused q/k/v's parts, which
+        the forward does not use: their (s, z) pairs are strided and copied when they run)."""
+        if r0 % self.bn or r1 % self.bn:
+            raise ConfigError(f"dense q4 row blocks: rows {r0}:{r1} cut a {self.bn}-row block")
+        return Q4Blocked(self.packed[r0:r1], self.sz[:, r0:r1], self.layout)
+
+    def _native(self, y: torch.Tensor, x: torch.Tensor, isa: int) -> None:
+        sz = self.sz.contiguous()  # a row slice's pairs are strided: copied per call
+        torch.ops.mer.q4_linear_(y, x, self.packed, sz, Q4_BLOCK, self.bn, True, isa, True)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """The large-T path: ``W.T`` of a chunk of row blocks decoded natively, then GEMM."""
+        from .quant import dequant4_wt
+
+        t, n = x.shape[0], self.shape[0]
+        y = torch.empty((t, n), dtype=x.dtype)  # [T, N]
+        rows = min(CHUNK_ROWS, max(64, CHUNK_BYTES // (4 * self.shape[1])))
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            wt = dequant4_wt(self.packed[r0:r1], self.sz[:, r0:r1], Q4_BLOCK, self.layout)
+            y[:, r0:r1] = torch.matmul(x.float(), wt).to(x.dtype)  # [T, R]
+        return y
+
+    def _dequantize_rows(self, r0: int, r1: int) -> torch.Tensor:
+        from .quant import dequant4_wt
+
+        b0, b1 = r0 - r0 % self.bn, -(-r1 // self.bn) * self.bn
+        wt = dequant4_wt(self.packed[b0:b1], self.sz[:, b0:b1], Q4_BLOCK, self.layout)
+        return wt.t()[r0 - b0 : r1 - b0].contiguous()  # [R, K]
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([self._dequantize_rows(i, i + 1) for i in ids.tolist()]).to(dtype)
+
 
 DENSE_FORMATS: dict[str, type[Q8Dense] | type[Q4Dense]] = {"q8": Q8Dense, "q4": Q4Dense}
 

@@ -106,6 +106,35 @@ def experts_stack(fmt: ExpertFormat, x: torch.Tensor, views: Sequence[object]) -
     return torch.stack(experts_forward(fmt, x, views))  # [N, T, D]
 
 
+def experts_combine(
+    fmt: ExpertFormat,
+    x: torch.Tensor,
+    views: Sequence[object],
+    weights: torch.Tensor,
+    order: list[int],
+) -> torch.Tensor | None:
+    """One decode token's experts and their gate-weighted sum, ``[1, D]``: view ``k`` weighted
+    by ``weights[0, order[k]]``, in view order (the caller's expert-id order). The bits of
+    ``moe_combine(experts_stack(fmt, x, views)[:, 0], ..., weights[:, order])`` in one native
+    call (``native.cpp`` ``experts_combine_``); ``None`` where that path does not apply (not
+    q4/q8, not float32, no native kernel), and the caller takes the two-step path."""
+    name = getattr(fmt, "name", None)
+    if name not in ("q8", "q4") or x.dtype != torch.float32 or weights.dtype != torch.float32:
+        return None
+    d_g = _dims(views[0])
+    bn = native.q4_block_rows() if name == "q4" else 0
+    if d_g is None or bn is None or x.shape[0] != 1 or _native_x(fmt, x, d_g[0]) is None:
+        return None
+    d, g = d_g
+    offs, per = _offsets(name, d, g)
+    out = torch.empty((1, d))
+    block = views[0].block if name == "q4" else 0  # type: ignore[attr-defined]
+    torch.ops.mer.experts_combine_(out, x.contiguous(), [v.buf for v in views],  # type: ignore[attr-defined]
+                                   weights.contiguous(), order, 4 if name == "q4" else 8, d, g,
+                                   block, offs, per, bn, 1, fmt.int8_activations)  # fmt: skip
+    return out
+
+
 def _rows_native(fmt: ExpertFormat, x: torch.Tensor, views: Sequence[object]) -> tuple | None:
     """(D, g) when ``native_batch.cpp`` runs these views on x: q4/q8 views of one shape, int8
     activations with D, g (and the q4 block) multiples of 32, T below ``native_below``, the

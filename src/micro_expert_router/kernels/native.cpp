@@ -371,7 +371,44 @@ void q8_swiglu_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& buf,
   q8_experts_swiglu_({y}, x, {buf}, D, g, offs, per, isa, int8_x);
 }
 
-// Single matrices, for the tests: y [T, N] float32 = x [T, K] @ W.T (int8_x: K % 32 == 0).
+// One decode token's experts and their gate-weighted sum in one call (model.py routed_one, every
+// expert resident): ys [K, 1, D] = the experts' SwiGLU outputs exactly as q4/q8_experts_swiglu_
+// computes them, then out [1, D] = moe_combine_'s sum with weight w[0, order[k]] for ys[k]
+// (acc = w0 y0; acc = acc + wk yk, each rounded once: -ffp-contract=off), so the bits of
+// experts_stack + moe_combine; one dispatch instead of a dozen small ops. fmt: 4 (q4) or 8 (q8).
+void experts_combine_(const at::Tensor& out, const at::Tensor& x, at::TensorList bufs,
+                      const at::Tensor& w, at::IntArrayRef order, int64_t fmt, int64_t D,
+                      int64_t g, int64_t b, at::IntArrayRef offs, int64_t per, int64_t bn,
+                      int64_t isa, bool int8_x) {
+  const int64_t K = bufs.size();
+  TORCH_CHECK(K > 0 && int64_t(order.size()) == K && (fmt == 4 || fmt == 8),
+              "mer: experts_combine_ needs one order entry per expert buffer and fmt 4 or 8");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) == 1 &&
+                  x.size(1) == D && x.is_contiguous() && out.scalar_type() == at::kFloat &&
+                  out.is_contiguous() && out.numel() == D && w.scalar_type() == at::kFloat &&
+                  w.is_contiguous() && w.dim() == 2 && w.size(0) == 1,
+              "mer: experts_combine_ takes float32 x and out [1, D] and weights [1, K]");
+  for (int64_t k = 0; k < K; ++k)
+    TORCH_CHECK(order[k] >= 0 && order[k] < w.size(1), "mer: experts_combine_ order out of range");
+  at::Tensor ys = x.new_zeros({K, 1, D});
+  std::vector<at::Tensor> yl;
+  for (int64_t k = 0; k < K; ++k) yl.push_back(ys.select(0, k));
+  if (fmt == 4)
+    q4_experts_swiglu_(yl, x, bufs, D, g, b, offs, per, bn, true, isa, int8_x);
+  else
+    q8_experts_swiglu_(yl, x, bufs, D, g, offs, per, isa, int8_x);
+  const float* Y = ys.data_ptr<float>();
+  const float* W = w.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t d = 0; d < D; ++d) {
+    float acc = W[order[0]] * Y[d];
+    for (int64_t k = 1; k < K; ++k) acc = acc + W[order[k]] * Y[k * D + d];
+    o[d] = acc;
+  }
+}
+
+// Single matrices: y [T, N] float32 = x [T, K] @ W.T (int8_x: K % 32 == 0); row blocks in
+// parallel (each row's bits do not depend on the split).
 void q4_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& packed,
                 const at::Tensor& sz, int64_t b, int64_t bn, bool split, int64_t isa,
                 bool int8_x) {
@@ -389,10 +426,15 @@ void q4_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pack
   X4 px;
   prepare4(px, static_cast<const float*>(x.data_ptr()), T, K, b, mode, int8_x, s8,
            int8_x ? xm.get(acts_nbytes(T, K, b, s8)) : nullptr);
-  for (int64_t r0 = 0; r0 < N; r0 += bn)
-    rows4(mode, int8_x, s8, px, static_cast<const uint8_t*>(packed.data_ptr()),
-          static_cast<const uint16_t*>(sz.data_ptr()), N, K, b, r0, std::min(bn, N - r0), bn,
-          split, T, static_cast<float*>(y.data_ptr()) + r0, N);
+  const int64_t nblk = (N + bn - 1) / bn;
+  at::parallel_for(0, nblk, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = i * bn;
+      rows4(mode, int8_x, s8, px, static_cast<const uint8_t*>(packed.data_ptr()),
+            static_cast<const uint16_t*>(sz.data_ptr()), N, K, b, r0, std::min(bn, N - r0), bn,
+            split, T, static_cast<float*>(y.data_ptr()) + r0, N);
+    }
+  });
 }
 
 void q8_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
@@ -461,6 +503,10 @@ TORCH_LIBRARY(mer, m) {
         &q4_linear_);
   m.def("q8_linear_(Tensor(a!) y, Tensor x, Tensor w, Tensor s, int isa, bool int8_x=False) -> ()",
         &q8_linear_);
+  m.def("experts_combine_(Tensor(a!) out, Tensor x, Tensor[] bufs, Tensor w, int[] order, "
+        "int fmt, int hidden, int group, int block, int[] offsets, int per, int block_n, int isa, "
+        "bool int8_x) -> ()",
+        &experts_combine_);
   m.def("quantize_acts_(Tensor(a!) qx, Tensor(b!) sx, Tensor(c!) c, Tensor x, int block) -> ()",
         &quantize_acts_);
   m.def("has_avx512() -> bool", &has_avx512);
