@@ -35,6 +35,9 @@ CASES = [  # H, Hk, Dh, capacity, length, window, sinks
     (8, 2, 64, 100, 100, 16, False),
     (8, 4, 32, 70, 50, None, True),
     (4, 2, 24, 40, 30, 7, True),
+    # Dh a multiple of 64: the bf16 cache's register kernel (eight keys at a time, vector exp)
+    (8, 2, 128, 300, 203, None, True),
+    (4, 1, 64, 80, 75, 20, True),
 ]
 
 
