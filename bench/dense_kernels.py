@@ -50,7 +50,8 @@ def copies(fmt: str, n: int, k: int, rotate_bytes: int):
     """Distinct copies of one matrix: q8, q4 (row-major, as stored) or q4b (q4 repacked in the
     expert kernel's row blocks, ``Q4Blocked``: what the model runs its q4 matrices with)."""
     g = torch.Generator().manual_seed(n + k)
-    w = DENSE_FORMATS[fmt.rstrip("b")].quantize(torch.randn(n, k, generator=g) * k**-0.5)
+    base = "q4" if fmt == "q4b" else fmt
+    w = DENSE_FORMATS[base].quantize(torch.randn(n, k, generator=g) * k**-0.5)
     count = max(2, -(-rotate_bytes // w.nbytes))
     cls = type(w)
     out = [cls(*(t.clone() for t in w.parts().values())) for _ in range(count)]

@@ -1,8 +1,8 @@
 // One decode token's attention block, and the router after it, in one native call (see
-// kernels/decode_block.py). The Python forward spends about 4 us per torch dispatch and wrapper;
-// a layer's attention half took some 25 of them (norm, the fused q/k/v GEMV and its split,
+// kernels/decode_block.py). The Python forward pays a few microseconds per torch dispatch and
+// wrapper; a layer's attention half was some 25 of them (norm, the fused q/k/v GEMV and its split,
 // q/k norms, RoPE + cache append + attention, the o projection, the residual add, the second
-// norm, the router), 1.1 ms per token of an olmoe-sized model. Here they are the same ops in the
+// norm, the router; bench/overhead.py lists the ops per token). Here they are the same ops in the
 // same order, called from C++: each quantized GEMV through the dispatcher (the mer library's
 // dense_q4_linear_ / dense_q8_linear_), plain weights through at::linear, the norms, RoPE,
 // attention and router by layer_ops.cpp's functions. So the bits are those of the op-by-op path.

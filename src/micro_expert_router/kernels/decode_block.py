@@ -2,12 +2,12 @@
 KV append, attention, o projection, residual add, the MLP's norm) and its softmax-top-k router
 in one native call (``decode_block.cpp``).
 
-The op-by-op forward pays about 4 us of Python and dispatch per op and wrapper; the attention
-half of a layer was some 25 of them, 1.1 ms per token of an olmoe-sized model (16 layers) on a
-step of 17 ms. The native block calls the same kernels in the same order (the dense GEMV ops
-through torch's dispatcher, ``layer_ops.cpp``'s norm, RoPE + attention and router), so its bits
-are those of the op-by-op path; ``tests/test_decode_block.py`` checks that for every kind of
-weight and attention variant it takes.
+The op-by-op forward pays a few microseconds of Python and dispatch per op and wrapper, and the
+attention half of a layer was some 25 of them (``bench/overhead.py`` lists the ops of a step and
+the share of the step outside them). The native block calls the same kernels in the same
+order (the dense GEMV ops through torch's dispatcher, ``layer_ops.cpp``'s norm, RoPE + attention
+and router), so its bits are those of the op-by-op path; ``tests/test_decode_block.py`` checks
+that for every kind of weight and attention variant it takes.
 
 ``DecodeBlock.build`` returns ``None`` where the block cannot run natively (no compiler or
 ``MER_NATIVE=0``, activations other than float32, a dense weight the native GEMV does not take,

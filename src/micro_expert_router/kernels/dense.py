@@ -73,6 +73,7 @@ def fuse_rows(
     Every output row depends only on its own weight row, so ``linear(x, fused)`` sliced equals
     the separate products.
     """
+    from . import native
     from .dense_quant import Q4Blocked, Q4Dense, Q8Dense
 
     if all(isinstance(w, torch.Tensor) for w in ws):
@@ -84,7 +85,8 @@ def fuse_rows(
     elif all(type(w) is Q4Dense for w in ws) and len({w.shape[1] for w in ws}) == 1:
         fused = Q4Dense(torch.cat([w.packed for w in ws]), torch.cat([w.sz for w in ws]))
         # the decode GEMV's layout, where every part is whole row blocks (blocked() consumes)
-        if all(w.shape[0] % Q4Blocked.row_block() == 0 for w in ws):
+        bn = native.q4_block_rows()
+        if bn is not None and all(w.shape[0] % bn == 0 for w in ws):
             fused = fused.blocked() or fused
     elif all(type(w) is Q4Blocked for w in ws) and len({(w.shape[1], w.layout) for w in ws}) < 2:
         # whole row blocks each, so their blocks stack; (s, z) pairs are [K/64, N, 2]
@@ -108,16 +110,12 @@ def fuse_rows(
     return fused, parts
 
 
-def block_q4(ws: dict[str, torch.Tensor | DenseWeight], skip: tuple[str, ...] = ()) -> int:
+def block_q4(ws: dict[str, torch.Tensor | DenseWeight], skip: tuple[str, ...] = ()) -> None:
     """Repack every q4 matrix of ``ws`` whose name does not end with one of ``skip`` for the
-    expert kernel's decode GEMV (``dense_quant.Q4Blocked``), in place, one matrix at a time;
-    returns how many were. Where the kernel cannot run a matrix it stays as it is."""
+    expert kernel's decode GEMV (``dense_quant.Q4Blocked``), in place, one matrix at a time.
+    Where the kernel cannot run a matrix it stays as it is."""
     from .dense_quant import Q4Dense
 
-    done = 0
-    for name in list(ws):
-        w = ws[name]
+    for name, w in ws.items():
         if not name.endswith(skip) and type(w) is Q4Dense and (b := w.blocked()) is not None:
             ws[name] = b
-            done += 1
-    return done

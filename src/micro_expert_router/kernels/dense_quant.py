@@ -228,12 +228,10 @@ class Q4Dense(_Quantized):
         object**: the codes are rearranged in place, in chunks of about 1 MB (no second copy
         of the matrix, so no transient at load), and only the (s, z) pairs are copied."""
         from .quant import int4_layout
-        from .reference import INT4_LAYOUTS
 
-        layout = int4_layout()
-        bn, split = INT4_LAYOUTS.get(layout, (0, False))
+        bn = native.q4_block_rows()  # None: a packing the kernel does not take
         n, k = self.shape
-        if not native.dense_available() or not split or n % bn:
+        if bn is None or not native.dense_available() or n % bn:
             return None
         h, p = bn // 2, self.packed  # [N, K/2]
         rows = max(bn, (1 << 20) // (k // 2) // bn * bn)
@@ -244,7 +242,7 @@ class Q4Dense(_Quantized):
             # torch's split row blocks: byte (k, j) = rows j (low nibble) and j + bn/2 (high)
             lo, hi = q[:, :h].transpose(1, 2), q[:, h:].transpose(1, 2)  # [C, K, bn/2]
             pb.view(c, k, h).copy_(lo | (hi << 4))
-        return Q4Blocked(p, self.sz.transpose(0, 1).contiguous(), layout)
+        return Q4Blocked(p, self.sz.transpose(0, 1).contiguous(), int4_layout())
 
 
 class Q4Blocked(_Quantized):
@@ -254,8 +252,8 @@ class Q4Blocked(_Quantized):
     q4 expert kernel (``mer::q4_linear_``, int8 activations) runs it. That kernel keeps each
     row in a SIMD lane and sums 32 products in int32 before one float multiply-add, where the
     row-major ``Q4Dense`` GEMV needs a convert, a scale permute and a multiply-add per 32
-    weights and row: on the AVX-512 box it streams a 6144 x 2048 matrix at 19-22 GB/s against
-    16-17 (2 threads, DRAM 21.5 GB/s; ``bench/dense_kernels.py`` compares them).
+    weights and row: ``bench/dense_kernels.py --formats q4,q4b`` compares them
+    (docs/quantization.md has the figures).
 
     Its bits are the expert kernel's definition (``native_int8.cpp``), not ``Q4Dense``'s; a
     token gets them alone or inside a batch. Made by ``Q4Dense.blocked``."""
@@ -265,8 +263,8 @@ class Q4Blocked(_Quantized):
     # measured (bench/dense_kernels.py --formats q4b, 6144 x 2048, AVX2 box): the native GEMV
     # ahead of dequantize + GEMM up to T = 256 (6080 against 4804 tokens/s), even at 512
     native_below = 256
-    gemm_rows = 256  # rows decoded per GEMM chunk: W.T of 256 rows stays in L2 (4 ms for 6144
-    # rows against 18.5 in chunks of 1024, whose transposed writes miss it)
+    gemm_rows = 256  # rows decoded per GEMM chunk: W.T of 256 rows x K = 2048 (2 MB) stays in
+    # L2 while its transposed writes land; 1024-row chunks were several times slower to decode
 
     def __init__(self, packed: torch.Tensor, sz: torch.Tensor, layout: str) -> None:
         from .reference import INT4_LAYOUTS
@@ -283,16 +281,6 @@ class Q4Blocked(_Quantized):
     @property
     def nbytes(self) -> int:
         return self.packed.numel() + 2 * self.sz.numel()
-
-    @staticmethod
-    def row_block() -> int:
-        """Rows per block of this torch + CPU's int4 packing (``quant.int4_layout``); 1 where
-        it is not one the kernel takes (then ``Q4Dense.blocked`` returns None)."""
-        from .quant import int4_layout
-        from .reference import INT4_LAYOUTS
-
-        bn, split = INT4_LAYOUTS.get(int4_layout(), (1, False))
-        return bn if split else 1
 
     def row_slice(self, r0: int, r1: int) -> Q4Blocked:
         """Rows ``[r0, r1)`` as a view (whole row blocks only; the fused q/k/v's parts, which
