@@ -261,7 +261,7 @@ class Q4Blocked(_Quantized):
     name = "q4"
     k_multiple = Q4_BLOCK
     # measured (bench/dense_kernels.py --formats q4b, 6144 x 2048, AVX2 box): the native GEMV
-    # ahead of dequantize + GEMM up to T = 256 (6080 against 4804 tokens/s), even at 512
+    # ahead of dequantize + GEMM at T = 256 (7334 against 5545 tokens/s) and still at 512
     native_below = 256
     gemm_rows = 256  # rows decoded per GEMM chunk: W.T of 256 rows x K = 2048 (2 MB) stays in
     # L2 while its transposed writes land; 1024-row chunks were several times slower to decode
