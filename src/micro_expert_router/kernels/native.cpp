@@ -167,10 +167,23 @@ struct Scratch {
 //
 // One call computes several segments (bufs[i], its own group count) of one or more experts on
 // the same x, segment i adding into ys[i]: phase 1 is one parallel region over the gate/up row
-// blocks of every group of every segment, phase 2 one region over (segment, output row block).
-// Each (segment, row block) adds its groups' partials in group order, and a group's partial
+// blocks of every group of every segment, phase 2 one region over (segment, span of output
+// rows). Each (segment, span) adds its groups' partials in group order, and a group's partial
 // does not depend on the other work of the call, so the result is bit-identical to one call per
 // segment (the single-segment ops below are this with one segment).
+//
+// A down matrix is [D, g] per group, so one q4 row block of it is only bn * g / 2 bytes (2 KB at
+// g = 128); a span of several row blocks makes each group's read one longer contiguous run,
+// which the prefetches keep ahead of (docs/quantization.md: the q4 experts ran faster with 256
+// rows than with one row block on the AVX2 box; q8's 64-row items were already 8 KB).
+constexpr int64_t kSpanRows = 256;
+
+// Row blocks per phase-2 span: up to `most`, fewer when the items would not keep every thread
+// busy (at least 4 items per thread); the bits do not depend on it.
+int64_t phase2_blocks(int64_t blocks, int64_t most) {
+  const int64_t per = blocks / (4 * std::max<int64_t>(1, at::get_num_threads()));
+  return std::max<int64_t>(1, std::min(most, per));
+}
 
 struct Segs {
   std::vector<const uint8_t*> base;
@@ -266,15 +279,16 @@ void q4_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList b
     }
   });
   const int64_t nb2 = (D + bn - 1) / bn, m = S.max_n, ma = i8 ? acts_nbytes(T, g, b, s8) : 0;
-  at::parallel_for(0, K * nb2, 1, [&](int64_t i0, int64_t i1) {
+  const int64_t span = phase2_blocks(K * nb2, kSpanRows / bn) * bn, ni = (D + span - 1) / span;
+  at::parallel_for(0, K * ni, 1, [&](int64_t i0, int64_t i1) {
     // a = silu(h) * u of every group of the current segment (recomputed per thread)
-    std::vector<float> a(m * T * g), p(T * bn);
+    std::vector<float> a(m * T * g), p(T * span);
     std::vector<X4> pa(m);
     Scratch am;
     uint8_t* mem = i8 ? am.get(m * ma) : nullptr;
     int64_t cur = -1;
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t i = it / nb2, r0 = (it % nb2) * bn, rows = std::min(bn, D - r0);
+      const int64_t i = it / ni, r0 = (it % ni) * span, rows = std::min(span, D - r0);
       if (i != cur) {
         cur = i;
         for (int64_t j = 0; j < S.n[i]; ++j) {
@@ -287,10 +301,11 @@ void q4_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList b
       }
       for (int64_t j = 0; j < S.n[i]; ++j) {
         const uint8_t* grp = S.base[i] + j * per;
-        rows4(mode, i8, s8, pa[j], grp + offs[2],
-              reinterpret_cast<const uint16_t*>(grp + offs[3]), D, g, b, r0, rows, bn, split, T,
-              p.data(), bn);
-        add_rows(ys[i], D, T, r0, rows, p.data(), bn);
+        for (int64_t q = 0; q < rows; q += bn)
+          rows4(mode, i8, s8, pa[j], grp + offs[2],
+                reinterpret_cast<const uint16_t*>(grp + offs[3]), D, g, b, r0 + q,
+                std::min(bn, rows - q), bn, split, T, p.data() + q, span);
+        add_rows(ys[i], D, T, r0, rows, p.data(), span);
       }
     }
   });
@@ -332,14 +347,16 @@ void q8_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList b
   });
   const int64_t nb2 = (D + kRows - 1) / kRows, m = S.max_n;
   const int64_t ma = i8 ? acts_nbytes(T, g, 0, false) : 0;
-  at::parallel_for(0, K * nb2, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> a(m * T * g), p(T * kRows);
+  const int64_t span = phase2_blocks(K * nb2, kSpanRows / kRows) * kRows;
+  const int64_t ni = (D + span - 1) / span;
+  at::parallel_for(0, K * ni, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> a(m * T * g), p(T * span);
     std::vector<Acts> qa(m);
     Scratch am;
     uint8_t* mem = i8 ? am.get(m * ma) : nullptr;
     int64_t cur = -1;
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t i = it / nb2, r0 = (it % nb2) * kRows, rows = std::min(kRows, D - r0);
+      const int64_t i = it / ni, r0 = (it % ni) * span, rows = std::min(span, D - r0);
       if (i != cur) {
         cur = i;
         for (int64_t j = 0; j < S.n[i]; ++j) {
@@ -353,8 +370,8 @@ void q8_experts_swiglu_(at::TensorList ys, const at::Tensor& x, at::TensorList b
         const uint8_t* grp = S.base[i] + j * per;
         rows8(mode, i8, s8, &a[j * T * g], qa[j],
               reinterpret_cast<const int8_t*>(grp + offs[1]) + r0 * g,
-              reinterpret_cast<const uint16_t*>(grp + offs[3]) + r0, rows, g, T, p.data(), kRows);
-        add_rows(ys[i], D, T, r0, rows, p.data(), kRows);
+              reinterpret_cast<const uint16_t*>(grp + offs[3]) + r0, rows, g, T, p.data(), span);
+        add_rows(ys[i], D, T, r0, rows, p.data(), span);
       }
     }
   });
