@@ -141,6 +141,9 @@ MER_AVX2 void q4_unit_i8_avx2(const uint8_t* p, const uint16_t* szl, const uint1
       const int64_t k0 = kb * b + j * kXB;
       const uint8_t* pk = p + k0 * KS;
       const int8_t* xk = a.v + (t0 * (K >> 2) + (k0 >> 2)) * 32;
+      // Not unrolled: GCC unrolls the eight steps, sums the 32 products as a tree and spills
+      // them to the stack, which made the kernel slower from DRAM (docs/quantization.md).
+#pragma GCC unroll 1
       for (int st = 0; st < kXB / 4; ++st, pk += 4 * KS, xk += 32) {
         _mm_prefetch(reinterpret_cast<const char*>(pk + kPrefetch4), _MM_HINT_T1);
         if (KS == 32) _mm_prefetch(reinterpret_cast<const char*>(pk + 64 + kPrefetch4), _MM_HINT_T1);
