@@ -108,3 +108,23 @@ def test_router_topk_ties_go_to_the_lower_id_and_bad_shapes_fail():
     assert router_topk(x.double(), w, 3, False) is None  # other dtypes: the torch path
     with pytest.raises(RuntimeError, match="router_topk_"):
         router_topk(x, w, 7, False)  # K > E
+
+
+@needs_native
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_router_topk_same_bits_at_one_and_two_threads(wdtype):
+    """The logits run in parallel over experts; each is one dot product in a fixed order, so the
+    split does not change a bit."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 2050, generator=g)  # a tail after the last eight
+    w = (torch.randn(64, 2050, generator=g) * 2050**-0.5).to(wdtype)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = router_topk(x, w, 8, True)
+        torch.set_num_threads(2)
+        two = router_topk(x, w, 8, True)
+    finally:
+        torch.set_num_threads(n)
+    assert one is not None and two is not None
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
