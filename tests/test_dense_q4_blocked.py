@@ -50,7 +50,9 @@ def test_repack_is_lossless():
     # the codes in torch's own packing (and the reference encoder's), the same (s, z) pairs
     assert np.array_equal(b.packed.numpy(), ref.encode_int4(q.numpy(), int4_layout()))
     assert torch.equal(b.packed, _int4_pack(q.to(torch.int32), 2).view(torch.uint8))
-    assert torch.equal(b.sz, sz.transpose(0, 1))
+    bn = b.bn  # each row block's pairs together: [N/bn, K/64, bn, 2]
+    assert torch.equal(b.sz, sz.view(192 // bn, bn, 4, 2).transpose(1, 2))
+    assert torch.equal(b.pairs(bn, 3 * bn), sz[bn : 3 * bn].transpose(0, 1))
     # and the same weights, up to the two dequantizations' roundings
     got = b.dequantize().double()
     assert torch.allclose(got, want, rtol=2 * U, atol=0)

@@ -18,8 +18,9 @@
 //         (the whole RoPE tables: row pos is used),
 //         12 sinks [H], 13 router weight [E, D]
 //     iv  ints: 0 qkv kind, 1 o kind (0 plain: a is the weight; 1 q8: a int8, b scales; 2 q4:
-//         a packed nibbles, b (scale, zero) pairs; 3 / 4: q4 in 32- / 64-row blocks, as
-//         mer::q4_linear_ takes them), 2-4 q, k, v widths, 5 H, 6 Hk, 7 Dh,
+//         a packed nibbles, b (scale, zero) pairs; 3 / 4: q4 in 32- / 64-row blocks with
+//         each block's pairs together, as mer::q4_linear_ takes them with sz_blocked),
+//         2-4 q, k, v widths, 5 H, 6 Hk, 7 Dh,
 //         8 qk_norm (0 none, 1 over the whole projection, 2 per head), 9 window (0: none),
 //         10 renormalize the top-k (0/1), 11 clip q/k/v (0/1)
 //     fv  floats: 0 eps, 1 attention scale, 2 clip bound
@@ -60,7 +61,7 @@ const c10::TypedOperatorHandle<DenseOp>& dense_op(int64_t kind) {
 }
 
 using BlockedOp = void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const at::Tensor&, int64_t, int64_t, bool, int64_t, bool);
+                       const at::Tensor&, int64_t, int64_t, bool, int64_t, bool, bool);
 
 // q4 in the expert kernel's row blocks (kernels/dense_quant.py Q4Blocked): mer::q4_linear_.
 const c10::TypedOperatorHandle<BlockedOp>& blocked_op() {
@@ -80,7 +81,7 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
   const int64_t n = a.size(0);
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   if (kind >= 3)  // blocks of 64 weights along K, 32 or 64 rows, split nibbles, int8 x
-    blocked_op().call(y, x, a, b, 64, kind == 3 ? 32 : 64, true, 1, true);
+    blocked_op().call(y, x, a, b, 64, kind == 3 ? 32 : 64, true, 1, true, true);
   else
     dense_op(kind).call(y, x, a, b, 1);
   return has_bias ? y.add(bias) : y;

@@ -89,9 +89,9 @@ def fuse_rows(
         if bn is not None and all(w.shape[0] % bn == 0 for w in ws):
             fused = fused.blocked() or fused
     elif all(type(w) is Q4Blocked for w in ws) and len({(w.shape[1], w.layout) for w in ws}) < 2:
-        # whole row blocks each, so their blocks stack; (s, z) pairs are [K/64, N, 2]
-        fused = Q4Blocked(torch.cat([w.packed for w in ws]),
-                          torch.cat([w.sz for w in ws], dim=1), ws[0].layout)  # fmt: skip
+        # whole row blocks each, so their blocks and their blocks' (s, z) pairs stack
+        fused = Q4Blocked(torch.cat([w.packed for w in ws]), torch.cat([w.sz for w in ws]),
+                          ws[0].layout)  # fmt: skip
     else:
         return None
     parts: list[torch.Tensor | DenseWeight] = []

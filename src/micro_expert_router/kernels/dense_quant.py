@@ -242,14 +242,18 @@ class Q4Dense(_Quantized):
             # torch's split row blocks: byte (k, j) = rows j (low nibble) and j + bn/2 (high)
             lo, hi = q[:, :h].transpose(1, 2), q[:, h:].transpose(1, 2)  # [C, K, bn/2]
             pb.view(c, k, h).copy_(lo | (hi << 4))
-        return Q4Blocked(p, self.sz.transpose(0, 1).contiguous(), int4_layout())
+        kb = k // Q4_BLOCK  # pairs [N, K/64, 2] -> each row block's together [N/bn, K/64, bn, 2]
+        sz = self.sz.view(n // bn, bn, kb, 2).transpose(1, 2).contiguous()
+        return Q4Blocked(p, sz, int4_layout())
 
 
 class Q4Blocked(_Quantized):
     """A ``Q4Dense`` matrix repacked in RAM for the decode GEMV: the same codes and (s, z)
     pairs (lossless), the codes in torch's int4 row blocks (the q4 expert layout, ``bn`` rows
-    interleaved per block, "split" nibbles) and the pairs as ``[K/64, N, 2]``, so the native
-    q4 expert kernel (``mer::q4_linear_``, int8 activations) runs it. That kernel keeps each
+    interleaved per block, "split" nibbles) and the pairs as ``[N/bn, K/64, bn, 2]`` (each row
+    block's together: the expert layout's ``[K/64, N, 2]`` puts a block's 32 lines of pairs
+    N x 4 bytes apart, a page apart and more for attention and lm_head matrices), so the native
+    q4 expert kernel (``mer::q4_linear_``, int8 activations, ``sz_blocked``) runs it. That kernel keeps each
     row in a SIMD lane and sums 32 products in int32 before one float multiply-add, where the
     row-major ``Q4Dense`` GEMV needs a convert, a scale permute and a multiply-add per 32
     weights and row: ``bench/dense_kernels.py --formats q4,q4b`` compares them
@@ -271,7 +275,7 @@ class Q4Blocked(_Quantized):
 
         bn, split = INT4_LAYOUTS[layout]
         n, k = packed.shape[0], 2 * packed.shape[1]
-        if not split or n % bn or tuple(sz.shape) != (k // Q4_BLOCK, n, 2):
+        if not split or n % bn or tuple(sz.shape) != (n // bn, k // Q4_BLOCK, bn, 2):
             raise ConfigError(f"dense q4 row blocks: {layout} packing of {tuple(packed.shape)} "
                               f"with (scale, zero) {tuple(sz.shape)} is not a split layout of "
                               f"whole {bn}-row blocks")  # fmt: skip
@@ -283,15 +287,21 @@ class Q4Blocked(_Quantized):
         return self.packed.numel() + 2 * self.sz.numel()
 
     def row_slice(self, r0: int, r1: int) -> Q4Blocked:
-        """Rows ``[r0, r1)`` as a view (whole row blocks only; the fused q/k/v's parts, which
-        the forward does not use: their (s, z) pairs are strided and copied when they run)."""
+        """Rows ``[r0, r1)`` as a view (whole row blocks only: the fused q/k/v's parts)."""
         if r0 % self.bn or r1 % self.bn:
             raise ConfigError(f"dense q4 row blocks: rows {r0}:{r1} cut a {self.bn}-row block")
-        return Q4Blocked(self.packed[r0:r1], self.sz[:, r0:r1], self.layout)
+        bn = self.bn
+        return Q4Blocked(self.packed[r0:r1], self.sz[r0 // bn : r1 // bn], self.layout)
+
+    def pairs(self, r0: int, r1: int) -> torch.Tensor:
+        """The (s, z) pairs of rows ``[r0, r1)`` (whole row blocks) as ``[K/64, R, 2]``, the
+        layout the dequantizing code takes."""
+        s = self.sz[r0 // self.bn : r1 // self.bn]  # [C, K/64, bn, 2]
+        return s.transpose(0, 1).reshape(s.shape[1], r1 - r0, 2)
 
     def _native(self, y: torch.Tensor, x: torch.Tensor, isa: int) -> None:
-        sz = self.sz.contiguous()  # a row slice's pairs are strided: copied per call
-        torch.ops.mer.q4_linear_(y, x, self.packed, sz, Q4_BLOCK, self.bn, True, isa, True)
+        torch.ops.mer.q4_linear_(y, x, self.packed, self.sz, Q4_BLOCK, self.bn, True, isa, True,
+                                 True)  # fmt: skip
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         """The large-T path: ``W.T`` of a chunk of row blocks decoded natively, then GEMM."""
@@ -302,7 +312,7 @@ class Q4Blocked(_Quantized):
         rows = max(self.bn, self.gemm_rows // self.bn * self.bn)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            wt = dequant4_wt(self.packed[r0:r1], self.sz[:, r0:r1], Q4_BLOCK, self.layout)
+            wt = dequant4_wt(self.packed[r0:r1], self.pairs(r0, r1), Q4_BLOCK, self.layout)
             y[:, r0:r1] = torch.matmul(x.float(), wt).to(x.dtype)  # [T, R]
         return y
 
@@ -310,7 +320,7 @@ class Q4Blocked(_Quantized):
         from .quant import dequant4_wt
 
         b0, b1 = r0 - r0 % self.bn, -(-r1 // self.bn) * self.bn
-        wt = dequant4_wt(self.packed[b0:b1], self.sz[:, b0:b1], Q4_BLOCK, self.layout)
+        wt = dequant4_wt(self.packed[b0:b1], self.pairs(b0, b1), Q4_BLOCK, self.layout)
         return wt.t()[r0 - b0 : r1 - b0].contiguous()  # [R, K]
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

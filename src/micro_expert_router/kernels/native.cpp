@@ -425,17 +425,20 @@ void experts_combine_(const at::Tensor& out, const at::Tensor& x, at::TensorList
 }
 
 // Single matrices: y [T, N] float32 = x [T, K] @ W.T (int8_x: K % 32 == 0); row blocks in
-// parallel (each row's bits do not depend on the split).
+// parallel (each row's bits do not depend on the split). sz_blocked: the (s, z) pairs are
+// [N/bn, K/b, bn, 2], each row block's contiguous (dense_quant.Q4Blocked), else [K/b, N, 2];
+// a row block is then run as an N = bn matrix of its own, which every kernel takes (N is only
+// the pairs' row stride).
 void q4_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& packed,
                 const at::Tensor& sz, int64_t b, int64_t bn, bool split, int64_t isa,
-                bool int8_x) {
+                bool int8_x, bool sz_blocked) {
   const int64_t T = x.size(0), K = x.size(1), N = packed.size(0);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && y.scalar_type() == at::kFloat &&
                   y.is_contiguous() && y.size(0) == T && y.size(1) == N &&
                   packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.size(1) * 2 == K && sz.scalar_type() == at::kBFloat16 &&
                   sz.is_contiguous() && sz.numel() == (K / b) * N * 2 && K % b == 0 &&
-                  (!int8_x || b % kXB == 0),
+                  (!int8_x || b % kXB == 0) && (!sz_blocked || N % bn == 0),
               "mer: bad q4_linear arguments");
   const int mode = kernel_mode(isa);
   const int s8 = int8_x ? int8_simd(mode) : 0;
@@ -444,12 +447,17 @@ void q4_linear_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pack
   prepare4(px, static_cast<const float*>(x.data_ptr()), T, K, b, mode, int8_x, s8,
            int8_x ? xm.get(acts_nbytes(T, K, b, s8)) : nullptr);
   const int64_t nblk = (N + bn - 1) / bn;
+  const auto* mat = static_cast<const uint8_t*>(packed.data_ptr());
+  const auto* pairs = static_cast<const uint16_t*>(sz.data_ptr());
+  float* out = static_cast<float*>(y.data_ptr());
   at::parallel_for(0, nblk, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r0 = i * bn;
-      rows4(mode, int8_x, s8, px, static_cast<const uint8_t*>(packed.data_ptr()),
-            static_cast<const uint16_t*>(sz.data_ptr()), N, K, b, r0, std::min(bn, N - r0), bn,
-            split, T, static_cast<float*>(y.data_ptr()) + r0, N);
+      const int64_t r0 = i * bn, rows = std::min(bn, N - r0);
+      if (sz_blocked)
+        rows4(mode, int8_x, s8, px, mat + r0 * (K / 2), pairs + r0 * (K / b) * 2, bn, K, b, 0,
+              rows, bn, split, T, out + r0, N);
+      else
+        rows4(mode, int8_x, s8, px, mat, pairs, N, K, b, r0, rows, bn, split, T, out + r0, N);
     }
   });
 }
@@ -516,7 +524,7 @@ TORCH_LIBRARY(mer, m) {
         "int[] offsets, int per, int isa, bool int8_x=False) -> ()",
         &q8_experts_swiglu_);
   m.def("q4_linear_(Tensor(a!) y, Tensor x, Tensor packed, Tensor sz, int block, int block_n, "
-        "bool split, int isa, bool int8_x=False) -> ()",
+        "bool split, int isa, bool int8_x=False, bool sz_blocked=False) -> ()",
         &q4_linear_);
   m.def("q8_linear_(Tensor(a!) y, Tensor x, Tensor w, Tensor s, int isa, bool int8_x=False) -> ()",
         &q8_linear_);
