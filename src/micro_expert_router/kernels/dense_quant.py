@@ -255,8 +255,8 @@ class Q4Blocked(_Quantized):
     N x 4 bytes apart, a page apart and more for attention and lm_head matrices), so the native
     q4 expert kernel (``mer::q4_linear_``, int8 activations, ``sz_blocked``) runs it. That
     kernel keeps each row in a SIMD lane and sums 32 products in int32 before one float
-    multiply-add, where the row-major ``Q4Dense`` GEMV needs a convert, a scale permute and a multiply-add per 32
-    weights and row: ``bench/dense_kernels.py --formats q4,q4b`` compares them
+    multiply-add, where the row-major ``Q4Dense`` GEMV needs a convert, a scale permute and a
+    multiply-add per 32 weights and row: ``bench/dense_kernels.py --formats q4,q4b`` compares them
     (docs/quantization.md has the figures).
 
     Its bits are the expert kernel's definition (``native_int8.cpp``), not ``Q4Dense``'s; a
