@@ -210,6 +210,7 @@ def available() -> bool:
     return True
 
 
+@functools.cache  # called per layer and expert call on the decode path
 def q4_block_rows() -> int | None:
     """Rows per block of torch's int4 packing on this CPU that the native q4 code decodes with
     SIMD ("n64": 64 on AVX-512, "n32": 32 on AVX2), or None (another packing: torch's ops)."""
