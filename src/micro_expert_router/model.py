@@ -364,10 +364,21 @@ class Transformer:
                 ys = torch.empty((len(needed), x.shape[1]), dtype=x.dtype)  # [K, D]
                 for j, y in zip(first, outs, strict=True):
                     ys[j] = y[0]
-            for j in range(len(needed)):
-                if not started[j]:
-                    ys[j] = expert_forward(fmt, x, segs[j])[0]
-                elif (rest := next(segs[j], None)) is not None:  # a split expert's bottom
+            done = [False] * len(needed)
+            for j in range(len(needed)):  # in request order, as the reads land
+                if done[j]:
+                    continue
+                if not started[j]:  # a miss: with the later misses already read, one call
+                    first = next(segs[j])  # waits for its read (a split miss: its top)
+                    more = [m for m in range(j + 1, len(needed))
+                            if not started[m] and not done[m] and handles[m].landed()]  # fmt: skip
+                    outs = experts_forward(fmt, x, [first, *(next(segs[m]) for m in more)])
+                    for m, y in zip(more, outs[1:], strict=True):
+                        ys[m] = y[0]
+                        next(segs[m], None)  # a whole read: no more segments; settles it
+                        done[m] = True
+                    ys[j] = outs[0][0]
+                if (rest := next(segs[j], None)) is not None:  # a split expert's bottom
                     expert_forward(fmt, x, chain((rest,), segs[j]), out=ys[j : j + 1])
         # the gate-weighted sum in id order, by the rule a batched step uses for each token
         return moe_combine(ys, torch.arange(len(ids))[None, :], weights[:, order])  # [1, D]

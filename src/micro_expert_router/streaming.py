@@ -64,6 +64,10 @@ class _Handle:
     def segments(self) -> Iterator[object]:
         return self.owner.segments(self.index)
 
+    def landed(self) -> bool:
+        """A miss read whole whose read has completed: its one view is there without a wait."""
+        return self.owner.landed(self.index)
+
 
 class _LayerFetch:
     """The experts of one ``acquire`` call: cached leases, reads in flight, views."""
@@ -141,6 +145,11 @@ class _LayerFetch:
                 self._read(i, entry.offset + self.top_bytes, entry.length - self.top_bytes)
             elif self.split:
                 self._read(i, entry.offset + self.top_bytes, entry.length - self.top_bytes)
+
+    def landed(self, i: int) -> bool:
+        f = self.futures[i]
+        return (self.cached[i] is None and self.tops[i] is None and not self.settled[i]
+                and f is not None and f.done())  # fmt: skip
 
     def _wait(self, i: int, top: bool = False):
         self.submit_more()
