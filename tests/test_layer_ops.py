@@ -128,3 +128,31 @@ def test_router_topk_same_bits_at_one_and_two_threads(wdtype):
         torch.set_num_threads(n)
     assert one is not None and two is not None
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@needs_native
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_router_logits_keep_dot_rows_lanes_and_tree(wdtype):
+    """The logits are sums in eight lanes (lane j: the products at d = j mod 8, in order) joined
+    by the tree ((0 + 4) + (1 + 5)) + ((2 + 6) + (3 + 7)). Expert 2p + 1 is expert 2p with lanes
+    0 and 4 swapped (x equal in those lanes), so in that order each pair's logits are equal: a
+    tie, equal weights. Logits of about 10 make a one-ulp difference show in the weights, and
+    16 pairs make a running sum or another tree break at least one tie."""
+    d, pairs = 2051, 16  # a tail after the last eight
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, d, generator=g)
+    x[0, 4 : d - 3 : 8] = x[0, 0 : d - 7 : 8]
+    w = torch.empty(2 * pairs, d, dtype=wdtype)
+    for p in range(pairs):
+        r = torch.randn(d, generator=g)
+        a = (r * ((10.0 + 0.37 * p) / float(x[0] @ r))).to(wdtype)  # logit about 10 + 0.37 p
+        b = a.clone()
+        b[0 : d - 7 : 8], b[4 : d - 3 : 8] = a[4 : d - 3 : 8], a[0 : d - 7 : 8]
+        w[2 * p], w[2 * p + 1] = a, b
+    # the draw tells orders apart: a running sum breaks some pair's tie in float32
+    run = np.cumsum((x * w.float()).numpy(), axis=1, dtype=np.float32)[:, -1]
+    assert any(run[2 * p] != run[2 * p + 1] for p in range(pairs))
+    ids, wts = router_topk(x, w, 2 * pairs, False)
+    by_id = dict(zip(ids[0].tolist(), wts[0].tolist(), strict=True))
+    assert all(by_id[2 * p] == by_id[2 * p + 1] for p in range(pairs))
+    assert all(ids[0, 2 * j].item() + 1 == ids[0, 2 * j + 1].item() for j in range(pairs))

@@ -26,6 +26,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "native_common.h"  // exp_avx2, hsum8
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define ATT_X86 1
@@ -92,38 +94,14 @@ ATT_AVX2 void axpy_avx2(float p, const float* x, float* y, int64_t n) {
 // The generic head below converts each bf16 row into a buffer, reduces each dot product
 // horizontally and takes std::exp per score: about 190 us per layer of 16 heads at 200
 // positions, several times the KV bytes' DRAM time. Here rows are converted in registers, eight
-// keys' dot products are reduced together, exp is a vector polynomial (Cephes' expf, within 2
-// ulp) and the values accumulate into 64 outputs held in registers. Other rounding order than the
-// generic code (the tests bound both against float64).
+// keys' dot products are reduced together, exp is the expert kernels' vector polynomial
+// (native_common.h exp_avx2, Cephes' expf) and the values accumulate into 64 outputs held in
+// registers. Other rounding order than the generic code (the tests bound both against
+// float64).
 
 ATT_AVX2 inline __m256 bf16x8(const uint16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-
-// exp(x) for x <= 0 (softmax numerators; below -87.3 it flushes towards 0)
-ATT_AVX2 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx),
-                                                       _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-ATT_AVX2 inline float hsum(__m256 v) {
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
 // The sums of eight vectors, one lane each: lane j = sum of a[j]'s lanes.
@@ -157,7 +135,7 @@ ATT_AVX2 void head_bf16_avx2(const float* q, const uint16_t* k, const uint16_t* 
       __m256 acc = _mm256_setzero_ps();
       const uint16_t* kr = k + (s0 + s) * dh;
       for (int64_t d = 0; d < dh; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), bf16x8(kr + d), acc);
-      r[s] = hsum(acc) * scale;
+      r[s] = mer_native::hsum8(acc) * scale;
     }
     // 2. softmax numerators in place and their sum
     __m256 mv = _mm256_set1_ps(sinks ? sinks[g] : -std::numeric_limits<float>::infinity());
@@ -172,11 +150,11 @@ ATT_AVX2 void head_bf16_avx2(const float* q, const uint16_t* k, const uint16_t* 
     __m256 lv = _mm256_setzero_ps();
     i = 0;
     for (; i + 8 <= n; i += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(r + i), mm));
+      const __m256 e = mer_native::exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(r + i), mm));
       _mm256_storeu_ps(r + i, e);
       lv = _mm256_add_ps(lv, e);
     }
-    float l = hsum(lv) + (sinks ? std::exp(sinks[g] - m) : 0.f);
+    float l = mer_native::hsum8(lv) + (sinks ? std::exp(sinks[g] - m) : 0.f);
     for (; i < n; ++i) {
       r[i] = std::exp(r[i] - m);
       l += r[i];

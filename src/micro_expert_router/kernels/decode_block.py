@@ -36,7 +36,7 @@ def _weight(w: object, dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Ten
     if isinstance(w, torch.Tensor):
         return (0, w, _EMPTY) if w.dtype == dtype and w.dim() == 2 else None
     if isinstance(w, Q4Blocked) and w.use_native(1):  # 3: n32 row blocks, 4: n64
-        return (3 if w.bn == 32 else 4), w.packed, w.sz.contiguous()
+        return (3 if w.bn == 32 else 4), w.packed, w.sz  # row slices stay contiguous
     if isinstance(w, Q4Dense | Q8Dense) and w.use_native(1):
         return (2, w.packed, w.sz) if isinstance(w, Q4Dense) else (1, w.q, w.s)
     return None

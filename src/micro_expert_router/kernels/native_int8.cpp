@@ -104,12 +104,6 @@ constexpr int64_t kPrefetch8 = 16384;  // q8: bytes ahead in the rows' stream, i
 // misses at every block).
 constexpr int64_t kPrefetch4 = 8192;
 
-MER_AVX2 inline float hsum8(__m256 v) {
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));  // [s4_0 + s4_2, s4_1 + s4_3]
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
 // 32 rows of an int4 row block, tokens [t0, t0 + TT): 16 bytes per k at a stride of KS bytes
 // (16: a whole "n32" block; 32: one half of an "n64" block), whose low nibbles are 16 rows with
 // (s, z) at szl and outputs at outl, and high nibbles 16 rows at szh / outh.

@@ -114,26 +114,6 @@ MER_AVX512 void q8_rows_avx512(const int8_t* w, const uint16_t* s, int64_t K, co
 // ---- AVX2 + FMA kernels ----------------------------------------------------------------------
 
 #if MER_X86
-// exp_scalar, 8 lanes at a time: the same operations (vmaxps returns its second operand, -200,
-// for a NaN, as the scalar comparison does).
-MER_AVX2 inline __m256 exp_avx2(__m256 x) {
-  __m256 v = _mm256_mul_ps(x, _mm256_set1_ps(kLog2e));
-  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-200.0f)), _mm256_set1_ps(200.0f));
-  const __m256 m = _mm256_set1_ps(12582912.0f);
-  const __m256 n = _mm256_sub_ps(_mm256_add_ps(v, m), m);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kC1), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kC2), r);
-  __m256 p = _mm256_set1_ps(kP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP[i]));
-  const __m256 e = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i k = _mm256_cvtps_epi32(n), k1 = _mm256_srai_epi32(k, 1);
-  const __m256i bias = _mm256_set1_epi32(127);
-  const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, bias), 23));
-  const __m256 p2 = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(k, k1), bias), 23));
-  return _mm256_mul_ps(_mm256_mul_ps(e, p1), p2);
-}
-
 MER_AVX2 void silu_mul_rows_avx2(const float* h, const float* u, float* a, int64_t g) {
   int64_t i = 0;
   for (; i + 8 <= g; i += 8) {
