@@ -38,6 +38,7 @@ CASES = [  # H, Hk, Dh, capacity, length, window, sinks
     # Dh a multiple of 64: the bf16 cache's register kernel (eight keys at a time, vector exp)
     (8, 2, 128, 300, 203, None, True),
     (4, 1, 64, 80, 75, 20, True),
+    (16, 16, 128, 600, 512, None, False),  # whole 16-row value blocks; the next head prefetched
 ]
 
 

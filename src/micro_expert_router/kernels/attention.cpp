@@ -112,6 +112,18 @@ ATT_AVX2 inline __m256 hsum8x8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// Software prefetch: the key and value rows kAheadRows positions on (a page of 256-byte rows
+// and more) are requested while the current ones are used. The hardware prefetchers stop at page
+// ends, and one head's rows are only a few pages (its cache is 1 MB from the next head's).
+constexpr int64_t kAheadRows = 16;
+constexpr int64_t kVRows = 16;  // value rows per block in step 3: both halves read while in L1
+
+template <typename T>  // SSE's prefetch: any x86-64, so callers of either kind inline it
+inline void prefetch_rows(const T* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t o = 0; o < count * int64_t(sizeof(T)); o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
 // One KV head: G query heads q [G, dh] over bf16 rows [s0, s1) of k, v (dh a multiple of 64).
 ATT_AVX2 void head_bf16_avx2(const float* q, const uint16_t* k, const uint16_t* v, float* out,
                              int64_t G, int64_t dh, int64_t s0, int64_t s1, float scale,
@@ -125,6 +137,7 @@ ATT_AVX2 void head_bf16_avx2(const float* q, const uint16_t* k, const uint16_t* 
       __m256 acc[8];
       for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
       const uint16_t* kr = k + (s0 + s) * dh;
+      if (g == 0 && s + kAheadRows < n) prefetch_rows(kr + kAheadRows * dh, 8 * dh);
       for (int64_t d = 0; d < dh; d += 8) {
         const __m256 qv = _mm256_loadu_ps(qg + d);
         for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, bf16x8(kr + j * dh + d), acc[j]);
@@ -137,6 +150,7 @@ ATT_AVX2 void head_bf16_avx2(const float* q, const uint16_t* k, const uint16_t* 
       for (int64_t d = 0; d < dh; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), bf16x8(kr + d), acc);
       r[s] = mer_native::hsum8(acc) * scale;
     }
+    if (g == 0) prefetch_rows(v + s0 * dh, std::min(n, kAheadRows) * dh);  // step 3's first rows
     // 2. softmax numerators in place and their sum
     __m256 mv = _mm256_set1_ps(sinks ? sinks[g] : -std::numeric_limits<float>::infinity());
     int64_t i = 0;
@@ -159,18 +173,27 @@ ATT_AVX2 void head_bf16_avx2(const float* q, const uint16_t* k, const uint16_t* 
       r[i] = std::exp(r[i] - m);
       l += r[i];
     }
-    // 3. weighted values, 64 outputs at a time in registers
-    const __m256 inv = _mm256_set1_ps(1.0f / l);
-    for (int64_t d0 = 0; d0 < dh; d0 += 64) {
-      __m256 o[8];
-      for (int c = 0; c < 8; ++c) o[c] = _mm256_setzero_ps();
-      const uint16_t* vr = v + s0 * dh + d0;
-      for (int64_t t = 0; t < n; ++t, vr += dh) {
-        const __m256 p = _mm256_set1_ps(r[t]);
-        for (int c = 0; c < 8; ++c) o[c] = _mm256_fmadd_ps(p, bf16x8(vr + 8 * c), o[c]);
+    // 3. weighted values: rows in blocks of kVRows, 64 outputs at a time in registers (each
+    // output's sum still runs t = 0, 1, ... in order: the block only stores and reloads it)
+    float* og = out + g * dh;
+    std::fill(og, og + dh, 0.f);
+    const uint16_t* vb = v + s0 * dh;
+    for (int64_t t0 = 0; t0 < n; t0 += kVRows) {
+      const int64_t t1 = std::min(n, t0 + kVRows);
+      if (t1 + kAheadRows <= n) prefetch_rows(vb + (t0 + kAheadRows) * dh, (t1 - t0) * dh);
+      for (int64_t d0 = 0; d0 < dh; d0 += 64) {
+        __m256 o[8];
+        for (int c = 0; c < 8; ++c) o[c] = _mm256_loadu_ps(og + d0 + 8 * c);
+        const uint16_t* vr = vb + t0 * dh + d0;
+        for (int64_t t = t0; t < t1; ++t, vr += dh) {
+          const __m256 p = _mm256_set1_ps(r[t]);
+          for (int c = 0; c < 8; ++c) o[c] = _mm256_fmadd_ps(p, bf16x8(vr + 8 * c), o[c]);
+        }
+        for (int c = 0; c < 8; ++c) _mm256_storeu_ps(og + d0 + 8 * c, o[c]);
       }
-      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + g * dh + d0 + 8 * c, _mm256_mul_ps(o[c], inv));
     }
+    const __m256 inv = _mm256_set1_ps(1.0f / l);
+    for (int64_t d = 0; d < dh; d += 8) _mm256_storeu_ps(og + d, _mm256_mul_ps(_mm256_loadu_ps(og + d), inv));
   }
 }
 #endif
@@ -199,6 +222,9 @@ void one_head(const float* q, const T* k, const T* v, float* out, int64_t G, int
   const int64_t n = s1 - s0;
   std::vector<float> sc(G * n), tmp(dh);
   for (int64_t s = 0; s < n; ++s) {  // 1. scores, one pass over the keys
+#if ATT_X86
+    if (SIMD && s + kAheadRows < n) prefetch_rows(k + (s0 + s + kAheadRows) * dh, dh);
+#endif
     const float* kr;
     if constexpr (SIMD && std::is_same<T, c10::BFloat16>::value) {
 #if ATT_X86
@@ -231,6 +257,9 @@ void one_head(const float* q, const T* k, const T* v, float* out, int64_t G, int
     std::fill(out + g * dh, out + (g + 1) * dh, 0.f);
   }
   for (int64_t s = 0; s < n; ++s) {  // 3. weighted values, one pass over the values
+#if ATT_X86
+    if (SIMD && s + kAheadRows < n) prefetch_rows(v + (s0 + s + kAheadRows) * dh, dh);
+#endif
     const float* vr;
     if constexpr (SIMD && std::is_same<T, c10::BFloat16>::value) {
 #if ATT_X86
@@ -271,11 +300,14 @@ void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const 
     if constexpr (SIMD && std::is_same<T, c10::BFloat16>::value) {
       if (dh % 64 == 0) {
         std::vector<float> sc(G * (length - s0));
-        for (int64_t h = h0; h < h1; ++h)
+        for (int64_t h = h0; h < h1; ++h) {
+          if (h + 1 < h1)  // the next head's first keys, while this one runs
+            prefetch_rows(kp + ((h + 1) * C + s0) * dh, std::min(length - s0, kAheadRows) * dh);
           head_bf16_avx2(qp + h * G * dh, reinterpret_cast<const uint16_t*>(kp + h * C * dh),
                          reinterpret_cast<const uint16_t*>(vp + h * C * dh), op + h * G * dh, G,
                          dh, s0, length, float(scale), sinks ? sinks + h * G : nullptr,
                          sc.data());
+        }
         return;
       }
     }
