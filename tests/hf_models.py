@@ -51,6 +51,12 @@ ARCH_CONFIGS = {
         num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, vocab_size=64,
         norm_topk_prob=True, clip_qkv=3.0, rope_theta=2000.0, pad_token_id=0, eos_token_id=1,
         bos_token_id=None, tie_word_embeddings=False)),
+    # widths in whole 64-blocks: q4/q8 dense weights (so the native router) and q4/q8 experts
+    "olmoe-q": ("OlmoeConfig", dict(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=3, vocab_size=96,
+        norm_topk_prob=False, rope_theta=10000.0, pad_token_id=0, eos_token_id=1,
+        bos_token_id=None, tie_word_embeddings=False)),
 }  # fmt: skip
 
 ARCHS = {"mixtral": "mixtral", "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmoe": "olmoe"}

@@ -2,7 +2,8 @@
 router in one call give the bits of the op-by-op forward, for every weight kind (plain float32,
 q8, q4 dense; q4 experts with the native router) and attention variant (GQA, q/k norms over the
 projection and per head, clip, sliding window, attention sinks and biases), and the blocks fall
-back per layer where they cannot run."""
+back per layer where they cannot run. With the chosen experts in RAM, the whole layer (the
+experts' weighted sum too) is one call, with the same bits."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from hf_models import save_hf_model
 from test_gpt_oss import build as build_gpt_oss
 
 import micro_expert_router as mer
+import micro_expert_router.model as model
 from micro_expert_router.kernels import attention
+from micro_expert_router.kernels.decode_block import DecodeBlock
 from micro_expert_router.store import convert
 
 pytestmark = pytest.mark.skipif(not attention.available(), reason="no native attention library")
@@ -104,3 +107,63 @@ def test_bad_block_arguments_are_named_errors():
     with pytest.raises(RuntimeError, match="widths disagree"):
         torch.ops.mer_attn.attn_block_(x, h, ids, wts, kc, kc, ts, [0, 0, 8, 8, 4, *iv[5:]],
                                        [1e-6, 1.0, 0.0], 0)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["q4", "q8"])
+def test_a_resident_layer_runs_whole_in_one_call(tmp_path, dtype, monkeypatch):
+    """``DecodeBlock.layer``: with the chosen experts in the cache, attention, router and the
+    experts' sum run in one call and give the bits (logits, KV) and the hit counts of the
+    attention block followed by ``mlp``; a layer with a chosen expert not resident falls back
+    to ``mlp`` after the call's attention half (a budget of three quarters of the experts
+    gives both)."""
+    save_hf_model("olmoe-q", tmp_path / "ckpt")
+    store = convert(tmp_path / "ckpt", tmp_path / "s", dtype=dtype, dense=dtype, progress=False,
+                    log=None)  # fmt: skip
+    done: list[bool] = []
+    layer = DecodeBlock.layer
+
+    def spy(self, *args):
+        out = layer(self, *args)
+        done.append(out[3])
+        return out
+
+    monkeypatch.setattr(DecodeBlock, "layer", spy)
+    heads: list[torch.Tensor] = []  # lm_head's inputs: the int8 activations of a quantized
+    # lm_head round away most last-bit differences, so the logits alone would hide them
+    head = model.linear
+
+    def head_spy(x, w, *bias):
+        if tuple(w.shape)[0] == store.args.vocab_size:
+            heads.append(x.clone())
+        return head(x, w, *bias)
+
+    monkeypatch.setattr(model, "linear", head_spy)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, store.args.vocab_size, (12,), generator=gen)
+
+    def run(one_call: bool, **opts):
+        with mer.load(store.path, **opts) as eng:
+            eng.preload()
+            m = eng.model
+            if not one_call:
+                m._one_call = [False] * eng.args.n_layers
+            kv = m.new_cache(32)
+            got = [m.forward(ids[:4], kv, last_only=True)]
+            got += [m.forward(ids[j : j + 1], kv) for j in range(4, len(ids))]
+            s = m.provider.stats
+            hidden = torch.cat(heads)
+            heads.clear()
+            return (torch.cat(got), kv), (s.experts_needed, s.hits), hidden
+
+    whole, whole_stats, whole_h = run(True)
+    assert done and all(done)  # every layer of every step in one call
+    done.clear()
+    split, split_stats, split_h = run(False)
+    assert not done
+    assert_same([whole, split])
+    assert torch.equal(whole_h, split_h) and whole_stats == split_stats
+    budget = store.expert_bytes * store.args.n_experts * store.args.n_layers * 3 // 4
+    part, _, part_h = run(True, cache_bytes=budget)
+    assert True in done and False in done
+    assert_same([whole, part])
+    assert torch.equal(whole_h, part_h)

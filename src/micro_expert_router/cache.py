@@ -478,6 +478,7 @@ class ExpertCache:
         self._entries: dict[Key, tuple[Any, int]] = {}
         self.used_bytes = 0
         self.t = 0
+        self.version = 0  # changes whenever the set of resident entries does
         self.reset_stats()
 
     # -- state -----------------------------------------------------------------------------
@@ -588,6 +589,7 @@ class ExpertCache:
         part.used += nbytes
         self.used_bytes += nbytes
         part.policy.on_insert(key, self.t)
+        self.version += 1
         self.admitted += 1
         self.bytes_admitted += nbytes
         if self.on_evict is not None:
@@ -598,6 +600,7 @@ class ExpertCache:
     def clear(self) -> None:
         """Drop every entry (calling ``on_evict`` for each); not counted as evictions."""
         entries, self._entries = self._entries, {}
+        self.version += 1
         for key in entries:
             self._part(key).policy.on_evict(key)
         for part in self._parts.values():

@@ -30,6 +30,7 @@ from .kernels.attention import decode_attention
 from .kernels.decode_block import DecodeBlock
 from .kernels.dense import block_q4, embedding, fuse_rows, linear
 from .kernels.experts import (
+    combine_args,
     experts_combine,
     experts_forward,
     experts_rows,
@@ -128,6 +129,8 @@ class Transformer:
         # keeps the op-by-op path (the same bits: tests compare the two)
         self.fused_decode = True
         self._blocks: list[DecodeBlock | None] | None = None
+        self._one_call: list[bool] | None = None  # layers whose whole step may be one call
+        self._combine_ev: list[int] | None = None  # their experts_combine_ arguments
 
     def new_cache(self, capacity: int | None = None) -> KVCache | LatentCache:
         """An empty KV cache for ``capacity`` tokens (default: ``max_context``)."""
@@ -242,6 +245,29 @@ class Transformer:
         if self._blocks is None:
             self._blocks = [self._decode_block(i) for i in range(self.args.n_layers)]
         return self._blocks
+
+    def _resident_layer(self, i: int, blk: DecodeBlock, x: torch.Tensor) -> tuple | None:
+        """(expert table, ``experts_combine_`` arguments) when layer ``i``'s decode step may run
+        whole in one native call (``DecodeBlock.layer``): the model's own softmax-top-k router
+        and routed experts alone (no router override, shared expert or route callback, this
+        class's MoE path), a provider with a resident table, q4/q8 experts the native kernel
+        takes. Else None: the attention block alone, then ``mlp``."""
+        if self._one_call is None:
+            cls, t = type(self), Transformer
+            plain = (cls.mlp is t.mlp and cls.moe is t.moe and cls.routed_one is t.routed_one
+                     and cls.route is t.route and self.router is None
+                     and not self.args.shared_expert_inter
+                     and hasattr(self.provider, "resident_table")
+                     and getattr(self.provider.format, "name", None) in ("q4", "q8"))  # fmt: skip
+            self._one_call = [plain and self.args.moe_layers[j] for j in range(self.args.n_layers)]
+        if not self._one_call[i] or not blk.routes or self.on_route:
+            return None
+        if (tab := self.provider.resident_table(i)) is None:
+            return None
+        table, view = tab
+        if self._combine_ev is None and view is not None:  # once: the experts' shape is fixed
+            self._combine_ev = combine_args(self.provider.format, x, view) or []
+        return (table, self._combine_ev) if self._combine_ev else None
 
     def _decode_block(self, i: int) -> DecodeBlock | None:
         a, w, cls = self.args, self.w, type(self)
@@ -451,7 +477,13 @@ class Transformer:
         blocks = self.decode_blocks() if t == 1 and self.fused_decode else None
         for i in range(a.n_layers):
             if blocks is not None and (blk := blocks[i]) is not None:  # one native call
-                h, ids, wts = blk.run(x, kv.k[i], kv.v[i], pos, a.top_k, self.router is None)
+                if (tab := self._resident_layer(i, blk, x)) is not None:  # the MoE in it too
+                    h, ids, wts, done = blk.layer(x, kv.k[i], kv.v[i], pos, a.top_k, *tab)
+                    if done:
+                        self.provider.count_resident(i, sorted(ids[0].tolist()))
+                        continue
+                else:
+                    h, ids, wts = blk.run(x, kv.k[i], kv.v[i], pos, a.top_k, self.router is None)
                 x.add_(self.mlp(i, h, None if ids is None else (ids, wts)))  # x is this step's own
                 continue
             p = f"model.layers.{i}"

@@ -27,6 +27,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
 from .cache import ExpertCache
 from .config import EngineConfig
 from .errors import ConfigError, StoreError
@@ -45,6 +47,7 @@ from .store import Store
 from .store.format import checksum
 
 DEFAULT_WINDOW = 4  # reads in flight ahead of the expert being computed
+_NOT_RESIDENT = torch.empty(0, dtype=torch.uint8)  # resident_table's entry for a miss
 
 
 class _Cached(NamedTuple):
@@ -355,6 +358,7 @@ class StreamingProvider:
         staging = window + 1
         self.prefetch_slots = prefetch_slots
         self.staged: dict[tuple[int, int], tuple[Lease, Future]] = {}  # prefetched, not yet used
+        self._tables: dict[int, tuple] = {}  # layer -> (cache version, table, a view)
         self.pool = BufferPool(slots.pop(self.slot_bytes, 0) + staging + prefetch_slots,
                                self.slot_bytes, name="experts")  # fmt: skip
         # split pools: the cache's slots, plus one per demand read in flight (a split miss reads
@@ -479,13 +483,40 @@ class StreamingProvider:
         keys = [(layer, e) for e in experts]
         if not all(k in cache for k in keys):
             return None
-        self.stats.experts_needed += len(keys)
-        self.stats.hits += len(keys)
-        self._used(keys)
-        views = [cache.lookup(k).view for k in keys]  # counted, and the policy hears of it
+        views = self._count_hits(keys)
         if self.staged:
             self.drop_prefetches(layer)
         return views
+
+    def _count_hits(self, keys: list[tuple[int, int]]) -> list[object]:
+        """Resident ``keys`` used by a step: hits in the stats, the cache and its policy."""
+        self.stats.experts_needed += len(keys)
+        self.stats.hits += len(keys)
+        self._used(keys)
+        return [self.cache.lookup(k).view for k in keys]  # counted, and the policy hears of it
+
+    def resident_table(self, layer: int) -> tuple[list[torch.Tensor], object] | None:
+        """Every expert of ``layer`` as its whole buffer in the cache, or an empty tensor where
+        it is not resident: the table the one-call decode layer picks its experts from
+        (``DecodeBlock.layer``), with one resident expert's view (its shape) or None; ``None``
+        for split layers and while prefetches are staged (``resident_views`` then drops them).
+        Rebuilt when the cache's entries changed."""
+        if 0 < self.top_groups.get(layer, 0) < self.n_groups or self.staged:
+            return None
+        version, table, view = self._tables.get(layer, (-1, None, None))
+        if version != self.cache.version:
+            peek, table, view = self.cache.peek, [], None
+            for e in range(self.store.args.n_experts):
+                entry = peek((layer, e))
+                table.append(_NOT_RESIDENT if entry is None else entry.view.buf)
+                view = view if entry is None else entry.view
+            self._tables[layer] = (self.cache.version, table, view)
+        return table, view
+
+    def count_resident(self, layer: int, experts: Sequence[int]) -> None:
+        """Count a step's use of ``experts`` the one-call decode layer took from
+        ``resident_table``: as ``resident_views`` counts them."""
+        self._count_hits([(layer, e) for e in experts])
 
     def preload(self, progress: bool = False) -> int:
         """Read every expert once, layer by layer, through the normal miss path, so the cache

@@ -142,10 +142,63 @@ void attn_block_(const at::Tensor& x, const at::Tensor& h, const at::Tensor& ids
   if (w[13].numel() > 0) mer_layer_detail::router_topk_(ids, wts, h, w[13], iv[10] != 0);
 }
 
+using CombineOp = void(const at::Tensor&, const at::Tensor&, at::TensorList, const at::Tensor&,
+                       at::IntArrayRef, int64_t, int64_t, int64_t, int64_t, at::IntArrayRef,
+                       int64_t, int64_t, int64_t, bool);
+
+// The mer library's one-call decode MoE (native.cpp experts_combine_), found once.
+const c10::TypedOperatorHandle<CombineOp>& combine_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mer::experts_combine_", "")
+                             .typed<CombineOp>();
+  return op;
+}
+
+// A whole decode layer when its experts are in RAM: attn_block_ (the router included), then the
+// routed experts' gate-weighted sum added to x, as the model's resident path computes it
+// (model.py routed_one: experts_combine_ on h with the experts in id order, view k weighted by
+// wts[0, order[k]]; then x += that). table [E]: each expert's whole buffer, or an empty tensor
+// when it is not resident; ev: experts_combine_'s constant arguments (fmt, D, g, block,
+// offs[4], per, bn, isa, int8_x). Returns false, after the attention half (x, h, ids, wts and
+// the KV row written), when a chosen expert is not in the table: the caller computes the MoE.
+bool layer_(const at::Tensor& x, const at::Tensor& h, const at::Tensor& ids, const at::Tensor& wts,
+            const at::Tensor& kc, const at::Tensor& vc, at::TensorList w, at::IntArrayRef iv,
+            at::ArrayRef<double> fv, int64_t pos, at::TensorList table, at::IntArrayRef ev,
+            const at::Tensor& y) {
+  TORCH_CHECK(w.size() == 14 && w[13].numel() > 0 && ev.size() == 12,
+              "layer_: needs the router weight and 12 expert arguments");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == 1 &&
+                  ids.is_contiguous() && y.sizes() == x.sizes() && y.scalar_type() == at::kFloat &&
+                  y.is_contiguous(),
+              "layer_: ids must be int64 [1, K] and y float32 like x");
+  attn_block_(x, h, ids, wts, kc, vc, w, iv, fv, pos);
+  const int64_t K = ids.size(1), E = int64_t(table.size());
+  const int64_t* id = ids.data_ptr<int64_t>();
+  std::vector<int64_t> order(K);
+  for (int64_t k = 0; k < K; ++k) order[k] = k;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return id[a] < id[b]; });
+  std::vector<at::Tensor> bufs;
+  bufs.reserve(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t e = id[order[k]];
+    TORCH_CHECK(e >= 0 && e < E, "layer_: expert ", e, " outside the table of ", E);
+    if (!table[e].defined() || table[e].numel() == 0) return false;
+    bufs.push_back(table[e]);
+  }
+  combine_op().call(y, h, bufs, wts, order, ev[0], ev[1], ev[2], ev[3], ev.slice(4, 4), ev[8],
+                    ev[9], ev[10], ev[11] != 0);
+  x.add_(y);
+  return true;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mer_attn, m) {
   m.def("attn_block_(Tensor(a!) x, Tensor(b!) h, Tensor(c!) ids, Tensor(d!) wts, Tensor(e!) kc, "
         "Tensor(f!) vc, Tensor[] w, int[] iv, float[] fv, int pos) -> ()",
         &attn_block_);
+  m.def("layer_(Tensor(a!) x, Tensor(b!) h, Tensor(c!) ids, Tensor(d!) wts, Tensor(e!) kc, "
+        "Tensor(f!) vc, Tensor[] w, int[] iv, float[] fv, int pos, Tensor[] table, int[] ev, "
+        "Tensor(g!) y) -> bool",
+        &layer_);
 }

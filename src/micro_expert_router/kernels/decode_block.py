@@ -134,5 +134,30 @@ class DecodeBlock:
         return h, None, None
 
 
+    def layer(
+        self,
+        x: torch.Tensor,
+        kc: torch.Tensor,
+        vc: torch.Tensor,
+        pos: int,
+        top_k: int,
+        table: list[torch.Tensor],
+        ev: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """The whole layer when the chosen experts are in RAM: ``run``'s attention block and
+        router, then (``decode_block.cpp`` ``layer_``) the experts' gate-weighted sum added to
+        ``x`` in the same call, with the bits of the model's resident path. ``table [E]``: each
+        expert's whole buffer or an empty tensor; ``ev``: ``experts.combine_args``. Returns
+        ``(h, ids, wts, done)``; not ``done`` (a chosen expert is not in the table): only the
+        attention half ran, and the caller computes the MoE on ``h`` with ``ids``, ``wts``."""
+        h = torch.empty_like(x)
+        ids = torch.empty((1, top_k), dtype=torch.int64)
+        wts = torch.empty((1, top_k), dtype=torch.float32)
+        y = torch.empty_like(x)  # the experts' sum, added to x
+        done = torch.ops.mer_attn.layer_(x, h, ids, wts, kc, vc, self.tensors, self.ints,
+                                         self.floats, pos, table, ev, y)  # fmt: skip
+        return h, ids, wts, done
+
+
 _IDS = torch.empty((1, 1), dtype=torch.int64)
 _WTS = torch.empty((1, 1), dtype=torch.float32)

@@ -106,6 +106,24 @@ def experts_stack(fmt: ExpertFormat, x: torch.Tensor, views: Sequence[object]) -
     return torch.stack(experts_forward(fmt, x, views))  # [N, T, D]
 
 
+def combine_args(fmt: ExpertFormat, x: torch.Tensor, view: object) -> list[int] | None:
+    """``experts_combine_``'s constant arguments for experts shaped like ``view`` on x ``[1, D]``
+    (fmt 4 or 8, D, g, block, the four section offsets, group bytes, bn, isa, int8), or ``None``
+    where that path does not apply (not q4/q8, not float32, no native kernel). The decode layer
+    op (``decode_block.py`` ``DecodeBlock.layer``) takes them once per model."""
+    name = getattr(fmt, "name", None)
+    if name not in ("q8", "q4") or x.dtype != torch.float32:
+        return None
+    d_g = _dims(view)
+    bn = native.q4_block_rows() if name == "q4" else 0
+    if d_g is None or bn is None or x.shape[0] != 1 or _native_x(fmt, x, d_g[0]) is None:
+        return None
+    d, g = d_g
+    offs, per = _offsets(name, d, g)
+    block = view.block if name == "q4" else 0  # type: ignore[attr-defined]
+    return [4 if name == "q4" else 8, d, g, block, *offs, per, bn, 1, int(fmt.int8_activations)]
+
+
 def experts_combine(
     fmt: ExpertFormat,
     x: torch.Tensor,
@@ -118,20 +136,12 @@ def experts_combine(
     ``moe_combine(experts_stack(fmt, x, views)[:, 0], ..., weights[:, order])`` in one native
     call (``native.cpp`` ``experts_combine_``); ``None`` where that path does not apply (not
     q4/q8, not float32, no native kernel), and the caller takes the two-step path."""
-    name = getattr(fmt, "name", None)
-    if name not in ("q8", "q4") or x.dtype != torch.float32 or weights.dtype != torch.float32:
+    if weights.dtype != torch.float32 or (ev := combine_args(fmt, x, views[0])) is None:
         return None
-    d_g = _dims(views[0])
-    bn = native.q4_block_rows() if name == "q4" else 0
-    if d_g is None or bn is None or x.shape[0] != 1 or _native_x(fmt, x, d_g[0]) is None:
-        return None
-    d, g = d_g
-    offs, per = _offsets(name, d, g)
-    out = torch.empty((1, d))
-    block = views[0].block if name == "q4" else 0  # type: ignore[attr-defined]
+    out = torch.empty((1, ev[1]))
     torch.ops.mer.experts_combine_(out, x.contiguous(), [v.buf for v in views],  # type: ignore[attr-defined]
-                                   weights.contiguous(), order, 4 if name == "q4" else 8, d, g,
-                                   block, offs, per, bn, 1, fmt.int8_activations)  # fmt: skip
+                                   weights.contiguous(), order, ev[0], ev[1], ev[2], ev[3],
+                                   ev[4:8], ev[8], ev[9], ev[10], bool(ev[11]))  # fmt: skip
     return out
 
 
