@@ -25,6 +25,10 @@
 //         10 renormalize the top-k (0/1), 11 clip q/k/v (0/1)
 //     fv  floats: 0 eps, 1 attention scale, 2 clip bound
 //
+//   layer_(x, h, ids, wts, kc, vc, w, iv, fv, pos, table, ev, y) -> bool
+//     attn_block_, then the chosen experts' weighted sum (experts_combine_, experts in id order
+//     from table [E]) added to x; false (attention half only) when one is not in the table
+//
 // Legend: D hidden, H query heads, Hk kv heads, Dh head dim, C cache capacity, E experts.
 
 #include <ATen/ATen.h>
