@@ -70,6 +70,26 @@ def test_quantize_acts_is_bit_exact_with_the_reference(t, k, b):
     assert sx[0, 0] == 0 and (t == 1 or bool(sx[1, 0].isnan()))
 
 
+def test_quantize_acts_ties_infinities_and_subnormals():
+    """Halves round to even (a scale of exactly 1: max 127), an infinity makes its block's scale
+    NaN and its codes 0, and subnormal blocks keep the reference's codes (the AVX2 and scalar
+    paths alike: the op takes the CPU's best)."""
+    x = torch.zeros(1, 128)
+    x[0, :32] = torch.tensor([127.0, *(k + 0.5 for k in range(-15, 16)), 0.0])[:32]
+    x[0, 40] = float("inf")
+    x[0, 64:96] = torch.linspace(-1, 1, 32) * 1e-40  # subnormal values
+    x[0, 96:128] = torch.linspace(-1, 1, 32) * 3e-45  # a few ulps: the scale rounds to 0
+    qx, sx = torch.empty(1, 128, dtype=torch.int8), torch.empty(1, 4)
+    c = torch.empty(1, 2)
+    torch.ops.mer.quantize_acts_(qx, sx, c, x, 64)
+    rq, rs, rc = ref.quantize_acts(x.numpy(), 64)
+    assert np.array_equal(qx.numpy(), rq)
+    assert np.array_equal(sx.numpy(), rs, equal_nan=True)
+    assert np.array_equal(c.numpy(), rc, equal_nan=True)
+    assert sx[0, 0] == 1.0 and qx[0, 1] == -14 and qx[0, 2] == -14  # -14.5 and -13.5: even
+    assert bool(sx[0, 1].isnan()) and not qx[0, 32:64].any()
+
+
 # ---- one matrix: elementwise bounds ------------------------------------------------------------
 
 

@@ -238,6 +238,57 @@ int64_t acts_nbytes(int64_t T, int64_t K, int64_t b, int simd) {
   return n;
 }
 
+#if MER_X86
+// One 32-block of quantize_acts with AVX2, the same arithmetic lane by lane: max |v| (its order
+// does not matter), s = m / 127 (or NaN when a value is not finite), v / s rounded to even by
+// the same 1.5 * 2^23 add and subtract, clamped to [-127, 127]; s <= 0 or NaN gives zeros.
+MER_AVX2 float quantize32_avx2(const float* v, int8_t* q) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(3.40282347e38f);
+  __m256 x[4], m = _mm256_setzero_ps(), fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int i = 0; i < 4; ++i) {
+    x[i] = _mm256_loadu_ps(v + 8 * i);
+    const __m256 a = _mm256_andnot_ps(sign, x[i]);
+    fin = _mm256_and_ps(fin, _mm256_cmp_ps(a, big, _CMP_LE_OQ));  // false for NaN, infinities
+    m = _mm256_max_ps(m, a);
+  }
+  alignas(32) float mt[8];
+  _mm256_store_ps(mt, m);
+  float mx = mt[0];
+  for (int j = 1; j < 8; ++j) mx = mt[j] > mx ? mt[j] : mx;
+  const float s = _mm256_movemask_ps(fin) == 0xFF ? mx / 127.0f : NAN;
+  if (!(s > 0.0f)) {
+    std::memset(q, 0, kXB);
+    return s;
+  }
+  const __m256 sv = _mm256_set1_ps(s), rc = _mm256_set1_ps(12582912.0f);
+  const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  __m256i r[4];
+  for (int i = 0; i < 4; ++i) {
+    __m256 f = _mm256_sub_ps(_mm256_add_ps(_mm256_div_ps(x[i], sv), rc), rc);
+    f = _mm256_max_ps(_mm256_min_ps(f, hi), lo);
+    r[i] = _mm256_cvtps_epi32(f);  // integral already: any rounding mode gives it
+  }
+  const __m256i w01 = _mm256_packs_epi32(r[0], r[1]), w23 = _mm256_packs_epi32(r[2], r[3]);
+  const __m256i b = _mm256_packs_epi16(w01, w23);  // lanes interleaved by the packs: undo
+  const __m256i o = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), o);
+  return s;
+}
+
+// quantize_acts' layout for the AVX2 q4 kernel: each 4 codes (q0..q3) become 32 bytes, lane 0
+// (q0, q2) x 8 and lane 1 (q1, q3) x 8; n4 groups of 4 (rows of K are whole groups).
+MER_AVX2 void spread4_avx2(const int8_t* q, int8_t* d, int64_t n4) {
+  const __m256i pat = _mm256_setr_epi8(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2,
+                                       1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3);
+  for (int64_t i = 0; i < n4; ++i) {
+    int32_t w;
+    std::memcpy(&w, q + 4 * i, 4);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 32 * i),
+                        _mm256_shuffle_epi8(_mm256_set1_epi32(w), pat));
+  }
+}
+#endif
+
 Acts quantize_acts(const float* x, int64_t xst, int64_t T, int64_t K, int64_t b, int simd,
                    uint8_t* mem) {
   Acts a;
@@ -246,10 +297,21 @@ Acts quantize_acts(const float* x, int64_t xst, int64_t T, int64_t K, int64_t b,
   a.s = reinterpret_cast<float*>(mem + up(T * K));
   uint8_t* next = mem + up(T * K) + up(T * (K / kXB) * 4);
   const int64_t nb = K / kXB;
+#if MER_X86
+  static const bool avx2 = cpu_has_avx2_fma();
+#else
+  constexpr bool avx2 = false;
+#endif
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < nb; ++j) {
       const float* v = x + t * xst + j * kXB;
       int8_t* q = a.q + t * K + j * kXB;
+#if MER_X86
+      if (avx2) {
+        a.s[t * nb + j] = quantize32_avx2(v, q);
+        continue;
+      }
+#endif
       float m = 0.0f;
       bool finite = true;
       for (int64_t k = 0; k < kXB; ++k) {
@@ -281,6 +343,12 @@ Acts quantize_acts(const float* x, int64_t xst, int64_t T, int64_t K, int64_t b,
       }
     if (simd == 1) {  // per 4 k: lane 0 = (qx_k, qx_k+2) x 8, lane 1 = (qx_k+1, qx_k+3) x 8
       a.v = reinterpret_cast<int8_t*>(next);
+#if MER_X86
+      if (avx2) {
+        spread4_avx2(a.q, a.v, T * K / 4);
+        return a;
+      }
+#endif
       for (int64_t t = 0; t < T; ++t)
         for (int64_t k = 0; k < K; k += 4) {
           int8_t* d = a.v + (t * (K / 4) + k / 4) * 32;
