@@ -26,6 +26,7 @@ import json
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -224,10 +225,13 @@ def run_child(a: argparse.Namespace, engine: str, extra: list[str], python: str)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     cmd = [python, os.path.abspath(__file__), "--child", engine, *a.argv, *extra]  # extra wins
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=pre, env=env)
+        p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pre, env=env)
+        sys.stderr.write(p.stderr)
         lines = p.stdout.strip().splitlines()
         res = json.loads(lines[-1]) if p.returncode == 0 and lines else {
-            "error": f"exit code {p.returncode}"}  # fmt: skip
+            "error": f"exit code {p.returncode}"
+            + (f" ({signal.Signals(-p.returncode).name})" if p.returncode < 0 else ""),
+            "stderr_tail": p.stderr.strip().splitlines()[-3:]}  # fmt: skip
         if cg:
             res["cgroup_peak_bytes"] = int(open(f"{cg}/memory.max_usage_in_bytes").read())
             oom = dict(x.split() for x in open(f"{cg}/memory.oom_control").read().splitlines())
@@ -317,8 +321,10 @@ def main() -> None:
             parts.append(f"decode mer/{k} {med['mer']['decode_tps'] / med[k]['decode_tps']:.2f}, "
                          f"prompt({a.prompt_tokens}) mer/{k} "
                          f"{med['mer']['prompt_tps'] / med[k]['prompt_tps']:.2f}")  # fmt: skip
-    rss = {k: max(x.get("peak_rss_bytes", 0) for x in v) / 1e9 for k, v in ok.items()}
-    print(f"medians over {a.rounds} rounds: " + "; ".join(parts) + " | peak RSS GB "
+    rss = {k: max(x.get("peak_rss_bytes", 0) for x in v) / 1e9 for k, v in ok.items() if v}
+    failed = [f"{k} failed in every round ({v[0]['error']})"
+              for k, v in res.items() if k not in med]  # fmt: skip
+    print(f"medians over {a.rounds} rounds: " + "; ".join(parts + failed) + " | peak RSS GB "
           + ", ".join(f"{k} {v:.2f}" for k, v in rss.items()))
 
 

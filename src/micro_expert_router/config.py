@@ -301,7 +301,7 @@ class EngineConfig:
     max_context: int = 4096  # KV cache capacity in tokens
     cache_bytes: int | None = None  # expert cache budget (stores); None = what memory_limit leaves
     io_threads: int | None = None  # expert-read threads (stores); None = the reader's default
-    policy: str | None = None  # expert cache policy (stores); None = "lru"
+    policy: str | None = None  # expert cache policy (stores); None = "lcp" (docs/memory.md)
     verify: bool = False  # check expert checksums on first load (stores)
     split: float = 1.0  # MoEpic split ratio: cached fraction of each expert (1 = whole experts)
     plan: str | None = None  # a plan file from `mer plan`: per-layer budgets and split ratios
@@ -345,8 +345,9 @@ class EngineConfig:
 
     @property
     def cache_policy(self) -> str:
-        """The policy a store's expert cache uses (``policy``, or LRU when not given)."""
-        return self.policy or "lru"
+        """The policy a store's expert cache uses (``policy``, or LCP when not given: it reads
+        fewer bytes than LRU out of core and is as fast when the disk is fast; docs/memory.md)."""
+        return self.policy or "lcp"
 
     def store_only(self) -> list[str]:
         """The settings given that only an expert store uses (a checkpoint runs resident)."""

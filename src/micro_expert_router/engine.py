@@ -313,8 +313,9 @@ def load(path: str | Path, **engine_options: Any) -> Engine:
       docs/router.md);
     - an expert store only (a checkpoint folder runs fully resident and refuses them):
       ``cache_bytes`` (expert cache budget; None = what the memory limit leaves), ``io_threads``,
-      ``policy`` (``"lru"``, ``"lcp:rho=0.5"``, ...), ``verify`` (checksums on first load),
-      ``split`` (MoEpic ratio, multiples of 1/8), ``plan`` (a plan file from ``mer plan``),
+      ``policy`` (``"lcp"`` by default, ``"lru"``, ``"lcp:rho=0.5"``, ...), ``verify``
+      (checksums on first load), ``split`` (MoEpic ratio, multiples of 1/8), ``plan`` (a plan
+      file from ``mer plan``),
       ``prefetch`` (``"off"`` or predictors such as ``"s,l,m"``) and ``prefetch_slots``.
     """
     path = Path(path)

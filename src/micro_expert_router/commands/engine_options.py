@@ -24,7 +24,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    "the fixed costs leave (default: the cgroup's limit, else 0.8 x "
                    "MemAvailable; --cache-mb wins over it)")  # fmt: skip
     p.add_argument("--io-threads", type=int, default=None)
-    p.add_argument("--policy", default="lru", help="expert cache policy (see `mer sim`)")
+    p.add_argument("--policy", default=None,
+                   help="expert cache policy: lru, lfu, lcp (default), ... (see `mer sim`)")
     p.add_argument("--prefetch", default="off", metavar="off|s,l,m",
                    help="predictors driving non-evicting prefetch (docs/prefetch.md)")
     p.add_argument("--plan", default=None, help="a plan file from `mer plan`")

@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-threads", type=int, default=None,
                    help="expert-read threads for a store (default 4)")  # fmt: skip
     p.add_argument("--policy", default=None,
-                   help="expert cache policy for a store (see `mer sim`; default lru)")  # fmt: skip
+                   help="expert cache policy for a store (see `mer sim`; default lcp)")  # fmt: skip
     p.add_argument("--split", type=float, default=1.0,
                    help="MoEpic split ratio: cache only this leading fraction of each expert and "
                    "stream the rest (multiples of 1/8; 1 = whole experts)")  # fmt: skip
