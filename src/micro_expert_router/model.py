@@ -216,15 +216,17 @@ class Transformer:
             mask = ki <= qi  # [T, S]
             if a.sliding_window is not None:
                 mask &= ki > qi - a.sliding_window
+        # with a batch dimension: on CPU, SDPA takes its flash kernel only for 4-D inputs (3-D
+        # ones fall back to bmm + softmax, 10x slower in bf16 at 512 tokens; docs/design.md)
         out = F.scaled_dot_product_attention(
-            q,
-            keys,
-            vals,
+            q[None],
+            keys[None],
+            vals[None],
             attn_mask=mask,
             is_causal=mask is None,  # a fresh prompt: SDPA's causal kernel, no mask to build
             scale=a.attn_scale,
             enable_gqa=a.n_heads != a.n_kv_heads,
-        )  # [H, T, Dh]
+        )[0]  # [H, T, Dh]
         return out.transpose(0, 1).reshape(t, a.n_heads * a.head_dim)
 
     def o_proj(self, i: int, o: torch.Tensor) -> torch.Tensor:

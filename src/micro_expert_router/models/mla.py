@@ -151,9 +151,10 @@ class MLA:
         mask = None
         if pos:
             mask = torch.arange(s)[None, :] <= torch.arange(pos, s)[:, None]  # [T, S]
-        out = F.scaled_dot_product_attention(query, keys, vals, attn_mask=mask,
+        out = F.scaled_dot_product_attention(query[None], keys[None], vals[None], attn_mask=mask,
                                              is_causal=mask is None and t > 1,
-                                             scale=a.attn_scale)  # [H, T, dv]  # fmt: skip
+                                             scale=a.attn_scale)[0]  # [H, T, dv]  # fmt: skip
+        # (4-D: CPU SDPA's flash kernel; 3-D inputs take its slow math path, model.py)
         return out.transpose(0, 1)
 
     def absorbed_weights(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
