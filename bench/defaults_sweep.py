@@ -36,12 +36,13 @@ from pathlib import Path
 import torch
 
 import micro_expert_router as mer
+from micro_expert_router.config import EngineConfig
 from micro_expert_router.io import DirectReader
 from micro_expert_router.io.reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS
 from micro_expert_router.store import Store
 
-DEFAULTS = {"policy": "lru", "prefetch": "off", "io_threads": DEFAULT_THREADS,
-            "chunk_kib": DEFAULT_CHUNK_BYTES >> 10}  # fmt: skip
+DEFAULTS = {"policy": EngineConfig().cache_policy, "prefetch": "off",
+            "io_threads": DEFAULT_THREADS, "chunk_kib": DEFAULT_CHUNK_BYTES >> 10}  # fmt: skip
 
 
 def ids(seed: int, n: int, vocab: int) -> list[int]:

@@ -51,12 +51,12 @@ def test_defaults_sweep_prints_a_table_and_winners(store, monkeypatch, capsys):
     mod = load_bench("defaults_sweep")
     argv = ["defaults_sweep.py", "--store", str(store.path), "--limit", "4G", "-n", "2",
             "--prompt-tokens", "4", "--repeats", "1", "--policies", "lru,lfu",
-            "--prefetch-spec", "s", "--io-threads", "1,2", "--chunk-kib", "64,4096"]  # fmt: skip
+            "--prefetch-spec", "s", "--io-threads", "1,2", "--chunk-kib", "64,1024"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     assert mod.main() == 0
     out = capsys.readouterr().out.strip().splitlines()
     rows = [json.loads(line) for line in out if line.startswith("{")]
     assert len(rows) == 2 + 2 + 2 + 2  # one factor at a time, two values each
-    assert {r["chunk_kib"] for r in rows} == {64, 4096} and all(r["decode_tps"] > 0 for r in rows)
+    assert {r["chunk_kib"] for r in rows} == {64, 1024} and all(r["decode_tps"] > 0 for r in rows)
     assert sum("**(chosen)**" in line for line in out) == 1
     assert out[-1].startswith("winners (policy | prefetch | I/O threads | chunk KiB): gates: ")

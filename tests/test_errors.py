@@ -179,6 +179,8 @@ def test_store_options_on_a_checkpoint_folder_are_named_errors(good, capsys, opt
     (["--top-k", "-1"], "top_k must be an integer >= 0"),
     (["--io-threads", "0"], "io_threads must be a positive integer"),
     (["--io-threads", "-3"], "io_threads must be a positive integer"),
+    (["--io-chunk-kib", "6"], "io_chunk_kib must be a multiple of 4"),
+    (["--io-chunk-kib", "0"], "io_chunk_kib must be a positive integer"),
     (["--threads", "0"], "threads must be a positive integer"),
 ])  # fmt: skip
 def test_bad_values_are_named_errors(good, capsys, option, words):

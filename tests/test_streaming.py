@@ -55,6 +55,18 @@ def test_store_generation_is_bit_identical(case, fraction):
             assert 0 < len(p.cache) and p.cache.used_bytes <= p.cache.budget_bytes <= budget
 
 
+def test_reads_cut_into_small_chunks_give_the_same_bits(case):
+    """io_chunk_kib: every expert read cut into 4 KiB pieces on 3 threads, nothing cached."""
+    store, expert_bytes, ids, logits, tokens, _ = case
+    with mer.load(store, cache_bytes=0, io_chunk_kib=4, io_threads=3) as engine:
+        assert engine.provider.reader.chunk_bytes == 4096
+        assert np.array_equal(engine.logits(ids), logits)
+        steps = list(engine.generate(ids, 16, temperature=0, stop_at_eos=False))
+        assert [s.token for s in steps] == tokens
+        assert sum(s.bytes_read for s in steps) > 0
+        assert engine.provider.pool.free_count == engine.provider.pool.total
+
+
 def test_abandoned_generator_and_errors_return_every_slot(case, monkeypatch):
     store, expert_bytes, ids, *_ = case
     with mer.load(store, cache_bytes=expert_bytes // 4) as engine:

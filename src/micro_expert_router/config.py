@@ -301,6 +301,9 @@ class EngineConfig:
     max_context: int = 4096  # KV cache capacity in tokens
     cache_bytes: int | None = None  # expert cache budget (stores); None = what memory_limit leaves
     io_threads: int | None = None  # expert-read threads (stores); None = the reader's default
+    # the size each expert read is cut into, read in parallel by the I/O threads (stores);
+    # None = the reader's default, 1024 (docs/memory.md)
+    io_chunk_kib: int | None = None
     policy: str | None = None  # expert cache policy (stores); None = "lcp" (docs/memory.md)
     verify: bool = False  # check expert checksums on first load (stores)
     split: float = 1.0  # MoEpic split ratio: cached fraction of each expert (1 = whole experts)
@@ -324,11 +327,14 @@ class EngineConfig:
             )
         if self.max_context <= 0:
             raise ConfigError("max_context must be positive")
-        for name in ("threads", "io_threads"):
+        for name in ("threads", "io_threads", "io_chunk_kib"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer (or None for the default), "
                                   f"not {v!r}")  # fmt: skip
+        if self.io_chunk_kib is not None and (self.io_chunk_kib < 4 or self.io_chunk_kib % 4):
+            raise ConfigError(f"io_chunk_kib must be a multiple of 4 (O_DIRECT reads whole 4 KiB "
+                              f"blocks), not {self.io_chunk_kib}")  # fmt: skip
         if self.cache_bytes is not None and self.cache_bytes < 0:
             raise ConfigError("cache_bytes must be >= 0")
         if self.prefetch_slots < 0:
@@ -344,6 +350,10 @@ class EngineConfig:
             )
 
     @property
+    def io_chunk_bytes(self) -> int | None:
+        return None if self.io_chunk_kib is None else self.io_chunk_kib << 10
+
+    @property
     def cache_policy(self) -> str:
         """The policy a store's expert cache uses (``policy``, or LCP when not given: it reads
         fewer bytes than LRU out of core and is as fast when the disk is fast; docs/memory.md)."""
@@ -355,6 +365,7 @@ class EngineConfig:
             "cache_bytes": self.cache_bytes is not None, "split": self.split != 1.0,
             "plan": self.plan is not None, "prefetch": self.prefetch.strip().lower() != "off",
             "policy": self.policy is not None, "io_threads": self.io_threads is not None,
+            "io_chunk_kib": self.io_chunk_kib is not None,
             "verify": self.verify, "prefetch_slots": self.prefetch_slots != 0,
         }  # fmt: skip
         return [k for k, v in given.items() if v]

@@ -313,6 +313,7 @@ def load(path: str | Path, **engine_options: Any) -> Engine:
       docs/router.md);
     - an expert store only (a checkpoint folder runs fully resident and refuses them):
       ``cache_bytes`` (expert cache budget; None = what the memory limit leaves), ``io_threads``,
+      ``io_chunk_kib`` (the size expert reads are cut into; 1024 by default),
       ``policy`` (``"lcp"`` by default, ``"lru"``, ``"lcp:rho=0.5"``, ...), ``verify``
       (checksums on first load), ``split`` (MoEpic ratio, multiples of 1/8), ``plan`` (a plan
       file from ``mer plan``),

@@ -41,7 +41,7 @@ from .io import (
     Lease,
     align_up,
 )
-from .io.reader import DEFAULT_THREADS
+from .io.reader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS
 from .provider import ProviderStats
 from .store import Store
 from .store.format import checksum
@@ -293,6 +293,7 @@ class StreamingProvider:
         split: float | Mapping[int, float] = 1.0,
         layer_budgets: Mapping[int, int] | None = None,
         prefetch_slots: int = 0,
+        io_chunk_bytes: int | None = None,
     ) -> None:
         a = store.args
         self.store = store
@@ -365,7 +366,8 @@ class StreamingProvider:
         # its top straight into the slot it will be cached in)
         self.top_pools = {size: BufferPool(n + staging, size, name=f"expert-tops-{size}")
                           for size, n in slots.items()}  # fmt: skip
-        self.reader = DirectReader(threads=io_threads or DEFAULT_THREADS)
+        self.reader = DirectReader(threads=io_threads or DEFAULT_THREADS,
+                                   chunk_bytes=io_chunk_bytes or DEFAULT_CHUNK_BYTES)
 
     @property
     def pool_bytes(self) -> int:
@@ -590,7 +592,7 @@ def load_store(path: Path, config: EngineConfig):
     cache_bytes = None if memory.cache_source == "all experts fit" else memory.cache
     provider = StreamingProvider(store, cache_bytes, config.io_threads, config.cache_policy,
                                  verify=config.verify, split=split, layer_budgets=layer_budgets,
-                                 prefetch_slots=slots)  # fmt: skip
+                                 prefetch_slots=slots, io_chunk_bytes=config.io_chunk_bytes)
     try:  # the provider owns threads, files and pools: closed if the engine is never built
         model = transformer(store.args, dense, provider, dtype, config.max_context, kvd)
         if prefetch != "off":

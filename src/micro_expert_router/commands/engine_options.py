@@ -24,6 +24,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    "the fixed costs leave (default: the cgroup's limit, else 0.8 x "
                    "MemAvailable; --cache-mb wins over it)")  # fmt: skip
     p.add_argument("--io-threads", type=int, default=None)
+    p.add_argument("--io-chunk-kib", type=int, default=None,
+                   help="size each expert read is cut into (default 1024; docs/memory.md)")
     p.add_argument("--policy", default=None,
                    help="expert cache policy: lru, lfu, lcp (default), ... (see `mer sim`)")
     p.add_argument("--prefetch", default="off", metavar="off|s,l,m",
@@ -45,7 +47,8 @@ def load_engine(args: argparse.Namespace):
 
     model = args.model
     options = dict(dtype=args.dtype, threads=args.threads, max_context=args.max_context,
-                   io_threads=args.io_threads, policy=args.policy, plan=args.plan,
+                   io_threads=args.io_threads, io_chunk_kib=args.io_chunk_kib,
+                   policy=args.policy, plan=args.plan,
                    prefetch=args.prefetch)  # fmt: skip
     if args.memory_limit is not None:
         if "memory_limit" not in EngineConfig.__dataclass_fields__:

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "trace (replayed) or a Markov chain fitted on one (docs/router.md)")  # fmt: skip
     p.add_argument("--io-threads", type=int, default=None,
                    help="expert-read threads for a store (default 4)")  # fmt: skip
+    p.add_argument("--io-chunk-kib", type=int, default=None,
+                   help="size each expert read is cut into, read in parallel by the I/O threads "
+                   "(default 1024; docs/memory.md)")  # fmt: skip
     p.add_argument("--policy", default=None,
                    help="expert cache policy for a store (see `mer sim`; default lcp)")  # fmt: skip
     p.add_argument("--split", type=float, default=1.0,
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model
     options = dict(dtype=args.dtype, kv_dtype=args.kv_dtype, threads=args.threads,
                    policy=args.policy, verify=args.verify, io_threads=args.io_threads,
+                   io_chunk_kib=args.io_chunk_kib,
                    split=args.split, plan=args.plan, prefetch=args.prefetch,
                    memory_limit=args.memory_limit, router=args.router)  # fmt: skip
     if args.max_context is not None:
