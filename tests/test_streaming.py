@@ -4,6 +4,7 @@ budget, for every architecture; slots always come back (errors, abandoned genera
 from __future__ import annotations
 
 import gc
+import json
 
 import numpy as np
 import pytest
@@ -217,3 +218,17 @@ def test_plan_file_sets_per_layer_budgets_and_splits(case, tmp_path):
         mer.load(store, plan=str(path))
     with pytest.raises(ConfigError, match="either a plan or cache_bytes"):
         mer.load(store, plan=str(path), cache_bytes=10)
+
+
+def test_generate_json_reports_how_experts_were_cached_and_read(capsys):
+    """`mer generate --json` on a store names the cache policy (LCP by default), the I/O
+    threads and the read chunk, as given or defaulted."""
+    from micro_expert_router.cli import main
+
+    for extra, want in [([], {"policy": "lcp", "io_threads": 4, "io_chunk_kib": 1024}),
+                        (["--policy", "lru", "--io-threads", "2", "--io-chunk-kib", "64"],
+                         {"policy": "lru", "io_threads": 2, "io_chunk_kib": 64})]:  # fmt: skip
+        rc = main(["generate", "--prompt-ids", "1,2,3", "--max-tokens", "2", "--json", *extra])
+        out = capsys.readouterr().out
+        assert rc == 0
+        assert json.loads(out.strip().splitlines()[-1])["reads"] == want

@@ -144,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
             out = summary.as_dict()
             if engine.memory is not None:
                 out["memory"] = engine.memory.as_dict()
+            reader = getattr(engine.provider, "reader", None)
+            if reader is not None:  # a store: how its experts were cached and read
+                out["reads"] = {"policy": engine.config.cache_policy, "io_threads": reader.threads,
+                                "io_chunk_kib": reader.chunk_bytes >> 10}  # fmt: skip
             out["router"] = args.router
             out["benchmark_only"] = args.router is not None
             print(json.dumps(out))
