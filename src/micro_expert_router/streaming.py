@@ -287,7 +287,7 @@ class StreamingProvider:
         store: Store,
         cache_bytes: int | None,
         io_threads: int | None = None,
-        policy: str = "lru",
+        policy: str | None = None,  # None: the engine's default (EngineConfig.cache_policy)
         window: int = DEFAULT_WINDOW,
         verify: bool = False,
         split: float | Mapping[int, float] = 1.0,
@@ -297,6 +297,7 @@ class StreamingProvider:
     ) -> None:
         a = store.args
         self.store = store
+        policy = policy or EngineConfig().cache_policy
         self.format = store.format
         self.group = store.group
         self.stats = ProviderStats()

@@ -26,6 +26,9 @@ from .reader import DirectReader
 
 DEFAULT_WINDOW_BYTES = 8 * 2**20
 DEFAULT_SLOTS = 4
+# a bulk load streams large windows, so its own reader keeps 4 MiB chunks (the expert reader's
+# default is 1 MiB for the latency of one expert read, which a bulk load does not wait on)
+BULK_CHUNK_BYTES = 4 * 2**20
 
 
 def read_ranges(
@@ -55,7 +58,7 @@ def read_ranges(
     hi = max(ranges[i][0] + ranges[i][1].nbytes for i in live)  # the last byte wanted
     window = align_up(min(window_bytes, hi - lo))  # each window starts aligned
     own = reader is None
-    reader = reader or DirectReader()
+    reader = reader or DirectReader(chunk_bytes=BULK_CHUNK_BYTES)
     pool = BufferPool(max(1, slots), window, name="bulk-read")
     # numpy views: a plain single-threaded memcpy (torch's copy_ runs an OpenMP region per
     # call, which stalls on a busy machine)

@@ -122,17 +122,15 @@ class DecodeBlock:
         (writing row ``pos`` of the caches ``kc``, ``vc`` ``[Hk, C, Dh]``); returns the MLP's
         input ``h [1, D]`` and, with ``route`` (and a router weight), the router's experts
         ``[1, K]`` int64 and weights ``[1, K]`` float32 (else ``None, None``)."""
-        h = torch.empty_like(x)
         if route and self.routes:
-            ids = torch.empty((1, top_k), dtype=torch.int64)
-            wts = torch.empty((1, top_k), dtype=torch.float32)
+            h, ids, wts = _outputs(x, top_k)
             torch.ops.mer_attn.attn_block_(x, h, ids, wts, kc, vc, self.tensors, self.ints,
                                            self.floats, pos)  # fmt: skip
             return h, ids, wts
+        h = torch.empty_like(x)
         torch.ops.mer_attn.attn_block_(x, h, _IDS, _WTS, kc, vc, self.tensors_no_router,
                                        self.ints, self.floats, pos)  # fmt: skip
         return h, None, None
-
 
     def layer(
         self,
@@ -150,13 +148,17 @@ class DecodeBlock:
         expert's whole buffer or an empty tensor; ``ev``: ``experts.combine_args``. Returns
         ``(h, ids, wts, done)``; not ``done`` (a chosen expert is not in the table): only the
         attention half ran, and the caller computes the MoE on ``h`` with ``ids``, ``wts``."""
-        h = torch.empty_like(x)
-        ids = torch.empty((1, top_k), dtype=torch.int64)
-        wts = torch.empty((1, top_k), dtype=torch.float32)
+        h, ids, wts = _outputs(x, top_k)
         y = torch.empty_like(x)  # the experts' sum, added to x
         done = torch.ops.mer_attn.layer_(x, h, ids, wts, kc, vc, self.tensors, self.ints,
                                          self.floats, pos, table, ev, y)  # fmt: skip
         return h, ids, wts, done
+
+
+def _outputs(x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A routed block's outputs for one token: the MLP input ``h``, experts and weights."""
+    return (torch.empty_like(x), torch.empty((1, top_k), dtype=torch.int64),
+            torch.empty((1, top_k), dtype=torch.float32))  # fmt: skip
 
 
 _IDS = torch.empty((1, 1), dtype=torch.int64)
